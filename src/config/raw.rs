@@ -1,0 +1,147 @@
+//! The config file as written: serde structs that reject unknown keys. Nothing here is trusted yet;
+//! `super::validate` turns it into the typed `Config` the server runs on.
+
+use serde::Deserialize;
+
+use super::units::{ByteSize, HumanDuration};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: RawServer,
+    #[serde(default)]
+    pub tls: RawTls,
+    pub acme: Option<RawAcme>,
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub headers: RawHeaders,
+    #[serde(default)]
+    pub cookies: RawCookies,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub https: Option<String>,
+    pub http: Option<String>,
+    pub domains: Vec<String>,
+    pub workers: Option<usize>,
+    pub public_https_port: Option<u16>,
+    pub health_path: Option<String>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub shutdown_grace: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub source: Option<String>,
+    pub dir: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub directory: Option<String>,
+    pub contact: Option<Vec<String>>,
+    pub challenge: Option<String>,
+    pub directory_ca: Option<String>,
+    pub eab: Option<RawEab>,
+    pub renew_check_interval: Option<HumanDuration>,
+    pub retry_base_delay: Option<HumanDuration>,
+    pub retry_max_delay: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEab {
+    pub kid: String,
+    pub hmac_key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: String,
+    pub connect_timeout: Option<HumanDuration>,
+    pub response_timeout: Option<HumanDuration>,
+    pub pool_idle_timeout: Option<HumanDuration>,
+    pub pool_max_idle: Option<usize>,
+}
+
+/// One security header: how to apply it and, for most, its value.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderRule {
+    pub mode: Option<String>,
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHsts {
+    pub mode: Option<String>,
+    pub max_age: Option<HumanDuration>,
+    pub include_subdomains: Option<bool>,
+    pub preload: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaders {
+    #[serde(default)]
+    pub strict_transport_security: RawHsts,
+    #[serde(default)]
+    pub content_security_policy: RawHeaderRule,
+    #[serde(default)]
+    pub content_security_policy_report_only: RawHeaderRule,
+    #[serde(default)]
+    pub x_frame_options: RawHeaderRule,
+    #[serde(default)]
+    pub x_content_type_options: RawHeaderRule,
+    #[serde(default)]
+    pub referrer_policy: RawHeaderRule,
+    #[serde(default)]
+    pub permissions_policy: RawHeaderRule,
+    #[serde(default)]
+    pub cross_origin_opener_policy: RawHeaderRule,
+    pub remove: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCookies {
+    pub secure: Option<bool>,
+    pub http_only: Option<bool>,
+    pub same_site: Option<String>,
+    pub http_only_exempt: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub handshake_timeout: Option<HumanDuration>,
+    pub header_read_timeout: Option<HumanDuration>,
+    pub idle_timeout: Option<HumanDuration>,
+    pub body_timeout: Option<HumanDuration>,
+    pub max_header_bytes: Option<ByteSize>,
+    pub max_headers: Option<usize>,
+    pub max_body: Option<ByteSize>,
+    pub max_connections: Option<usize>,
+    pub h2_max_concurrent_streams: Option<u32>,
+    pub h2_max_pending_resets: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+    pub access: Option<bool>,
+}

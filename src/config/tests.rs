@@ -1,0 +1,191 @@
+//! Config errors must name the key and line; defaults must be the safe ones.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[server]
+domains = ["Example.com", "www.example.com"]
+[upstream]
+url = "http://127.0.0.1:8000"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.toml", None)
+}
+
+fn error_of(text: &str) -> String {
+    match parse(text) {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn minimal_config_gets_safe_defaults() {
+    let config = parse(MINIMAL).expect("valid");
+    assert_eq!(config.server.https, "0.0.0.0:443".parse().expect("addr"));
+    assert!(config.server.domains.contains("example.com"));
+    assert!(config.server.domains.contains("EXAMPLE.COM."));
+    assert!(!config.server.domains.contains("evil.com"));
+    assert_eq!(config.tls.source, TlsSource::Local);
+    assert_eq!(config.limits.max_body, DJANGO_DATA_UPLOAD_MAX_MEMORY_SIZE);
+    assert_eq!(config.cookies.same_site, Some(SameSite::Lax));
+    assert_eq!(
+        config.cookies.http_only_exempt,
+        vec!["csrftoken".to_string()]
+    );
+    let hsts = &config.headers.https_only_rules[0];
+    assert_eq!(hsts.value, "max-age=31536000; includeSubDomains");
+    let names: Vec<&str> = config
+        .headers
+        .rules
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "content-security-policy",
+            "x-frame-options",
+            "x-content-type-options",
+            "referrer-policy",
+            "permissions-policy",
+            "cross-origin-opener-policy"
+        ]
+    );
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let err = error_of(
+        "[server]\ndomains = [\"a.example\"]\ndomain = \"x\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n",
+    );
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("unknown field `domain`"), "{err}");
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let err =
+        error_of("[server]\ndomains = \"a.example\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n");
+    assert!(err.contains("line 2"), "{err}");
+    assert!(err.contains("invalid type"), "{err}");
+}
+
+#[test]
+fn invalid_values_name_key_and_line() {
+    let err = error_of(
+        "[server]\ndomains = [\"exa mple.com\"]\n[upstream]\nurl = \"http://127.0.0.1:1\"\n",
+    );
+    assert!(err.starts_with("test.toml:2: `server.domains`"), "{err}");
+
+    let err = error_of(&format!("{MINIMAL}[limits]\nbody_timeout = \"30\"\n"));
+    assert!(err.contains("no unit"), "{err}");
+
+    let err = error_of(&format!(
+        "{MINIMAL}[headers.x_frame_options]\nmode = \"sometimes\"\n"
+    ));
+    assert!(
+        err.starts_with("test.toml:7: `headers.x_frame_options.mode`"),
+        "{err}"
+    );
+
+    let err = error_of(
+        "[server]\ndomains = [\"a.example\"]\n[upstream]\nurl = \"https://127.0.0.1:1\"\n",
+    );
+    assert!(err.contains("`upstream.url`"), "{err}");
+
+    let err = error_of(&format!("{MINIMAL}[tls]\nsource = \"files\"\n"));
+    assert!(err.contains("tls.cert"), "{err}");
+
+    let err = error_of(&format!(
+        "{MINIMAL}[headers.strict_transport_security]\npreload = true\nmax_age = \"30d\"\n"
+    ));
+    assert!(err.contains("preload requires"), "{err}");
+}
+
+#[test]
+fn header_modes_and_values() {
+    let config = parse(&format!(
+        "{MINIMAL}[headers.x_frame_options]\nmode = \"override\"\nvalue = \"SAMEORIGIN\"\n\
+         [headers.cross_origin_opener_policy]\nmode = \"off\"\n\
+         [headers.content_security_policy_report_only]\nvalue = \"default-src 'none'\"\n"
+    ))
+    .expect("valid");
+    let xfo = config
+        .headers
+        .rules
+        .iter()
+        .find(|r| r.name == "x-frame-options")
+        .expect("xfo");
+    assert_eq!(
+        (xfo.mode, xfo.value.to_str().ok()),
+        (HeaderMode::Override, Some("SAMEORIGIN"))
+    );
+    assert!(
+        !config
+            .headers
+            .rules
+            .iter()
+            .any(|r| r.name == "cross-origin-opener-policy")
+    );
+    assert!(
+        config
+            .headers
+            .rules
+            .iter()
+            .any(|r| r.name == "content-security-policy-report-only")
+    );
+}
+
+#[test]
+fn no_referrer_is_accepted_with_a_warning() {
+    let config = parse(&format!(
+        "{MINIMAL}[headers.referrer_policy]\nvalue = \"no-referrer\"\n"
+    ))
+    .expect("valid");
+    assert!(
+        config.warnings.iter().any(|w| w.contains("CSRF")),
+        "{:?}",
+        config.warnings
+    );
+    let err = error_of(&format!(
+        "{MINIMAL}[headers.referrer_policy]\nvalue = \"same-orign\"\n"
+    ));
+    assert!(err.contains("unknown policy"), "{err}");
+}
+
+#[test]
+fn unix_upstream_and_relative_paths_resolve_against_the_config_folder() {
+    let text =
+        "[server]\ndomains = [\"a.example\"]\n[upstream]\nurl = \"unix:run/gunicorn.sock\"\n";
+    let config = Config::parse(text, "x", Some(Path::new("/etc/portcullis"))).expect("valid");
+    assert_eq!(
+        config.upstream.target,
+        UpstreamTarget::Unix("/etc/portcullis/run/gunicorn.sock".into())
+    );
+    assert_eq!(config.tls.dir, PathBuf::from("/etc/portcullis/certs"));
+}
+
+#[test]
+fn trusted_proxy_ranges() {
+    let net: IpNet = "10.0.0.0/8".parse().expect("cidr");
+    assert!(net.contains("10.1.2.3".parse().expect("ip")));
+    assert!(!net.contains("11.0.0.1".parse().expect("ip")));
+    assert!(net.contains("::ffff:10.0.0.1".parse().expect("ip")));
+    let one: IpNet = "::1".parse().expect("ip");
+    assert!(one.contains("::1".parse().expect("ip")));
+    assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+    let all: IpNet = "0.0.0.0/0".parse().expect("cidr");
+    assert!(all.contains("192.0.2.1".parse().expect("ip")));
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["config/portcullis.toml", "config/production.example.toml"] {
+        let config = Config::load(&root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(config.warnings.is_empty(), "{file}: {:?}", config.warnings);
+    }
+}
