@@ -1,4 +1,12 @@
 //! portcullis: an HTTPS-terminating reverse proxy that puts the Django deployment checklist at the edge.
 //! `main.rs` is a thin CLI over this library so tests drive the real server in-process.
 
+pub mod acme;
+pub mod body;
 pub mod config;
+pub mod context;
+pub mod middleware;
+pub mod proxy;
+pub mod response;
+pub mod server;
+pub mod tls;

@@ -347,7 +347,7 @@ impl Config {
             .collect();
         out.push_str(&format!("headers:  {}\n", names.join(", ")));
         out.push_str(&format!(
-            "cookies:  secure={} httponly={} samesite={} (httponly exempt: {})\n",
+            "cookies:  Secure={} HttpOnly={} {} (HttpOnly exempt: {})\n",
             self.cookies.secure,
             self.cookies.http_only,
             self.cookies

@@ -1,0 +1,152 @@
+//! Body types on the request path: `RequestBody` guards what clients upload (size and time limits);
+//! `ProxyBody` carries either the upstream's streamed response or a small response of our own.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+
+/// Why a client's request body was cut off. Found again in the upstream client's error chain so the
+/// client gets the right status (413, 408) instead of a generic 502.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("request body not received within {0:?}")]
+    TimedOut(Duration),
+    #[error("client stopped sending the request body: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+pin_project! {
+    /// A client's request body on its way upstream, streamed (never buffered whole) with a byte limit and
+    /// a deadline for the whole body, so a slow POST cannot hold a Gunicorn worker (slowloris on the body).
+    pub struct RequestBody {
+        #[pin]
+        inner: Incoming,
+        remaining: u64,
+        limit: u64,
+        timeout: Duration,
+        // Started at the first poll: GETs and bodies that arrive at once never allocate a timer.
+        deadline: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: u64, timeout: Duration) -> Self {
+        RequestBody {
+            inner,
+            remaining: limit,
+            limit,
+            timeout,
+            deadline: None,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > *this.remaining {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(*this.limit))));
+                    }
+                    *this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let timeout = *this.timeout;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                ready!(deadline.as_mut().poll(cx));
+                Poll::Ready(Some(Err(BodyError::TimedOut(timeout))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A response body: the upstream's, streamed through, or a small one the proxy wrote itself.
+    #[project = ProxyBodyProj]
+    pub enum ProxyBody {
+        Upstream { #[pin] body: Incoming },
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl ProxyBody {
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let data: Bytes = data.into();
+        ProxyBody::Full {
+            data: (!data.is_empty()).then_some(data),
+        }
+    }
+
+    pub fn empty() -> Self {
+        ProxyBody::Full { data: None }
+    }
+}
+
+impl From<Incoming> for ProxyBody {
+    fn from(body: Incoming) -> Self {
+        ProxyBody::Upstream { body }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
+            ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body } => body.is_end_stream(),
+            ProxyBody::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body } => body.size_hint(),
+            ProxyBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! One access-log line per request (method, host, path, status, bytes, duration, upstream duration,
+//! client), written when the response body is finished or abandoned, so `bytes` and `duration` are real.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::context::ConnInfo;
+use crate::response::ProxyFailure;
+
+/// How long the upstream took to answer with headers; set by the proxy service on its responses.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTiming(pub Duration);
+
+#[derive(Clone, Copy)]
+pub struct AccessLogLayer {
+    enabled: bool,
+}
+
+impl AccessLogLayer {
+    pub fn new(enabled: bool) -> Self {
+        AccessLogLayer { enabled }
+    }
+}
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog {
+            inner,
+            enabled: self.enabled,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+    enabled: bool,
+}
+
+struct RequestFacts {
+    method: Method,
+    host: Option<HeaderValue>,
+    uri: Uri,
+    client: Option<IpAddr>,
+    start: Instant,
+}
+
+struct Entry {
+    request: RequestFacts,
+    status: StatusCode,
+    upstream: Option<Duration>,
+    failure: Option<ProxyFailure>,
+    bytes: u64,
+    finished: bool,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let r = &self.request;
+        let host = r.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-");
+        let client = r.client.map(tracing::field::display);
+        let millis = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
+        let upstream_ms = self.upstream.map(millis);
+        let duration_ms = millis(r.start.elapsed());
+        tracing::info!(
+            target: "portcullis::access",
+            method = %r.method,
+            host,
+            path = r.uri.path(),
+            status = self.status.as_u16(),
+            bytes = self.bytes,
+            duration_ms = %duration_ms,
+            upstream_ms = upstream_ms.as_deref(),
+            client,
+            error = self.failure.map(|f| f.blame.as_str()),
+            reason = self.failure.map(|f| f.reason),
+            aborted = !self.finished,
+        );
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for AccessLog<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    type Response = Response<LoggedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = AccessLogFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let facts = self.enabled.then(|| RequestFacts {
+            method: req.method().clone(),
+            // HTTP/2 carries the host in `:authority`; the Host guard adds the header later.
+            host: req.headers().get(http::header::HOST).cloned().or_else(|| {
+                req.uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            }),
+            uri: req.uri().clone(),
+            client: req.extensions().get::<ConnInfo>().map(|c| c.peer.ip()),
+            start: Instant::now(),
+        });
+        AccessLogFuture {
+            inner: self.inner.call(req),
+            facts,
+        }
+    }
+}
+
+pin_project! {
+    pub struct AccessLogFuture<F> {
+        #[pin]
+        inner: F,
+        facts: Option<RequestFacts>,
+    }
+}
+
+impl<F, ResBody, E> Future for AccessLogFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    ResBody: Body,
+{
+    type Output = Result<Response<LoggedBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        let ended = response.body().is_end_stream();
+        let entry = this.facts.take().map(|request| Entry {
+            request,
+            status: response.status(),
+            upstream: response.extensions().get::<UpstreamTiming>().map(|t| t.0),
+            failure: response.extensions().get::<ProxyFailure>().copied(),
+            bytes: 0,
+            finished: ended,
+        });
+        Poll::Ready(Ok(response.map(|body| LoggedBody { inner: body, entry })))
+    }
+}
+
+pin_project! {
+    /// The response body, counting bytes; the log line is written when it is dropped.
+    pub struct LoggedBody<B> {
+        #[pin]
+        inner: B,
+        entry: Option<Entry>,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for LoggedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if let Some(entry) = this.entry.as_mut() {
+            match &frame {
+                Some(Ok(f)) => entry.bytes += f.data_ref().map_or(0, |d| d.len() as u64),
+                None => entry.finished = true,
+                Some(Err(_)) => {}
+            }
+            // hyper stops polling once the body says it has ended.
+            entry.finished |= this.inner.is_end_stream();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

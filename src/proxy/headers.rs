@@ -1,0 +1,244 @@
+//! Header rules at the proxy boundary: hop-by-hop fields never cross it (RFC 9110 §7.6.1), and the
+//! `X-Forwarded-*` family is written from the real connection, never passed through from the client, so
+//! Django's `SECURE_PROXY_SSL_HEADER`, `USE_X_FORWARDED_HOST` and IP-based libraries can trust it.
+
+use std::net::IpAddr;
+
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue, Version};
+
+use crate::config::{IpNet, canonical_ip};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1, plus the pre-standard `Keep-Alive` and `Proxy-Connection`).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Client-supplied fields that claim something about the connection. Gunicorn treats `X-Forwarded-Ssl`,
+/// `X-Forwarded-Protocol` and `X-Forwarded-Proto` as "secure scheme" headers, and IP libraries
+/// (django-ipware) read `X-Real-IP` and `Forwarded`: any of them from a client is a spoof.
+const CONNECTION_CLAIMS: [&str; 9] = [
+    "forwarded",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-protocol",
+    "x-forwarded-ssl",
+    "x-url-scheme",
+    "front-end-https",
+    "x-real-ip",
+];
+
+/// Removes hop-by-hop fields, including any named in `Connection` (RFC 9110 §7.6.1). `Host` is never
+/// removed this way: the request would reach Django under the upstream's name.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .filter(|name| name != HOST)
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The `Upgrade` value of an HTTP/1.1 WebSocket handshake (RFC 6455 §4.1), if this is one. Other upgrades,
+/// notably `h2c`, are refused by not forwarding them: an h2c upgrade through a proxy lets a client talk to
+/// the upstream past every rule the proxy applies ("h2c smuggling").
+pub fn websocket_upgrade(headers: &HeaderMap, version: Version) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let connection_upgrade = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let upgrade = headers.get(UPGRADE)?;
+    (connection_upgrade && upgrade.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        .then(|| upgrade.clone())
+}
+
+/// Restores the two fields a WebSocket handshake needs after hop-by-hop removal.
+pub fn keep_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, upgrade);
+}
+
+/// Who may tell us about the client in front of them.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardingPolicy {
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl ForwardingPolicy {
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(ip))
+    }
+
+    /// Replaces every connection claim with what this connection shows: the scheme we terminated, the
+    /// host we validated, and the client address (appended to a trusted load balancer's chain).
+    pub fn set_forwarded_headers(&self, headers: &mut HeaderMap, peer: IpAddr, https: bool) {
+        for name in CONNECTION_CLAIMS {
+            headers.remove(name);
+        }
+        let peer = canonical_ip(peer);
+        let previous = if self.is_trusted(peer) {
+            join_values(headers, &X_FORWARDED_FOR)
+        } else {
+            None
+        };
+        let real_client = previous
+            .as_deref()
+            .and_then(|chain| self.rightmost_untrusted(chain))
+            .unwrap_or(peer);
+        let chain = match previous {
+            Some(previous) => format!("{previous}, {peer}"),
+            None => peer.to_string(),
+        };
+        if let Ok(value) = HeaderValue::from_str(&chain) {
+            headers.insert(X_FORWARDED_FOR.clone(), value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&real_client.to_string()) {
+            headers.insert(X_REAL_IP.clone(), value);
+        }
+        let proto = if https { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        if let Some(host) = headers.get(HOST).cloned() {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+    }
+
+    /// The client is the rightmost address not one of our trusted proxies: everything left of it could
+    /// have been written by the client itself.
+    fn rightmost_untrusted(&self, chain: &str) -> Option<IpAddr> {
+        for entry in chain.rsplit(',') {
+            let ip: IpAddr = entry.trim().parse().ok()?;
+            if !self.is_trusted(ip) {
+                return Some(canonical_ip(ip));
+            }
+        }
+        None
+    }
+}
+
+fn join_values(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Secret, host"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("host", "example.com"),
+            ("accept", "*/*"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["host", "accept"]);
+    }
+
+    #[test]
+    fn only_websocket_upgrades_pass() {
+        let ws = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(websocket_upgrade(&ws, Version::HTTP_11).is_some());
+        assert!(websocket_upgrade(&ws, Version::HTTP_2).is_none());
+        let h2c = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(websocket_upgrade(&h2c, Version::HTTP_11).is_none());
+    }
+
+    #[test]
+    fn client_claims_are_replaced() {
+        let mut h = headers(&[
+            ("host", "example.com"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.com"),
+            ("x-forwarded-ssl", "on"),
+            ("x-real-ip", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6;proto=https"),
+        ]);
+        ForwardingPolicy::default().set_forwarded_headers(
+            &mut h,
+            "127.0.0.2".parse().expect("ip"),
+            false,
+        );
+        assert_eq!(h["x-forwarded-for"], "127.0.0.2");
+        assert_eq!(h["x-real-ip"], "127.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert!(h.get("x-forwarded-ssl").is_none());
+        assert!(h.get("forwarded").is_none());
+    }
+
+    #[test]
+    fn trusted_load_balancer_chain_is_appended() {
+        let policy = ForwardingPolicy {
+            trusted_proxies: vec!["10.0.0.0/8".parse().expect("net")],
+        };
+        let mut h = headers(&[
+            ("x-forwarded-for", "6.6.6.6, 203.0.113.9"),
+            ("x-forwarded-for", "10.0.0.7"),
+        ]);
+        policy.set_forwarded_headers(&mut h, "10.0.0.1".parse().expect("ip"), true);
+        assert_eq!(
+            h["x-forwarded-for"],
+            "6.6.6.6, 203.0.113.9, 10.0.0.7, 10.0.0.1"
+        );
+        assert_eq!(h["x-real-ip"], "203.0.113.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+}

@@ -1,0 +1,321 @@
+//! The proxy service, innermost on the request path: rewrites the request for the upstream (hop-by-hop
+//! out, forwarded headers in), sends it over the pooled client, streams the answer back, and turns every
+//! failure into a response tagged with who caused it. WebSocket upgrades become a byte tunnel.
+
+pub mod headers;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::CONTENT_LENGTH;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tower::Service;
+
+use crate::body::{BodyError, ProxyBody, RequestBody};
+use crate::config::{Config, UpstreamTarget};
+use crate::context::ConnInfo;
+use crate::middleware::access_log::UpstreamTiming;
+use crate::response::{Blame, error_page};
+use headers::{ForwardingPolicy, keep_upgrade, remove_hop_by_hop, websocket_upgrade};
+use upstream::{UpstreamClient, build_client};
+
+#[derive(Clone)]
+pub struct ProxyService {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: UpstreamClient,
+    /// The authority put in upstream request URIs: it keys the connection pool (unix sockets ignore it).
+    authority: Authority,
+    forwarding: ForwardingPolicy,
+    response_timeout: Duration,
+    max_body: u64,
+    body_timeout: Duration,
+}
+
+impl ProxyService {
+    pub fn new(config: &Config) -> Self {
+        let authority = match &config.upstream.target {
+            UpstreamTarget::Tcp(a) => a.clone(),
+            UpstreamTarget::Unix(_) => Authority::from_static("localhost"),
+        };
+        ProxyService {
+            shared: Arc::new(Shared {
+                client: build_client(&config.upstream),
+                authority,
+                forwarding: ForwardingPolicy {
+                    trusted_proxies: config.server.trusted_proxies.clone(),
+                },
+                response_timeout: config.upstream.response_timeout,
+                max_body: config.limits.max_body,
+                body_timeout: config.limits.body_timeout,
+            }),
+        }
+    }
+}
+
+impl Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(shared.forward(req).await) })
+    }
+}
+
+impl Shared {
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(conn) = req.extensions_mut().remove::<ConnInfo>() else {
+            return error_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Blame::Proxy,
+                "request without connection info",
+            );
+        };
+        if req.method() == Method::CONNECT {
+            return error_page(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Blame::Client,
+                "CONNECT is not proxied",
+            );
+        }
+        let Some(path_and_query) = origin_form(req.uri()) else {
+            return error_page(
+                StatusCode::BAD_REQUEST,
+                Blame::Client,
+                "request target is not a path",
+            );
+        };
+        match content_length(&req) {
+            Err(()) => {
+                return error_page(
+                    StatusCode::BAD_REQUEST,
+                    Blame::Client,
+                    "invalid Content-Length",
+                );
+            }
+            Ok(Some(len)) if len > self.max_body => {
+                return error_page(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Blame::Client,
+                    "request body over limits.max_body",
+                );
+            }
+            Ok(_) => {}
+        }
+
+        let upgrade = websocket_upgrade(req.headers(), req.version());
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        self.forwarding
+            .set_forwarded_headers(&mut parts.headers, conn.peer.ip(), conn.tls);
+        if let Some(upgrade) = upgrade {
+            keep_upgrade(&mut parts.headers, upgrade);
+        }
+        let mut uri_parts = http::uri::Parts::default();
+        uri_parts.scheme = Some(Scheme::HTTP);
+        uri_parts.authority = Some(self.authority.clone());
+        uri_parts.path_and_query = Some(path_and_query);
+        let Ok(uri) = Uri::from_parts(uri_parts) else {
+            return error_page(
+                StatusCode::BAD_REQUEST,
+                Blame::Client,
+                "request target is not a path",
+            );
+        };
+        let mut upstream_req =
+            Request::new(RequestBody::new(body, self.max_body, self.body_timeout));
+        *upstream_req.method_mut() = parts.method;
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.version_mut() = Version::HTTP_11;
+        *upstream_req.headers_mut() = parts.headers;
+
+        let started = Instant::now();
+        let mut response = match tokio::time::timeout(
+            self.response_timeout,
+            self.client.request(upstream_req),
+        )
+        .await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return failure_response(&error),
+            Err(_) => {
+                tracing::warn!(timeout = ?self.response_timeout, "upstream did not answer in time");
+                return error_page(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Blame::Upstream,
+                    "upstream response timeout",
+                );
+            }
+        };
+        let upstream_time = started.elapsed();
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            match (
+                client_upgrade,
+                websocket_upgrade(response.headers(), Version::HTTP_11),
+            ) {
+                (Some(client_upgrade), Some(_)) => {
+                    let upstream_upgrade = hyper::upgrade::on(&mut response);
+                    tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                }
+                _ => {
+                    return error_page(
+                        StatusCode::BAD_GATEWAY,
+                        Blame::Upstream,
+                        "unexpected 101 from upstream",
+                    );
+                }
+            }
+        } else {
+            remove_hop_by_hop(response.headers_mut());
+        }
+        let (mut parts, body) = response.into_parts();
+        parts.extensions = http::Extensions::new();
+        parts.extensions.insert(UpstreamTiming(upstream_time));
+        Response::from_parts(parts, ProxyBody::from(body))
+    }
+}
+
+/// The path and query to send upstream; `None` for asterisk-form or authority-form targets.
+fn origin_form(uri: &Uri) -> Option<PathAndQuery> {
+    let pq = uri.path_and_query()?;
+    pq.as_str().starts_with('/').then(|| pq.clone())
+}
+
+/// The declared body length. hyper already refuses conflicting or duplicate lengths on HTTP/1.1; this also
+/// covers HTTP/2, where the field is informational but must still be a single number.
+fn content_length<B>(req: &Request<B>) -> Result<Option<u64>, ()> {
+    let mut values = req.headers().get_all(CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(());
+    }
+    let text = first.to_str().map_err(|_| ())?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
+    }
+    text.parse().map(Some).map_err(|_| ())
+}
+
+/// Maps an upstream-client error to the response the client gets, by where it came from.
+fn failure_response(error: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
+    let mut source: Option<&(dyn StdError + 'static)> = error.source();
+    while let Some(cause) = source {
+        if let Some(body_error) = cause.downcast_ref::<BodyError>() {
+            tracing::debug!(error = %body_error, "request body refused");
+            return match body_error {
+                BodyError::TooLarge(_) => error_page(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Blame::Client,
+                    "request body over limits.max_body",
+                ),
+                BodyError::TimedOut(_) => error_page(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Blame::Client,
+                    "request body too slow",
+                ),
+                BodyError::Client(_) => error_page(
+                    StatusCode::BAD_REQUEST,
+                    Blame::Client,
+                    "request body aborted",
+                ),
+            };
+        }
+        source = cause.source();
+    }
+    let chain = error_chain(error);
+    if error.is_connect() {
+        tracing::warn!(error = %chain, "upstream unreachable");
+        error_page(
+            StatusCode::BAD_GATEWAY,
+            Blame::Upstream,
+            "upstream unreachable",
+        )
+    } else {
+        tracing::warn!(error = %chain, "upstream failed before answering");
+        error_page(
+            StatusCode::BAD_GATEWAY,
+            Blame::Upstream,
+            "upstream closed or sent an invalid response",
+        )
+    }
+}
+
+fn error_chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Copies bytes both ways between the client and the upstream once both sides switched protocols.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "websocket closed"),
+        Err(e) => tracing::debug!(error = %e, "websocket ended with an error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_must_be_one_plain_number() {
+        let req = |values: &[&str]| {
+            let mut b = Request::builder();
+            for v in values {
+                b = b.header(CONTENT_LENGTH, *v);
+            }
+            b.body(()).expect("request")
+        };
+        assert_eq!(content_length(&req(&[])), Ok(None));
+        assert_eq!(content_length(&req(&["42"])), Ok(Some(42)));
+        assert_eq!(content_length(&req(&["42", "42"])), Err(()));
+        assert_eq!(content_length(&req(&["+42"])), Err(()));
+        assert_eq!(content_length(&req(&["4 2"])), Err(()));
+        assert_eq!(content_length(&req(&["99999999999999999999999"])), Err(()));
+    }
+
+    #[test]
+    fn only_origin_form_targets_are_forwarded() {
+        assert!(origin_form(&"/a?b=c".parse().expect("uri")).is_some());
+        assert!(origin_form(&"https://example.com/a".parse().expect("uri")).is_some());
+        assert!(origin_form(&"*".parse().expect("uri")).is_none());
+        assert!(origin_form(&"example.com:443".parse().expect("uri")).is_none());
+    }
+}

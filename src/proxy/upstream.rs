@@ -1,0 +1,166 @@
+//! Connections to the upstream: TCP (with `TCP_NODELAY`) or a unix socket, behind hyper-util's pooled
+//! client so requests reuse kept-alive connections instead of opening one each.
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpStream, UnixStream};
+use tower::Service;
+
+use crate::body::RequestBody;
+use crate::config::{UpstreamConfig, UpstreamTarget};
+
+pub type UpstreamClient = Client<UpstreamConnector, RequestBody>;
+
+pub fn build_client(config: &UpstreamConfig) -> UpstreamClient {
+    let connector = match &config.target {
+        UpstreamTarget::Tcp(_) => {
+            let mut http = HttpConnector::new();
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(config.connect_timeout));
+            http.set_keepalive(Some(Duration::from_secs(60)));
+            UpstreamConnector::Tcp(http)
+        }
+        UpstreamTarget::Unix(path) => UpstreamConnector::Unix {
+            path: Arc::new(path.clone()),
+            timeout: config.connect_timeout,
+        },
+    };
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .pool_max_idle_per_host(config.pool_max_idle)
+        // Retries only a request whose pooled connection closed before it was written: it never reached
+        // the upstream, so even a POST is safe to send again (Gunicorn closes idle keep-alives after 2s).
+        .retry_canceled_requests(true)
+        .set_host(false)
+        .build(connector)
+}
+
+#[derive(Clone)]
+pub enum UpstreamConnector {
+    Tcp(HttpConnector),
+    Unix {
+        path: Arc<PathBuf>,
+        timeout: Duration,
+    },
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Service<Uri> for UpstreamConnector {
+    type Response = UpstreamStream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamStream, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            UpstreamConnector::Tcp(http) => http.poll_ready(cx).map_err(Into::into),
+            UpstreamConnector::Unix { .. } => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        match self {
+            UpstreamConnector::Tcp(http) => {
+                let connecting = http.call(uri);
+                Box::pin(async move { Ok(UpstreamStream::Tcp(connecting.await?)) })
+            }
+            UpstreamConnector::Unix { path, timeout } => {
+                let path = path.clone();
+                let timeout = *timeout;
+                Box::pin(async move {
+                    let stream = tokio::time::timeout(timeout, UnixStream::connect(path.as_path()))
+                        .await
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "connect timed out")
+                        })??;
+                    Ok(UpstreamStream::Unix(TokioIo::new(stream)))
+                })
+            }
+        }
+    }
+}
+
+pub enum UpstreamStream {
+    Tcp(TokioIo<TcpStream>),
+    Unix(TokioIo<UnixStream>),
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamStream::Tcp(s) => s.connected(),
+            UpstreamStream::Unix(_) => Connected::new(),
+        }
+    }
+}
+
+impl Read for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl Write for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Tcp(s) => s.is_write_vectored(),
+            UpstreamStream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Responses the proxy writes itself (errors, redirects, health): small, no internals, no upstream names.
+//! They pass through the same response layers as proxied ones, so they carry the security headers too.
+
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+/// Where a failure came from, for the log line (RFC-style: client → 4xx, upstream → 502/504, ours → 500).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+impl Blame {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Blame::Client => "client",
+            Blame::Upstream => "upstream",
+            Blame::Proxy => "proxy",
+        }
+    }
+}
+
+/// Marks a response the proxy produced instead of the upstream, for the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyFailure {
+    pub blame: Blame,
+    pub reason: &'static str,
+}
+
+pub fn error_page(status: StatusCode, blame: Blame, reason: &'static str) -> Response<ProxyBody> {
+    let title = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    );
+    let body = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
+         <body><h1>{title}</h1></body></html>\n"
+    );
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .extensions_mut()
+        .insert(ProxyFailure { blame, reason });
+    response
+}
+
+pub fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

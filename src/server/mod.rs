@@ -1,0 +1,509 @@
+//! The server: listeners, TLS accept, hyper connections (HTTP/1.1 and HTTP/2 by ALPN), the tower stack per
+//! request, graceful shutdown and live reload. Everything a request needs is in one `Runtime`, swapped
+//! atomically on reload so a bad config never replaces a good one and no connection is dropped.
+
+pub mod plain;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tower::{ServiceBuilder, ServiceExt};
+
+use crate::acme::Http01Tokens;
+use crate::config::{Config, ConfigError, Limits, TlsSource};
+use crate::context::ConnInfo;
+use crate::middleware::access_log::AccessLog;
+use crate::middleware::host::HostGuard;
+use crate::middleware::{
+    AccessLogLayer, CookieHardening, HostGuardLayer, RewriteHeaders, RewriteHeadersLayer,
+    SecurityHeaderPolicy,
+};
+use crate::proxy::ProxyService;
+use crate::tls::local_ca::{self, LocalCa};
+use crate::tls::{ACME_TLS_ALPN, CertResolver, TlsError};
+use plain::PlainHttpService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Acme(String),
+    #[error("signal handling: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+type HttpsStack = AccessLog<
+    RewriteHeaders<RewriteHeaders<HostGuard<ProxyService>, CookieHardening>, SecurityHeaderPolicy>,
+>;
+type PlainStack = AccessLog<RewriteHeaders<PlainHttpService, SecurityHeaderPolicy>>;
+
+/// Everything the request path reads, built from one validated config.
+struct Runtime {
+    config: Arc<Config>,
+    https: HttpsStack,
+    plain: PlainStack,
+    builder: auto::Builder<TokioExecutor>,
+    /// Plain HTTP is HTTP/1.1 only: no cleartext HTTP/2 (h2c) is offered to anyone.
+    plain_builder: auto::Builder<TokioExecutor>,
+}
+
+impl Runtime {
+    fn build(config: Arc<Config>, tokens: Arc<Http01Tokens>) -> Runtime {
+        let https = ServiceBuilder::new()
+            .layer(AccessLogLayer::new(config.log.access))
+            .layer(RewriteHeadersLayer::new(SecurityHeaderPolicy::for_https(
+                &config.headers,
+            )))
+            .layer(RewriteHeadersLayer::new(CookieHardening::new(
+                config.cookies.clone(),
+            )))
+            .layer(HostGuardLayer::new(config.server.domains.clone()))
+            .service(ProxyService::new(&config));
+        let plain = ServiceBuilder::new()
+            .layer(AccessLogLayer::new(config.log.access))
+            .layer(RewriteHeadersLayer::new(
+                SecurityHeaderPolicy::for_plain_http(&config.headers),
+            ))
+            .service(PlainHttpService::new(
+                config.server.domains.clone(),
+                config.server.public_https_port,
+                config.server.health_path.clone(),
+                tokens,
+            ));
+        Runtime {
+            builder: connection_builder(&config.limits),
+            plain_builder: connection_builder(&config.limits).http1_only(),
+            https,
+            plain,
+            config,
+        }
+    }
+}
+
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Also bounds how long an idle keep-alive connection may wait before its next request.
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
+        .max_local_error_reset_streams(limits.h2_max_pending_resets)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+struct Shared {
+    current: ArcSwap<Runtime>,
+    resolver: Arc<CertResolver>,
+    tokens: Arc<Http01Tokens>,
+}
+
+/// A started server. Dropping it does not stop it: call `shutdown` and `wait`.
+pub struct RunningServer {
+    pub https_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    /// The local CA's root certificate, when `tls.source = "local"`.
+    pub local_ca_root: Option<PathBuf>,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    done: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+/// Binds the listeners, provisions certificates and starts serving.
+pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+    crate::tls::install_default_provider();
+    for warning in &config.warnings {
+        tracing::warn!("config: {warning}");
+    }
+    let config = Arc::new(config);
+    let resolver = Arc::new(CertResolver::default());
+    let tokens = Arc::new(Http01Tokens::default());
+
+    let https_listener = bind(config.server.https)?;
+    let http_listener = config.server.http.map(bind).transpose()?;
+    let https_addr = https_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.server.https,
+            source,
+        })?;
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let mut background = Vec::new();
+    let local_ca_root = provision_certificates(&config, &resolver, &mut background)?;
+
+    let tls_config =
+        crate::tls::server_config(resolver.clone(), config.tls.source == TlsSource::Acme)?;
+    let shared = Arc::new(Shared {
+        current: ArcSwap::from_pointee(Runtime::build(config.clone(), tokens.clone())),
+        resolver,
+        tokens,
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+
+    let mut loops = vec![tokio::spawn(accept_loop(
+        https_listener,
+        Some(TlsAcceptor::from(tls_config)),
+        shared.clone(),
+        shutdown_rx.clone(),
+        graceful.clone(),
+        permits.clone(),
+    ))];
+    if let Some(listener) = http_listener {
+        loops.push(tokio::spawn(accept_loop(
+            listener,
+            None,
+            shared.clone(),
+            shutdown_rx.clone(),
+            graceful.clone(),
+            permits,
+        )));
+    }
+    let grace = config.server.shutdown_grace;
+    let done = tokio::spawn(drain(loops, graceful, grace));
+
+    tracing::info!(https = %https_addr, http = ?http_addr, upstream = %config.upstream.target.describe(), "portcullis is serving");
+    Ok(RunningServer {
+        https_addr,
+        http_addr,
+        local_ca_root,
+        shared,
+        shutdown,
+        done,
+        background,
+    })
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    let bind_error = |source| ServerError::Bind { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(bind_error)?;
+    // Restarts must not fail on connections still in TIME_WAIT.
+    socket.set_reuse_address(true).map_err(bind_error)?;
+    socket.set_nonblocking(true).map_err(bind_error)?;
+    socket.bind(&addr.into()).map_err(bind_error)?;
+    socket.listen(4096).map_err(bind_error)?;
+    TcpListener::from_std(socket.into()).map_err(bind_error)
+}
+
+/// Gets the first certificate in place (or starts getting it) and spawns its renewal.
+fn provision_certificates(
+    config: &Config,
+    resolver: &Arc<CertResolver>,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<PathBuf>, ServerError> {
+    let domains = &config.server.domains;
+    match &config.tls.source {
+        TlsSource::Local => {
+            let ca = Arc::new(LocalCa::open(&config.tls.dir)?);
+            let next = ca.issue_and_install(domains, resolver)?;
+            let root = ca.root_path.clone();
+            let root_abs = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
+            tracing::info!(
+                root = %root_abs.display(),
+                "local CA: trust this root to browse without warnings \
+                 (curl --cacert {0}; Firefox/Chrome: import it as an authority; Debian: copy it to \
+                 /usr/local/share/ca-certificates/portcullis.crt and run update-ca-certificates)",
+                root_abs.display()
+            );
+            background.push(tokio::spawn(local_ca::renew_forever(
+                ca,
+                domains.clone(),
+                resolver.clone(),
+                next,
+            )));
+            Ok(Some(root))
+        }
+        TlsSource::Files { cert, key } => {
+            let info = crate::tls::install_files(resolver, domains, cert, key)?;
+            tracing::info!(cert = %cert.display(), names = ?info.names, "serving certificate from files");
+            Ok(None)
+        }
+        TlsSource::Acme => Err(ServerError::Acme(
+            "tls.source = \"acme\" is not available in this build yet".into(),
+        )),
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+    permits: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; the listener itself is fine.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Over the limit the connection is closed at once: cheaper than any work on it.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "connection limit reached; closing");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let shared = shared.clone();
+        match &tls {
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    serve_tls(tcp, peer, acceptor, shared, watcher, permit).await;
+                });
+            }
+            None => {
+                tokio::spawn(async move {
+                    serve_plain(tcp, peer, shared, watcher, permit).await;
+                });
+            }
+        }
+    }
+}
+
+async fn serve_tls(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    watcher: hyper_util::server::graceful::Watcher,
+    _permit: OwnedSemaphorePermit,
+) {
+    let runtime = shared.current.load_full();
+    let stream = match tokio::time::timeout(
+        runtime.config.limits.handshake_timeout,
+        acceptor.accept(tcp),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = stream.get_ref();
+    // RFC 8737 §3: the challenge handshake is the whole answer; no application data follows.
+    if session.alpn_protocol() == Some(ACME_TLS_ALPN) {
+        return;
+    }
+    let info = ConnInfo {
+        peer,
+        sni: session.server_name().map(Arc::from),
+        tls: true,
+    };
+    let service = service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        shared.current.load().https.clone().oneshot(req)
+    });
+    let connection = runtime
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+async fn serve_plain(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    watcher: hyper_util::server::graceful::Watcher,
+    _permit: OwnedSemaphorePermit,
+) {
+    let runtime = shared.current.load_full();
+    let info = ConnInfo {
+        peer,
+        sni: None,
+        tls: false,
+    };
+    let service = service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        shared.current.load().plain.clone().oneshot(req)
+    });
+    let connection = runtime
+        .plain_builder
+        .serve_connection(TokioIo::new(tcp), service);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// After shutdown is signalled and the accept loops have stopped, waits for in-flight requests to finish,
+/// at most `grace`.
+async fn drain(loops: Vec<JoinHandle<()>>, graceful: Arc<GracefulShutdown>, grace: Duration) {
+    for accept in loops {
+        let _ = accept.await;
+    }
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        tracing::error!("graceful shutdown handle still shared; closing connections now");
+        return;
+    };
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(open, grace = ?grace, "waiting for open connections to finish");
+    }
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?grace, "grace period over; closing the remaining connections");
+    }
+}
+
+impl RunningServer {
+    pub fn resolver(&self) -> &Arc<CertResolver> {
+        &self.shared.resolver
+    }
+
+    pub fn http01_tokens(&self) -> &Arc<Http01Tokens> {
+        &self.shared.tokens
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.current.load().config.clone()
+    }
+
+    /// Applies a new, already validated config to requests from now on. Settings bound at start (listen
+    /// addresses, TLS source and folder, worker threads, connection limit) need a restart: they are kept
+    /// and named in the log.
+    pub fn reload(&self, new: Config) -> Result<(), ServerError> {
+        let old = self.config();
+        let mut needs_restart = Vec::new();
+        if new.server.https != old.server.https || new.server.http != old.server.http {
+            needs_restart.push("server.https/server.http");
+        }
+        if new.tls.source != old.tls.source || new.tls.dir != old.tls.dir {
+            needs_restart.push("tls.source/tls.dir");
+        }
+        if new.server.workers != old.server.workers {
+            needs_restart.push("server.workers");
+        }
+        if new.limits.max_connections != old.limits.max_connections {
+            needs_restart.push("limits.max_connections");
+        }
+        match &new.tls.source {
+            TlsSource::Files { cert, key }
+                if old.tls.source == new.tls.source
+                    || matches!(old.tls.source, TlsSource::Files { .. }) =>
+            {
+                crate::tls::install_files(&self.shared.resolver, &new.server.domains, cert, key)?;
+            }
+            TlsSource::Local
+                if new.server.domains != old.server.domains
+                    && old.tls.source == TlsSource::Local =>
+            {
+                LocalCa::open(&old.tls.dir)?
+                    .issue_and_install(&new.server.domains, &self.shared.resolver)?;
+            }
+            _ => {}
+        }
+        for warning in &new.warnings {
+            tracing::warn!("config: {warning}");
+        }
+        if !needs_restart.is_empty() {
+            tracing::warn!(keys = ?needs_restart, "these settings change only on restart; the rest is applied");
+        }
+        let runtime = Runtime::build(Arc::new(new), self.shared.tokens.clone());
+        self.shared.current.store(Arc::new(runtime));
+        tracing::info!("config reloaded");
+        Ok(())
+    }
+
+    /// Stops accepting connections; in-flight requests get `server.shutdown_grace` to finish.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until every connection is closed (after `shutdown`).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+        for task in self.background {
+            task.abort();
+        }
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, reloading `config_path` on SIGHUP. A config that fails to load or apply
+/// is logged and ignored: the running one keeps serving.
+pub async fn run(config: Config, config_path: &Path) -> Result<(), ServerError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
+    let server = start(config).await?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = hangup.recv() => {
+                tracing::info!(config = %config_path.display(), "SIGHUP: reloading");
+                match Config::load(config_path) {
+                    Ok(new) => {
+                        if let Err(e) = server.reload(new) {
+                            tracing::error!(error = %e, "reload failed; the previous config keeps serving");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload rejected; the previous config keeps serving"),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    server.shutdown();
+    server.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The plain-HTTP listener's service: HTTPS redirects for our own hosts only (no open redirect), ACME
+//! HTTP-01 answers, and an optional health path. Nothing is proxied over plain HTTP.
+
+use std::convert::Infallible;
+use std::future::{Ready, ready};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{CONTENT_TYPE, HOST, LOCATION};
+use http::{HeaderValue, Request, Response, StatusCode};
+use tower::Service;
+
+use crate::acme::Http01Tokens;
+use crate::body::ProxyBody;
+use crate::config::Domains;
+use crate::middleware::host::{check_host, host_of};
+use crate::response::{Blame, error_page, text};
+
+const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+#[derive(Clone)]
+pub struct PlainHttpService {
+    shared: Arc<Settings>,
+}
+
+struct Settings {
+    domains: Domains,
+    public_https_port: u16,
+    health_path: Option<String>,
+    tokens: Arc<Http01Tokens>,
+}
+
+impl PlainHttpService {
+    pub fn new(
+        domains: Domains,
+        public_https_port: u16,
+        health_path: Option<String>,
+        tokens: Arc<Http01Tokens>,
+    ) -> Self {
+        PlainHttpService {
+            shared: Arc::new(Settings {
+                domains,
+                public_https_port,
+                health_path,
+                tokens,
+            }),
+        }
+    }
+
+    fn respond<B>(&self, mut req: Request<B>) -> Response<ProxyBody> {
+        let s = &self.shared;
+        let path = req.uri().path();
+        if let Some(token) = path.strip_prefix(ACME_CHALLENGE_PREFIX) {
+            return match s.tokens.get(token) {
+                Some(key_authorization) => {
+                    let mut response = Response::new(ProxyBody::full(key_authorization));
+                    response.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                    response
+                }
+                None => error_page(
+                    StatusCode::NOT_FOUND,
+                    Blame::Client,
+                    "unknown ACME challenge token",
+                ),
+            };
+        }
+        if s.health_path.as_deref() == Some(path) {
+            return text(StatusCode::OK, "ok\n");
+        }
+        if let Err(rejection) = check_host(&mut req, &s.domains, None) {
+            return error_page(
+                rejection.status(),
+                Blame::Client,
+                "redirect refused: host not served here",
+            );
+        }
+        let location = req
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .and_then(|authority| {
+                let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+                https_location(host_of(&authority), s.public_https_port, pq)
+            });
+        match location {
+            Some(location) => {
+                let mut response = Response::new(ProxyBody::empty());
+                // 308 keeps the method and body: a POST stays a POST (RFC 9110 §15.4.9).
+                *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+                response.headers_mut().insert(LOCATION, location);
+                response
+            }
+            None => error_page(
+                StatusCode::BAD_REQUEST,
+                Blame::Client,
+                "cannot build a redirect",
+            ),
+        }
+    }
+}
+
+/// `https://host[:port]/path?query` for a host already checked against the allowlist.
+pub fn https_location(host: &str, port: u16, path_and_query: &str) -> Option<HeaderValue> {
+    if !path_and_query.starts_with('/') {
+        return None;
+    }
+    let mut location = String::with_capacity(16 + host.len() + path_and_query.len());
+    location.push_str("https://");
+    if host.contains(':') {
+        location.push('[');
+        location.push_str(host);
+        location.push(']');
+    } else {
+        location.push_str(host);
+    }
+    if port != 443 {
+        location.push(':');
+        location.push_str(&port.to_string());
+    }
+    location.push_str(path_and_query);
+    HeaderValue::from_str(&location).ok()
+}
+
+impl<B> Service<Request<B>> for PlainHttpService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<ProxyBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        ready(Ok(self.respond(req)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> PlainHttpService {
+        let tokens = Arc::new(Http01Tokens::default());
+        tokens.insert("tok", "tok.thumb");
+        PlainHttpService::new(
+            Domains::new(vec!["example.com".into(), "::1".into()]),
+            8443,
+            Some("/healthz".into()),
+            tokens,
+        )
+    }
+
+    fn get(host: &str, uri: &str) -> Response<ProxyBody> {
+        let req = Request::builder()
+            .uri(uri)
+            .header(HOST, host)
+            .body(())
+            .expect("request");
+        service().respond(req)
+    }
+
+    #[test]
+    fn redirect_keeps_path_and_query_and_uses_the_public_port() {
+        let response = get("example.com:8080", "/a/b?c=d&e");
+        assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(
+            response.headers()[LOCATION],
+            "https://example.com:8443/a/b?c=d&e"
+        );
+        assert_eq!(
+            get("[::1]:8080", "/").headers()[LOCATION],
+            "https://[::1]:8443/"
+        );
+    }
+
+    #[test]
+    fn no_redirect_for_foreign_hosts() {
+        let response = get("evil.com", "/");
+        assert!(response.status().is_client_error());
+        assert!(response.headers().get(LOCATION).is_none());
+    }
+
+    #[test]
+    fn location_builder() {
+        assert_eq!(
+            https_location("example.com", 443, "//evil.com/x").expect("location"),
+            "https://example.com//evil.com/x"
+        );
+        assert!(https_location("example.com", 443, "evil.com").is_none());
+    }
+
+    #[test]
+    fn acme_tokens_and_health() {
+        assert_eq!(
+            get("anything", "/.well-known/acme-challenge/tok").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            get("anything", "/.well-known/acme-challenge/nope").status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(get("anything", "/healthz").status(), StatusCode::OK);
+    }
+}
