@@ -57,8 +57,9 @@ pub struct ServerConfig {
     pub http: Option<SocketAddr>,
     pub domains: Domains,
     pub workers: usize,
-    /// The port clients reach HTTPS on, for redirects (differs from `https` behind port mapping).
-    pub public_https_port: u16,
+    /// The port clients reach HTTPS on, for redirects (differs from `https` behind port mapping);
+    /// `None`: the port the HTTPS listener is bound to.
+    pub public_https_port: Option<u16>,
     pub health_path: Option<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub shutdown_grace: Duration,
@@ -318,7 +319,9 @@ impl Config {
         match self.server.http {
             Some(a) => out.push_str(&format!(
                 "http:     {a} (redirects to HTTPS port {})\n",
-                self.server.public_https_port
+                self.server
+                    .public_https_port
+                    .unwrap_or(self.server.https.port())
             )),
             None => out.push_str("http:     off\n"),
         }
@@ -719,11 +722,10 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
             .map(|n| n.get())
             .unwrap_or(1),
     };
-    let public_https_port = match s.public_https_port {
-        Some(0) => return Err(ctx.invalid("server.public_https_port", "must be 1..=65535")),
-        Some(p) => p,
-        None => https.port(),
-    };
+    if s.public_https_port == Some(0) {
+        return Err(ctx.invalid("server.public_https_port", "must be 1..=65535"));
+    }
+    let public_https_port = s.public_https_port;
     let health_path = match s.health_path {
         Some(p) if !p.starts_with('/') => {
             return Err(ctx.invalid("server.health_path", "must start with '/'"));

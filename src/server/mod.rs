@@ -69,7 +69,7 @@ struct Runtime {
 }
 
 impl Runtime {
-    fn build(config: Arc<Config>, tokens: Arc<Http01Tokens>) -> Runtime {
+    fn build(config: Arc<Config>, tokens: Arc<Http01Tokens>, https_port: u16) -> Runtime {
         let https = ServiceBuilder::new()
             .layer(AccessLogLayer::new(config.log.access))
             .layer(RewriteHeadersLayer::new(SecurityHeaderPolicy::for_https(
@@ -87,7 +87,7 @@ impl Runtime {
             ))
             .service(PlainHttpService::new(
                 config.server.domains.clone(),
-                config.server.public_https_port,
+                config.server.public_https_port.unwrap_or(https_port),
                 config.server.health_path.clone(),
                 tokens,
             ));
@@ -166,7 +166,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let tls_config =
         crate::tls::server_config(resolver.clone(), config.tls.source == TlsSource::Acme)?;
     let shared = Arc::new(Shared {
-        current: ArcSwap::from_pointee(Runtime::build(config.clone(), tokens.clone())),
+        current: ArcSwap::from_pointee(Runtime::build(
+            config.clone(),
+            tokens.clone(),
+            https_addr.port(),
+        )),
         resolver,
         tokens,
     });
@@ -456,7 +460,11 @@ impl RunningServer {
         if !needs_restart.is_empty() {
             tracing::warn!(keys = ?needs_restart, "these settings change only on restart; the rest is applied");
         }
-        let runtime = Runtime::build(Arc::new(new), self.shared.tokens.clone());
+        let runtime = Runtime::build(
+            Arc::new(new),
+            self.shared.tokens.clone(),
+            self.https_addr.port(),
+        );
         self.shared.current.store(Arc::new(runtime));
         tracing::info!("config reloaded");
         Ok(())

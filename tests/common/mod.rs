@@ -1,0 +1,414 @@
+//! Test harness: the real proxy started in-process on 127.0.0.1:0, a real hyper upstream, and real
+//! rustls/hyper clients. Everything stays on loopback; every wait is bounded.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis::config::Config;
+use portcullis::server::{RunningServer, start};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Upper bound for any single wait in the tests.
+pub const LIMIT: Duration = Duration::from_secs(20);
+
+pub fn full(data: impl Into<Bytes>) -> TestBody {
+    Full::new(data.into()).map_err(|e| match e {}).boxed()
+}
+
+/// An in-process upstream standing in for Gunicorn. It echoes what it received so tests can assert what
+/// crossed the proxy, and counts requests so tests can prove none was lost or sent twice.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        Upstream::serve(listener)
+    }
+
+    pub fn serve(listener: TcpListener) -> Upstream {
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        upstream_handler(req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+async fn upstream_handler(mut req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let response = match path.as_str() {
+        "/slow" => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Response::new(full("slow"))
+        }
+        "/hold" => {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            Response::new(full("held"))
+        }
+        "/cookies" => Response::builder()
+            .header("set-cookie", "sessionid=abc; Path=/")
+            .header(
+                "set-cookie",
+                "csrftoken=xyz; expires=Wed, 21 Oct 2026 07:28:00 GMT; Path=/",
+            )
+            .header("set-cookie", "prefs=1; Secure; HttpOnly; SameSite=Strict")
+            .body(full("cookies"))
+            .expect("response"),
+        "/django-headers" => Response::builder()
+            .header("server", "gunicorn")
+            .header("x-powered-by", "Django")
+            .header("x-frame-options", "SAMEORIGIN")
+            .header("connection", "x-internal")
+            .header("x-internal", "secret")
+            .header("keep-alive", "timeout=5")
+            .body(full("django"))
+            .expect("response"),
+        "/large" => {
+            // 32 MiB in 64 KiB chunks: streamed, never held whole by the proxy.
+            let chunks = (0..512).map(|_| {
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(
+                    vec![b'x'; 65536],
+                )))
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                chunks,
+            ))))
+        }
+        "/upload" => {
+            let mut total = 0usize;
+            let mut body = req.into_body();
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => total += f.data_ref().map_or(0, |d| d.len()),
+                    Err(_) => {
+                        return Ok(Response::builder()
+                            .status(StatusCode::BAD_REQUEST)
+                            .body(full("upload aborted"))
+                            .expect("response"));
+                    }
+                }
+            }
+            Response::new(full(total.to_string()))
+        }
+        "/ws" => {
+            let key_present = req.headers().contains_key("sec-websocket-key");
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on_upgrade.await {
+                    let mut io = TokioIo::new(upgraded);
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            Response::builder()
+                .status(if key_present {
+                    StatusCode::SWITCHING_PROTOCOLS
+                } else {
+                    StatusCode::BAD_REQUEST
+                })
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(full(""))
+                .expect("response")
+        }
+        _ => {
+            // Echo: method, target, version and every header, one per line.
+            let mut text = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+            for (name, value) in req.headers() {
+                text.push_str(&format!(
+                    "{}: {}\n",
+                    name,
+                    String::from_utf8_lossy(value.as_bytes())
+                ));
+            }
+            Response::new(full(text))
+        }
+    };
+    Ok(response)
+}
+
+/// Parses the echo body back into (name, value) pairs.
+pub fn echoed_headers(body: &str) -> Vec<(String, String)> {
+    body.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub fn echoed<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+pub struct Proxy {
+    pub server: Option<RunningServer>,
+    pub https: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub root: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts the proxy with the local CA, serving `localhost` and `127.0.0.1`, in front of `upstream`.
+    /// `extra` is appended to the config (more sections or keys).
+    pub async fn start(upstream: &str, extra: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = format!(
+            "[server]\nhttps = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\ndomains = [\"localhost\", \"127.0.0.1\"]\n\
+             shutdown_grace = \"5s\"\n[tls]\nsource = \"local\"\ndir = \"{}\"\n[upstream]\nurl = \"{upstream}\"\n\
+             response_timeout = \"2s\"\nconnect_timeout = \"1s\"\n{extra}",
+            dir.path().display()
+        );
+        let config = Config::parse(&text, "test", None).expect("test config");
+        Proxy::start_with(config, dir).await
+    }
+
+    pub async fn start_with(config: Config, dir: tempfile::TempDir) -> Proxy {
+        let server = start(config).await.expect("proxy starts");
+        Proxy {
+            https: server.https_addr,
+            http: server.http_addr,
+            root: server.local_ca_root.clone().expect("local CA root"),
+            server: Some(server),
+            dir,
+        }
+    }
+
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("running")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{}", self.https.port(), path)
+    }
+
+    pub async fn client(&self, alpn: &[&[u8]]) -> Client {
+        Client::connect(self.https, "localhost", &self.root, alpn)
+            .await
+            .expect("TLS connect")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+            tokio::time::timeout(LIMIT, server.wait())
+                .await
+                .expect("stops in time");
+        }
+    }
+}
+
+pub fn client_tls_config(root: &std::path::Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(root).expect("root pem");
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.expect("cert")).expect("add root");
+    }
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(portcullis::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    root: &std::path::Path,
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let connector = TlsConnector::from(client_tls_config(root, alpn));
+    let name =
+        ServerName::try_from(sni.to_string()).map_err(|e| std::io::Error::other(e.to_string()))?;
+    tokio::time::timeout(LIMIT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("handshake timeout"))?
+}
+
+pub enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<TestBody>),
+    H2(hyper::client::conn::http2::SendRequest<TestBody>),
+}
+
+/// One TLS connection to the proxy speaking whatever ALPN chose.
+pub struct Client {
+    pub sender: Sender,
+    pub alpn: Option<Vec<u8>>,
+}
+
+impl Client {
+    pub async fn connect(
+        addr: SocketAddr,
+        sni: &str,
+        root: &std::path::Path,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<Client> {
+        let tls = tls_connect(addr, sni, root, alpn).await?;
+        let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let io = TokioIo::new(tls);
+        let sender = if negotiated.as_deref() == Some(b"h2") {
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(conn);
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(conn.with_upgrades());
+            Sender::H1(sender)
+        };
+        Ok(Client {
+            sender,
+            alpn: negotiated,
+        })
+    }
+
+    pub async fn send(&mut self, mut req: Request<TestBody>) -> hyper::Result<Response<Incoming>> {
+        // HTTP/1.1 clients send origin-form with Host; HTTP/2 clients send `:authority` only.
+        match self.sender {
+            Sender::H1(_) => {
+                if let Some(pq) = req.uri().path_and_query().cloned() {
+                    *req.uri_mut() = http::Uri::from(pq);
+                }
+            }
+            Sender::H2(_) => {
+                req.headers_mut().remove("host");
+            }
+        }
+        let fut = async {
+            match &mut self.sender {
+                Sender::H1(s) => {
+                    s.ready().await?;
+                    s.send_request(req).await
+                }
+                Sender::H2(s) => {
+                    s.ready().await?;
+                    s.send_request(req).await
+                }
+            }
+        };
+        tokio::time::timeout(LIMIT, fut)
+            .await
+            .expect("response in time")
+    }
+
+    /// GET `path` with Host `localhost` (and the port) the way a browser would send it.
+    pub async fn get(&mut self, path: &str, port: u16) -> (Response<()>, String) {
+        let req = request("GET", path, port).body(full("")).expect("request");
+        self.fetch(req).await
+    }
+
+    pub async fn fetch(&mut self, req: Request<TestBody>) -> (Response<()>, String) {
+        let response = self.send(req).await.expect("response");
+        let (parts, body) = response.into_parts();
+        let bytes = tokio::time::timeout(LIMIT, body.collect())
+            .await
+            .expect("body in time")
+            .expect("body")
+            .to_bytes();
+        (
+            Response::from_parts(parts, ()),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
+    pub fn is_h2(&self) -> bool {
+        matches!(self.sender, Sender::H2(_))
+    }
+}
+
+/// A request builder with the right target form for the connection: HTTP/1.1 sends `Host`; for HTTP/2
+/// hyper derives `:authority` from an absolute URI.
+pub fn request(method: &str, path: &str, port: u16) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(format!("https://localhost:{port}{path}"))
+        .header("host", format!("localhost:{port}"))
+}
+
+/// Raw bytes over TLS, for requests no well-behaved client library would send.
+pub async fn raw_tls_exchange(addr: SocketAddr, root: &std::path::Path, payload: &[u8]) -> String {
+    let mut tls = tls_connect(addr, "localhost", root, &[b"http/1.1"])
+        .await
+        .expect("connect");
+    tls.write_all(payload).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An address with nothing listening: connecting is refused.
+pub async fn dead_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    addr
+}

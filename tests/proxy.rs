@@ -1,0 +1,519 @@
+//! The real proxy in front of a real in-process upstream, through real TLS clients (HTTP/1.1 and HTTP/2).
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const H1: &[&[u8]] = &[b"http/1.1"];
+const H2: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+#[tokio::test]
+async fn http1_and_http2_reach_the_upstream_with_host_and_forwarded_headers() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let port = proxy.https.port();
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        assert_eq!(client.is_h2(), alpn == H2);
+        let (response, body) = client.get("/echo?q=1", port).await;
+        assert_eq!(response.status(), StatusCode::OK, "{body}");
+        assert!(body.starts_with("GET /echo?q=1 HTTP/1.1"), "{body}");
+        let headers = echoed_headers(&body);
+        assert_eq!(echoed(&headers, "host"), [format!("localhost:{port}")]);
+        assert_eq!(echoed(&headers, "x-forwarded-proto"), ["https"]);
+        assert_eq!(echoed(&headers, "x-forwarded-for"), ["127.0.0.1"]);
+        assert_eq!(
+            echoed(&headers, "x-forwarded-host"),
+            [format!("localhost:{port}")]
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn client_supplied_forwarding_claims_never_reach_django() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let port = proxy.https.port();
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        let req = request("GET", "/echo", port)
+            .header("x-forwarded-proto", "http")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-forwarded-host", "evil.com")
+            .header("x-forwarded-ssl", "off")
+            .header("x-real-ip", "6.6.6.6")
+            .header("forwarded", "for=6.6.6.6;host=evil.com")
+            .body(full(""))
+            .expect("request");
+        let (_, body) = client.fetch(req).await;
+        let headers = echoed_headers(&body);
+        assert_eq!(echoed(&headers, "x-forwarded-proto"), ["https"]);
+        assert_eq!(echoed(&headers, "x-forwarded-for"), ["127.0.0.1"]);
+        assert_eq!(echoed(&headers, "x-real-ip"), ["127.0.0.1"]);
+        assert_eq!(
+            echoed(&headers, "x-forwarded-host"),
+            [format!("localhost:{port}")]
+        );
+        assert!(echoed(&headers, "x-forwarded-ssl").is_empty());
+        assert!(echoed(&headers, "forwarded").is_empty());
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn client_address_comes_from_the_connection() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    // Connect from 127.0.0.2 so the address is not the proxy's own.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind 127.0.0.2");
+    let tcp = socket.connect(proxy.https).await.expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(client_tls_config(&proxy.root, H1));
+    let tls = connector
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("tls");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("/echo")
+        .header("host", format!("localhost:{}", proxy.https.port()))
+        .header("x-forwarded-for", "1.2.3.4")
+        .body(full(""))
+        .expect("request");
+    let response = sender.send_request(req).await.expect("response");
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let headers = echoed_headers(&String::from_utf8_lossy(&body));
+    assert_eq!(echoed(&headers, "x-forwarded-for"), ["127.0.0.2"]);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn security_headers_on_proxied_and_own_responses() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let port = proxy.https.port();
+    let mut client = proxy.client(H2).await;
+
+    let (response, _) = client.get("/django-headers", port).await;
+    let h = response.headers();
+    assert_eq!(
+        h["strict-transport-security"],
+        "max-age=31536000; includeSubDomains"
+    );
+    // Django chose SAMEORIGIN for this view: kept, and sent once.
+    assert_eq!(
+        h.get_all("x-frame-options").iter().collect::<Vec<_>>(),
+        ["SAMEORIGIN"]
+    );
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["referrer-policy"], "same-origin");
+    assert_eq!(h["cross-origin-opener-policy"], "same-origin");
+    assert!(h.contains_key("content-security-policy") && h.contains_key("permissions-policy"));
+    assert!(h.get("server").is_none() && h.get("x-powered-by").is_none());
+    // Hop-by-hop fields from the upstream, and those it named in Connection, stop at the proxy.
+    assert!(
+        h.get("x-internal").is_none()
+            && h.get("keep-alive").is_none()
+            && h.get("connection").is_none()
+    );
+
+    // A response the proxy makes itself (421 for a foreign Host) carries them too.
+    let mut h1 = proxy.client(H1).await;
+    let req = request("GET", "/", port)
+        .header("host", "evil.com")
+        .body(full(""))
+        .expect("request");
+    let req = {
+        let (mut parts, body) = req.into_parts();
+        parts
+            .headers
+            .insert("host", "evil.com".parse().expect("host"));
+        http::Request::from_parts(parts, body)
+    };
+    let (response, body) = h1.fetch(req).await;
+    assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
+    assert!(response.headers().contains_key("strict-transport-security"));
+    assert!(body.contains("421") && !body.contains("127.0.0.1"));
+    assert_eq!(
+        upstream.count(),
+        1,
+        "the foreign Host never reached the upstream"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn every_set_cookie_is_hardened_and_csrftoken_stays_readable() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        let (response, _) = client.get("/cookies", proxy.https.port()).await;
+        let cookies: Vec<&str> = response
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().expect("ascii"))
+            .collect();
+        assert_eq!(
+            cookies,
+            [
+                "sessionid=abc; Path=/; Secure; HttpOnly; SameSite=Lax",
+                "csrftoken=xyz; expires=Wed, 21 Oct 2026 07:28:00 GMT; Path=/; Secure; SameSite=Lax",
+                "prefs=1; Secure; HttpOnly; SameSite=Strict",
+            ]
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_request_headers_are_removed() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let mut client = proxy.client(H1).await;
+    let req = request("GET", "/echo", proxy.https.port())
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-end-to-end", "kept")
+        .body(full(""))
+        .expect("request");
+    let (_, body) = client.fetch(req).await;
+    let headers = echoed_headers(&body);
+    for gone in ["x-hop", "keep-alive", "te", "proxy-authorization"] {
+        assert!(echoed(&headers, gone).is_empty(), "{gone} crossed: {body}");
+    }
+    assert_eq!(echoed(&headers, "x-end-to-end"), ["kept"]);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn plain_http_redirects_to_https_for_our_hosts_only() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let http = proxy.http.expect("plain listener");
+    let exchange = |host: &'static str, method: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(http).await.expect("connect");
+        let req = format!(
+            "{method} /login/?next=/admin/ HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\nConnection: close\r\n\r\na=b"
+        );
+        tcp.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        tokio::time::timeout(LIMIT, tcp.read_to_string(&mut out))
+            .await
+            .expect("in time")
+            .expect("read");
+        out
+    };
+    let response = exchange("localhost:8080", "POST").await;
+    assert!(response.starts_with("HTTP/1.1 308"), "{response}");
+    let location = format!(
+        "location: https://localhost:{}/login/?next=/admin/",
+        proxy.https.port()
+    );
+    assert!(
+        response.to_ascii_lowercase().contains(&location),
+        "{response}"
+    );
+    assert!(
+        !response
+            .to_ascii_lowercase()
+            .contains("strict-transport-security")
+    );
+    let refused = exchange("evil.com", "GET").await;
+    assert!(
+        !refused.to_ascii_lowercase().contains("location:"),
+        "{refused}"
+    );
+    assert!(refused.starts_with("HTTP/1.1 4"), "{refused}");
+    assert_eq!(upstream.count(), 0, "nothing is proxied over plain HTTP");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_sni_gets_no_certificate_and_a_mismatched_host_gets_421() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let refused = tls_connect(proxy.https, "evil.example", &proxy.root, H1).await;
+    assert!(
+        refused.is_err(),
+        "a name we do not serve must not get a certificate"
+    );
+
+    // SNI 127.0.0.1 is not sent (IP literal), so this connection has no SNI; Host must still be ours.
+    let mut client = Client::connect(proxy.https, "127.0.0.1", &proxy.root, H1)
+        .await
+        .expect("connect by IP");
+    let req = http::Request::builder()
+        .uri(format!("https://127.0.0.1:{}/echo", proxy.https.port()))
+        .header("host", format!("127.0.0.1:{}", proxy.https.port()))
+        .body(full(""))
+        .expect("request");
+    assert_eq!(client.fetch(req).await.0.status(), StatusCode::OK);
+
+    // SNI localhost, Host 127.0.0.1: served by us, but not the name this connection is for.
+    let mut client = proxy.client(H2).await;
+    let req = http::Request::builder()
+        .uri(format!("https://127.0.0.1:{}/echo", proxy.https.port()))
+        .body(full(""))
+        .expect("request");
+    assert_eq!(
+        client.fetch(req).await.0.status(),
+        StatusCode::MISDIRECTED_REQUEST
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_is_504_with_no_internals() {
+    let dead = dead_address().await;
+    let proxy = Proxy::start(&format!("http://{dead}"), "").await;
+    let mut client = proxy.client(H2).await;
+    let (response, body) = client.get("/", proxy.https.port()).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert!(
+        !body.contains(&dead.port().to_string()) && !body.to_lowercase().contains("refused"),
+        "{body}"
+    );
+    assert!(response.headers().contains_key("strict-transport-security"));
+    proxy.stop().await;
+
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let mut client = proxy.client(H1).await;
+    let started = std::time::Instant::now();
+    let (response, _) = client.get("/slow", proxy.https.port()).await;
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered at the response timeout, not after"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_and_oversized_uploads_get_413() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(
+        &format!("http://{}", upstream.addr),
+        "[limits]\nmax_body = \"8MiB\"\n",
+    )
+    .await;
+    let port = proxy.https.port();
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        let (response, body) = client.get("/large", port).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body.len(), 32 * 1024 * 1024);
+
+        // A 6 MiB upload in chunks without Content-Length (chunked on HTTP/1.1): streamed through.
+        let chunks = (0..96).map(|_| {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                Bytes::from(vec![b'u'; 65536]),
+            ))
+        });
+        let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+            futures_util::stream::iter(chunks),
+        ));
+        let req = request("POST", "/upload", port)
+            .body(body)
+            .expect("request");
+        let (response, text) = client.fetch(req).await;
+        assert_eq!(
+            (response.status(), text.as_str()),
+            (StatusCode::OK, "6291456")
+        );
+
+        // Declared too large: refused before the upstream sees it.
+        let before = upstream.count();
+        let req = request("POST", "/upload", port)
+            .header("content-length", (9 * 1024 * 1024).to_string())
+            .body(full(vec![0u8; 9 * 1024 * 1024]))
+            .expect("request");
+        let (response, _) = client.fetch(req).await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(upstream.count(), before);
+    }
+    // Undeclared and too large: cut off at the limit while streaming.
+    let mut client = proxy.client(H2).await;
+    let chunks = (0..160).map(|_| {
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(Bytes::from(
+            vec![b'u'; 65536],
+        )))
+    });
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+        futures_util::stream::iter(chunks),
+    ));
+    let req = request("POST", "/upload", port)
+        .body(body)
+        .expect("request");
+    let response = client.send(req).await.expect("response");
+    assert!(
+        response.status() == StatusCode::PAYLOAD_TOO_LARGE
+            || response.status() == StatusCode::BAD_REQUEST,
+        "{}",
+        response.status()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_upgrade_tunnels_both_ways() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let mut client = proxy.client(H1).await;
+    let req = request("GET", "/ws", proxy.https.port())
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(full(""))
+        .expect("request");
+    let response = client.send(req).await.expect("response");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let upgraded = tokio::time::timeout(LIMIT, hyper::upgrade::on(response))
+        .await
+        .expect("in time")
+        .expect("upgrade");
+    let mut io = TokioIo::new(upgraded);
+    for message in [&b"hello"[..], b"second frame", &[0u8, 255, 10, 13]] {
+        io.write_all(message).await.expect("write");
+        let mut buf = vec![0u8; message.len()];
+        tokio::time::timeout(LIMIT, io.read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert_eq!(buf, message);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn h2c_upgrade_is_not_forwarded() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let mut client = proxy.client(H1).await;
+    let req = request("GET", "/echo", proxy.https.port())
+        .header("connection", "Upgrade, HTTP2-Settings")
+        .header("upgrade", "h2c")
+        .header("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA")
+        .body(full(""))
+        .expect("request");
+    let (response, body) = client.fetch(req).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = echoed_headers(&body);
+    assert!(
+        echoed(&headers, "upgrade").is_empty() && echoed(&headers, "http2-settings").is_empty(),
+        "{body}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_requests_in_flight() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let mut client = proxy.client(H1).await;
+    let port = proxy.https.port();
+    let in_flight = tokio::spawn(async move { client.get("/hold", port).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let addr = proxy.https;
+    let stopping = tokio::spawn(proxy.stop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no new connections once stopping"
+    );
+    let (response, body) = tokio::time::timeout(LIMIT, in_flight)
+        .await
+        .expect("in time")
+        .expect("task");
+    assert_eq!((response.status(), body.as_str()), (StatusCode::OK, "held"));
+    tokio::time::timeout(LIMIT, stopping)
+        .await
+        .expect("stopped in time")
+        .expect("task");
+}
+
+#[tokio::test]
+async fn reload_applies_new_settings_to_the_next_request() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let mut client = proxy.client(H2).await;
+    let (response, _) = client.get("/echo", proxy.https.port()).await;
+    assert_eq!(response.headers()["x-frame-options"], "DENY");
+
+    let mut config = (*proxy.server().config()).clone();
+    let text = format!(
+        "[server]\ndomains = [\"localhost\", \"127.0.0.1\"]\n[upstream]\nurl = \"http://{}\"\n[headers.x_frame_options]\nvalue = \"SAMEORIGIN\"\n",
+        upstream.addr
+    );
+    config.headers = portcullis::config::Config::parse(&text, "reload", None)
+        .expect("valid")
+        .headers;
+    proxy.server().reload(config).expect("reload");
+    // Same connection, next request: the new policy.
+    let (response, _) = client.get("/echo", proxy.https.port()).await;
+    assert_eq!(response.headers()["x-frame-options"], "SAMEORIGIN");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn unix_socket_upstream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("gunicorn.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).expect("bind unix");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let host = req.headers().get("host").cloned();
+                        let mut response = http::Response::new(full("via unix socket"));
+                        if let Some(host) = host {
+                            response.headers_mut().insert("x-seen-host", host);
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!("unix:{}", socket.display()), "").await;
+    let mut client = proxy.client(H2).await;
+    let (response, body) = client.get("/", proxy.https.port()).await;
+    assert_eq!(body, "via unix socket");
+    assert_eq!(
+        response.headers()["x-seen-host"],
+        format!("localhost:{}", proxy.https.port()).as_str()
+    );
+    proxy.stop().await;
+    task.abort();
+}
