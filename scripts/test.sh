@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every test, including those against real external programs: curl, pebble (Let's Encrypt's test
+# ACME server) and a Django app under Gunicorn. Installs what is missing (Debian packages, and Django +
+# Gunicorn from PyPI into target/test-venv) and fails loudly if anything is still missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+command -v pebble >/dev/null || missing+=(pebble)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if ((${#missing[@]})); then
+  echo "installing from Debian: ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: need root to install ${missing[*]} (or install them yourself)" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+venv="$PWD/target/test-venv"
+if ! "$venv/bin/python" -c 'import django, gunicorn' 2>/dev/null; then
+  echo "creating $venv with Django 5.2 LTS and Gunicorn"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'django>=5.2,<6' 'gunicorn>=23'
+fi
+
+for program in curl pebble pebble-challtestsrv "$venv/bin/gunicorn"; do
+  if ! command -v "$program" >/dev/null; then
+    echo "error: $program is still missing; the tests that need it would not run" >&2
+    exit 1
+  fi
+done
+
+export PORTCULLIS_TEST_VENV="$venv"
+# --include-ignored runs the tests that need the programs above; plain `cargo test` skips only those.
+cargo test --locked -- --include-ignored

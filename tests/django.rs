@@ -1,0 +1,237 @@
+//! End to end with a real Django 5.2 app under Gunicorn (tests/django_app), behind the real proxy.
+//! Needs the virtualenv that `scripts/test.sh` makes (PORTCULLIS_TEST_VENV); run with `--include-ignored`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+const H1: &[&[u8]] = &[b"http/1.1"];
+const H2: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+fn venv() -> PathBuf {
+    let venv = std::env::var_os("PORTCULLIS_TEST_VENV").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("PORTCULLIS_TEST_VENV is not set: run scripts/test.sh, which makes a virtualenv with Django and Gunicorn")
+    });
+    assert!(
+        venv.join("bin/gunicorn").exists(),
+        "{}/bin/gunicorn is missing: run scripts/test.sh",
+        venv.display()
+    );
+    venv
+}
+
+fn app_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/django_app")
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Django {
+    _gunicorn: KillOnDrop,
+    pub upstream_url: String,
+    _dir: tempfile::TempDir,
+}
+
+enum Bind {
+    Tcp,
+    Unix,
+}
+
+impl Django {
+    /// Migrates a fresh database, creates the `admin` superuser and starts Gunicorn.
+    async fn start(bind: Bind) -> Django {
+        let venv = venv();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("db.sqlite3");
+        let python = venv.join("bin/python");
+        let manage = |args: &[&str]| {
+            let status = Command::new(&python)
+                .arg("manage.py")
+                .args(args)
+                .current_dir(app_dir())
+                .env("DJANGO_DB_PATH", &db)
+                .env("DJANGO_SUPERUSER_PASSWORD", "correct horse battery staple")
+                .stdout(Stdio::null())
+                .status()
+                .expect("run manage.py");
+            assert!(status.success(), "manage.py {args:?} failed");
+        };
+        manage(&["migrate", "--noinput"]);
+        manage(&["createsuperuser", "--noinput", "--username", "admin", "--email", "admin@example.com"]);
+
+        let (bind_arg, upstream_url, probe): (String, String, Box<dyn Fn() -> bool>) = match bind {
+            Bind::Tcp => {
+                let port = dead_address().await.port();
+                let addr = format!("127.0.0.1:{port}");
+                let probe_addr = addr.clone();
+                (
+                    addr.clone(),
+                    format!("http://{addr}"),
+                    Box::new(move || std::net::TcpStream::connect(&probe_addr).is_ok()),
+                )
+            }
+            Bind::Unix => {
+                let socket = dir.path().join("gunicorn.sock");
+                let probe_socket = socket.clone();
+                (
+                    format!("unix:{}", socket.display()),
+                    format!("unix:{}", socket.display()),
+                    Box::new(move || std::os::unix::net::UnixStream::connect(&probe_socket).is_ok()),
+                )
+            }
+        };
+        let child = Command::new(venv.join("bin/gunicorn"))
+            .args(["--no-control-socket", "--workers", "2", "--bind", &bind_arg])
+            .arg("djangoapp.wsgi:application")
+            .current_dir(app_dir())
+            .env("DJANGO_DB_PATH", &db)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start gunicorn");
+        let gunicorn = KillOnDrop(child);
+        let deadline = Instant::now() + LIMIT;
+        while !probe() {
+            assert!(Instant::now() < deadline, "gunicorn did not start listening within {LIMIT:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Django {
+            _gunicorn: gunicorn,
+            upstream_url,
+            _dir: dir,
+        }
+    }
+}
+
+fn json_field<'a>(json: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    json.get(key).unwrap_or_else(|| panic!("no {key} in {json}"))
+}
+
+fn cookie_value<'a>(set_cookies: &'a [String], name: &str) -> Option<&'a str> {
+    set_cookies.iter().find_map(|c| {
+        let first = c.split(';').next()?;
+        let (n, v) = first.split_once('=')?;
+        (n.trim() == name).then_some(v)
+    })
+}
+
+fn set_cookies(response: &http::Response<()>) -> Vec<String> {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().expect("ascii").to_string())
+        .collect()
+}
+
+#[tokio::test]
+#[ignore = "needs Django and Gunicorn: run scripts/test.sh"]
+async fn django_sees_https_and_the_real_host() {
+    let django = Django::start(Bind::Tcp).await;
+    let proxy = Proxy::start(&django.upstream_url, "").await;
+    let port = proxy.https.port();
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        let req = request("GET", "/whoami/", port)
+            .header("x-forwarded-proto", "http")
+            .header("x-forwarded-host", "evil.com")
+            .header("x-forwarded-for", "6.6.6.6")
+            .body(full(""))
+            .expect("request");
+        let (response, body) = client.fetch(req).await;
+        assert_eq!(response.status(), StatusCode::OK, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(json_field(&json, "is_secure"), true);
+        assert_eq!(json_field(&json, "scheme"), "https");
+        assert_eq!(json_field(&json, "host"), format!("localhost:{port}").as_str());
+        assert_eq!(json_field(&json, "absolute_uri"), format!("https://localhost:{port}/next/").as_str());
+        assert_eq!(json_field(&json, "x_forwarded_for"), "127.0.0.1");
+        // Django's own SecurityMiddleware headers are not duplicated by ours.
+        assert_eq!(response.headers().get_all("x-content-type-options").iter().count(), 1);
+        assert_eq!(response.headers().get_all("x-frame-options").iter().count(), 1);
+        assert!(response.headers().get("server").is_none());
+    }
+    // A poisoned Host never reaches Django.
+    let mut client = proxy.client(H1).await;
+    let mut req = request("GET", "/whoami/", port).body(full("")).expect("request");
+    req.headers_mut().insert("host", "evil.com".parse().expect("host"));
+    assert_eq!(client.fetch(req).await.0.status(), StatusCode::MISDIRECTED_REQUEST);
+    proxy.stop().await;
+}
+
+/// The sharpest check: a browser-style admin login with `CSRF_TRUSTED_ORIGINS = []` passes only when Host
+/// and X-Forwarded-Proto are right, and the cookies arrive hardened.
+async fn admin_login(upstream_url: &str, alpn: &[&[u8]]) {
+    let proxy = Proxy::start(upstream_url, "").await;
+    let port = proxy.https.port();
+    let mut client = proxy.client(alpn).await;
+
+    let (response, form) = client.get("/admin/login/?next=/admin/", port).await;
+    assert_eq!(response.status(), StatusCode::OK, "{form}");
+    let cookies = set_cookies(&response);
+    let csrf_cookie = cookies.iter().find(|c| c.starts_with("csrftoken=")).expect("csrftoken cookie");
+    assert!(csrf_cookie.contains("; Secure") && csrf_cookie.contains("SameSite=Lax"), "{csrf_cookie}");
+    assert!(!csrf_cookie.contains("HttpOnly"), "JavaScript must be able to read csrftoken: {csrf_cookie}");
+    let csrftoken = cookie_value(&cookies, "csrftoken").expect("csrftoken value").to_string();
+    let marker = "name=\"csrfmiddlewaretoken\" value=\"";
+    let start = form.find(marker).expect("csrf field in form") + marker.len();
+    let form_token = &form[start..start + form[start..].find('"').expect("end of token")];
+
+    let body = format!(
+        "csrfmiddlewaretoken={form_token}&username=admin&password=correct+horse+battery+staple&next=%2Fadmin%2F"
+    );
+    let req = request("POST", "/admin/login/?next=/admin/", port)
+        .header("origin", format!("https://localhost:{port}"))
+        .header("referer", format!("https://localhost:{port}/admin/login/?next=/admin/"))
+        .header("cookie", format!("csrftoken={csrftoken}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(full(body))
+        .expect("request");
+    let (response, page) = client.fetch(req).await;
+    assert_eq!(response.status(), StatusCode::FOUND, "login must redirect: {page}");
+    assert_eq!(response.headers()["location"], "/admin/");
+    let cookies = set_cookies(&response);
+    let session = cookies.iter().find(|c| c.starts_with("sessionid=")).expect("session cookie");
+    for flag in ["; Secure", "; HttpOnly", "SameSite=Lax"] {
+        assert!(session.contains(flag), "{flag} missing: {session}");
+    }
+    let sessionid = cookie_value(&cookies, "sessionid").expect("sessionid").to_string();
+    let csrftoken = cookie_value(&cookies, "csrftoken").map(str::to_string).unwrap_or(csrftoken);
+
+    let req = request("GET", "/admin/", port)
+        .header("cookie", format!("csrftoken={csrftoken}; sessionid={sessionid}"))
+        .body(full(""))
+        .expect("request");
+    let (response, page) = client.fetch(req).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(page.contains("Site administration"), "{page}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs Django and Gunicorn: run scripts/test.sh"]
+async fn django_admin_login_over_http1_and_http2() {
+    let django = Django::start(Bind::Tcp).await;
+    admin_login(&django.upstream_url, H1).await;
+    admin_login(&django.upstream_url, H2).await;
+}
+
+#[tokio::test]
+#[ignore = "needs Django and Gunicorn: run scripts/test.sh"]
+async fn django_admin_login_over_a_unix_socket() {
+    let django = Django::start(Bind::Unix).await;
+    admin_login(&django.upstream_url, H2).await;
+}
