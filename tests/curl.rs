@@ -9,11 +9,24 @@ use common::*;
 
 fn curl(args: &[&str]) -> String {
     let output = Command::new("curl")
-        .args(["--silent", "--show-error", "--max-time", "20", "--dump-header", "-", "--output", "/dev/null"])
+        .args([
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "20",
+            "--dump-header",
+            "-",
+            "--output",
+            "/dev/null",
+        ])
         .args(args)
         .output()
         .expect("curl is installed (scripts/test.sh installs it)");
-    assert!(output.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout).to_ascii_lowercase()
 }
 
@@ -31,15 +44,32 @@ async fn curl_over_http1_and_http2() {
     };
     let h2 = run("--http2").await.expect("curl task");
     assert!(h2.starts_with("http/2 200"), "{h2}");
-    assert!(h2.contains("strict-transport-security: max-age=31536000; includesubdomains"), "{h2}");
-    assert!(h2.contains("set-cookie: sessionid=abc; path=/; secure; httponly; samesite=lax"), "{h2}");
+    assert!(
+        h2.contains("strict-transport-security: max-age=31536000; includesubdomains"),
+        "{h2}"
+    );
+    assert!(
+        h2.contains("set-cookie: sessionid=abc; path=/; secure; httponly; samesite=lax"),
+        "{h2}"
+    );
     let h1 = run("--http1.1").await.expect("curl task");
     assert!(h1.starts_with("http/1.1 200"), "{h1}");
     assert!(h1.contains("x-content-type-options: nosniff"), "{h1}");
 
-    let plain = format!("http://localhost:{}/a?b=c", proxy.http.expect("plain").port());
-    let redirect = tokio::task::spawn_blocking(move || curl(&[&plain])).await.expect("curl task");
+    let plain = format!(
+        "http://localhost:{}/a?b=c",
+        proxy.http.expect("plain").port()
+    );
+    let redirect = tokio::task::spawn_blocking(move || curl(&[&plain]))
+        .await
+        .expect("curl task");
     assert!(redirect.starts_with("http/1.1 308"), "{redirect}");
-    assert!(redirect.contains(&format!("location: https://localhost:{}/a?b=c", proxy.https.port())), "{redirect}");
+    assert!(
+        redirect.contains(&format!(
+            "location: https://localhost:{}/a?b=c",
+            proxy.https.port()
+        )),
+        "{redirect}"
+    );
     proxy.stop().await;
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -27,16 +27,6 @@ fn venv() -> PathBuf {
 
 fn app_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/django_app")
-}
-
-/// A child process killed when the test ends, however it ends.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 struct Django {
@@ -70,7 +60,14 @@ impl Django {
             assert!(status.success(), "manage.py {args:?} failed");
         };
         manage(&["migrate", "--noinput"]);
-        manage(&["createsuperuser", "--noinput", "--username", "admin", "--email", "admin@example.com"]);
+        manage(&[
+            "createsuperuser",
+            "--noinput",
+            "--username",
+            "admin",
+            "--email",
+            "admin@example.com",
+        ]);
 
         let (bind_arg, upstream_url, probe): (String, String, Box<dyn Fn() -> bool>) = match bind {
             Bind::Tcp => {
@@ -89,7 +86,9 @@ impl Django {
                 (
                     format!("unix:{}", socket.display()),
                     format!("unix:{}", socket.display()),
-                    Box::new(move || std::os::unix::net::UnixStream::connect(&probe_socket).is_ok()),
+                    Box::new(move || {
+                        std::os::unix::net::UnixStream::connect(&probe_socket).is_ok()
+                    }),
                 )
             }
         };
@@ -105,7 +104,10 @@ impl Django {
         let gunicorn = KillOnDrop(child);
         let deadline = Instant::now() + LIMIT;
         while !probe() {
-            assert!(Instant::now() < deadline, "gunicorn did not start listening within {LIMIT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "gunicorn did not start listening within {LIMIT:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Django {
@@ -117,7 +119,8 @@ impl Django {
 }
 
 fn json_field<'a>(json: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
-    json.get(key).unwrap_or_else(|| panic!("no {key} in {json}"))
+    json.get(key)
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
 }
 
 fn cookie_value<'a>(set_cookies: &'a [String], name: &str) -> Option<&'a str> {
@@ -156,19 +159,41 @@ async fn django_sees_https_and_the_real_host() {
         let json: serde_json::Value = serde_json::from_str(&body).expect("json");
         assert_eq!(json_field(&json, "is_secure"), true);
         assert_eq!(json_field(&json, "scheme"), "https");
-        assert_eq!(json_field(&json, "host"), format!("localhost:{port}").as_str());
-        assert_eq!(json_field(&json, "absolute_uri"), format!("https://localhost:{port}/next/").as_str());
+        assert_eq!(
+            json_field(&json, "host"),
+            format!("localhost:{port}").as_str()
+        );
+        assert_eq!(
+            json_field(&json, "absolute_uri"),
+            format!("https://localhost:{port}/next/").as_str()
+        );
         assert_eq!(json_field(&json, "x_forwarded_for"), "127.0.0.1");
         // Django's own SecurityMiddleware headers are not duplicated by ours.
-        assert_eq!(response.headers().get_all("x-content-type-options").iter().count(), 1);
-        assert_eq!(response.headers().get_all("x-frame-options").iter().count(), 1);
+        assert_eq!(
+            response
+                .headers()
+                .get_all("x-content-type-options")
+                .iter()
+                .count(),
+            1
+        );
+        assert_eq!(
+            response.headers().get_all("x-frame-options").iter().count(),
+            1
+        );
         assert!(response.headers().get("server").is_none());
     }
     // A poisoned Host never reaches Django.
     let mut client = proxy.client(H1).await;
-    let mut req = request("GET", "/whoami/", port).body(full("")).expect("request");
-    req.headers_mut().insert("host", "evil.com".parse().expect("host"));
-    assert_eq!(client.fetch(req).await.0.status(), StatusCode::MISDIRECTED_REQUEST);
+    let mut req = request("GET", "/whoami/", port)
+        .body(full(""))
+        .expect("request");
+    req.headers_mut()
+        .insert("host", "evil.com".parse().expect("host"));
+    assert_eq!(
+        client.fetch(req).await.0.status(),
+        StatusCode::MISDIRECTED_REQUEST
+    );
     proxy.stop().await;
 }
 
@@ -182,10 +207,21 @@ async fn admin_login(upstream_url: &str, alpn: &[&[u8]]) {
     let (response, form) = client.get("/admin/login/?next=/admin/", port).await;
     assert_eq!(response.status(), StatusCode::OK, "{form}");
     let cookies = set_cookies(&response);
-    let csrf_cookie = cookies.iter().find(|c| c.starts_with("csrftoken=")).expect("csrftoken cookie");
-    assert!(csrf_cookie.contains("; Secure") && csrf_cookie.contains("SameSite=Lax"), "{csrf_cookie}");
-    assert!(!csrf_cookie.contains("HttpOnly"), "JavaScript must be able to read csrftoken: {csrf_cookie}");
-    let csrftoken = cookie_value(&cookies, "csrftoken").expect("csrftoken value").to_string();
+    let csrf_cookie = cookies
+        .iter()
+        .find(|c| c.starts_with("csrftoken="))
+        .expect("csrftoken cookie");
+    assert!(
+        csrf_cookie.contains("; Secure") && csrf_cookie.contains("SameSite=Lax"),
+        "{csrf_cookie}"
+    );
+    assert!(
+        !csrf_cookie.contains("HttpOnly"),
+        "JavaScript must be able to read csrftoken: {csrf_cookie}"
+    );
+    let csrftoken = cookie_value(&cookies, "csrftoken")
+        .expect("csrftoken value")
+        .to_string();
     let marker = "name=\"csrfmiddlewaretoken\" value=\"";
     let start = form.find(marker).expect("csrf field in form") + marker.len();
     let form_token = &form[start..start + form[start..].find('"').expect("end of token")];
@@ -195,24 +231,41 @@ async fn admin_login(upstream_url: &str, alpn: &[&[u8]]) {
     );
     let req = request("POST", "/admin/login/?next=/admin/", port)
         .header("origin", format!("https://localhost:{port}"))
-        .header("referer", format!("https://localhost:{port}/admin/login/?next=/admin/"))
+        .header(
+            "referer",
+            format!("https://localhost:{port}/admin/login/?next=/admin/"),
+        )
         .header("cookie", format!("csrftoken={csrftoken}"))
         .header("content-type", "application/x-www-form-urlencoded")
         .body(full(body))
         .expect("request");
     let (response, page) = client.fetch(req).await;
-    assert_eq!(response.status(), StatusCode::FOUND, "login must redirect: {page}");
+    assert_eq!(
+        response.status(),
+        StatusCode::FOUND,
+        "login must redirect: {page}"
+    );
     assert_eq!(response.headers()["location"], "/admin/");
     let cookies = set_cookies(&response);
-    let session = cookies.iter().find(|c| c.starts_with("sessionid=")).expect("session cookie");
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("sessionid="))
+        .expect("session cookie");
     for flag in ["; Secure", "; HttpOnly", "SameSite=Lax"] {
         assert!(session.contains(flag), "{flag} missing: {session}");
     }
-    let sessionid = cookie_value(&cookies, "sessionid").expect("sessionid").to_string();
-    let csrftoken = cookie_value(&cookies, "csrftoken").map(str::to_string).unwrap_or(csrftoken);
+    let sessionid = cookie_value(&cookies, "sessionid")
+        .expect("sessionid")
+        .to_string();
+    let csrftoken = cookie_value(&cookies, "csrftoken")
+        .map(str::to_string)
+        .unwrap_or(csrftoken);
 
     let req = request("GET", "/admin/", port)
-        .header("cookie", format!("csrftoken={csrftoken}; sessionid={sessionid}"))
+        .header(
+            "cookie",
+            format!("csrftoken={csrftoken}; sessionid={sessionid}"),
+        )
         .body(full(""))
         .expect("request");
     let (response, page) = client.fetch(req).await;

@@ -166,7 +166,7 @@ pub enum TlsSource {
     Acme,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeConfig {
     pub directory_url: String,
     pub contact: Vec<String>,

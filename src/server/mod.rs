@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tower::{ServiceBuilder, ServiceExt};
 
-use crate::acme::Http01Tokens;
+use crate::acme::{AcmeManager, AcmeStatus, Http01Tokens};
 use crate::config::{Config, ConfigError, Limits, TlsSource};
 use crate::context::ConnInfo;
 use crate::middleware::access_log::AccessLog;
@@ -134,6 +134,8 @@ pub struct RunningServer {
     pub http_addr: Option<SocketAddr>,
     /// The local CA's root certificate, when `tls.source = "local"`.
     pub local_ca_root: Option<PathBuf>,
+    /// What the ACME manager is doing, when `tls.source = "acme"`.
+    pub acme_status: Option<Arc<AcmeStatus>>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     done: JoinHandle<()>,
@@ -161,7 +163,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let mut background = Vec::new();
-    let local_ca_root = provision_certificates(&config, &resolver, &mut background)?;
+    let (local_ca_root, acme_status) =
+        provision_certificates(&config, &resolver, &tokens, &mut background)?;
 
     let tls_config =
         crate::tls::server_config(resolver.clone(), config.tls.source == TlsSource::Acme)?;
@@ -204,6 +207,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         https_addr,
         http_addr,
         local_ca_root,
+        acme_status,
         shared,
         shutdown,
         done,
@@ -231,8 +235,9 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 fn provision_certificates(
     config: &Config,
     resolver: &Arc<CertResolver>,
+    tokens: &Arc<Http01Tokens>,
     background: &mut Vec<JoinHandle<()>>,
-) -> Result<Option<PathBuf>, ServerError> {
+) -> Result<(Option<PathBuf>, Option<Arc<AcmeStatus>>), ServerError> {
     let domains = &config.server.domains;
     match &config.tls.source {
         TlsSource::Local => {
@@ -253,16 +258,29 @@ fn provision_certificates(
                 resolver.clone(),
                 next,
             )));
-            Ok(Some(root))
+            Ok((Some(root), None))
         }
         TlsSource::Files { cert, key } => {
             let info = crate::tls::install_files(resolver, domains, cert, key)?;
             tracing::info!(cert = %cert.display(), names = ?info.names, "serving certificate from files");
-            Ok(None)
+            Ok((None, None))
         }
-        TlsSource::Acme => Err(ServerError::Acme(
-            "tls.source = \"acme\" is not available in this build yet".into(),
-        )),
+        TlsSource::Acme => {
+            let acme = config.acme.clone().ok_or_else(|| {
+                ServerError::Acme("tls.source = \"acme\" without [acme] settings".into())
+            })?;
+            let manager = AcmeManager::new(
+                acme,
+                domains.clone(),
+                &config.tls.dir,
+                resolver.clone(),
+                tokens.clone(),
+                config.server.http.is_some(),
+            );
+            let status = manager.status();
+            background.push(tokio::spawn(manager.run()));
+            Ok((None, Some(status)))
+        }
     }
 }
 
@@ -434,6 +452,11 @@ impl RunningServer {
         }
         if new.server.workers != old.server.workers {
             needs_restart.push("server.workers");
+        }
+        if new.tls.source == TlsSource::Acme
+            && (new.server.domains != old.server.domains || new.acme != old.acme)
+        {
+            needs_restart.push("server.domains/[acme] (with tls.source = \"acme\")");
         }
         if new.limits.max_connections != old.limits.max_connections {
             needs_restart.push("limits.max_connections");

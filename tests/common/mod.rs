@@ -225,6 +225,7 @@ impl Proxy {
     }
 
     pub async fn start_with(config: Config, dir: tempfile::TempDir) -> Proxy {
+        init_test_logging();
         let server = start(config).await.expect("proxy starts");
         Proxy {
             https: server.https_addr,
@@ -411,4 +412,52 @@ pub async fn dead_address() -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     addr
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn free_port() -> u16 {
+    dead_address().await.port()
+}
+
+/// GET over HTTPS/1.1 with a given trust root; for test servers' management APIs.
+pub async fn https_get(
+    addr: SocketAddr,
+    sni: &str,
+    root: &std::path::Path,
+    path: &str,
+) -> std::io::Result<(StatusCode, String)> {
+    let mut client = Client::connect(addr, sni, root, &[b"http/1.1"]).await?;
+    let req = Request::builder()
+        .uri(path)
+        .header("host", sni)
+        .body(full(""))
+        .map_err(std::io::Error::other)?;
+    let response = client.send(req).await.map_err(std::io::Error::other)?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Logs from the proxy under test, shown for failing tests (`PORTCULLIS_LOG` filters, default warn).
+pub fn init_test_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }

@@ -1,0 +1,454 @@
+//! ACME against a real ACME server: Let's Encrypt's pebble (Debian package), with pebble-challtestsrv
+//! resolving every name to 127.0.0.1. Run with `--include-ignored` (scripts/test.sh installs pebble).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+use portcullis::config::Config;
+
+const DOMAIN: &str = "portcullis.test";
+const H2: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+struct Pebble {
+    dir: tempfile::TempDir,
+    _pebble: KillOnDrop,
+    _dns: KillOnDrop,
+    directory_url: String,
+    management: std::net::SocketAddr,
+}
+
+impl Pebble {
+    /// Starts challtestsrv and pebble validating against the proxy's ports (pebble ignores ports in
+    /// URLs and always dials these: acme-testing.md).
+    async fn start(http_port: u16, tls_port: u16, validity_secs: u64) -> Pebble {
+        init_test_logging();
+        for program in ["pebble", "pebble-challtestsrv"] {
+            assert!(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("command -v {program}"))
+                    .stdout(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success()),
+                "{program} is not installed: run scripts/test.sh (Debian package `pebble`)"
+            );
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        // pebble's own HTTPS certificate, from a throwaway CA the proxy is told to trust.
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().expect("key");
+        let leaf_params = rcgen::CertificateParams::new(vec![
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "::1".into(),
+        ])
+        .expect("params");
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf");
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).expect("write");
+        std::fs::write(dir.path().join("https-cert.pem"), leaf.pem()).expect("write");
+        std::fs::write(dir.path().join("https-key.pem"), leaf_key.serialize_pem()).expect("write");
+
+        let (listen, management, dns, dns_management) = (
+            free_port().await,
+            free_port().await,
+            free_port().await,
+            free_port().await,
+        );
+        let config = serde_json::json!({ "pebble": {
+            "listenAddress": format!("127.0.0.1:{listen}"),
+            "managementListenAddress": format!("127.0.0.1:{management}"),
+            "certificate": dir.path().join("https-cert.pem"),
+            "privateKey": dir.path().join("https-key.pem"),
+            "httpPort": http_port,
+            "tlsPort": tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+            "certificateValidityPeriod": validity_secs,
+        }});
+        std::fs::write(dir.path().join("pebble.json"), config.to_string()).expect("write");
+        let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
+
+        let dns_child = Command::new("pebble-challtestsrv")
+            .args([
+                "-dns01",
+                &format!("127.0.0.1:{dns}"),
+                "-management",
+                &format!("127.0.0.1:{dns_management}"),
+            ])
+            .args([
+                "-defaultIPv4",
+                "127.0.0.1",
+                "-defaultIPv6",
+                "",
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+            ])
+            .stdout(log("challtestsrv.log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pebble-challtestsrv");
+        let dns_child = KillOnDrop(dns_child);
+        let pebble_child = Command::new("pebble")
+            .arg("-config")
+            .arg(dir.path().join("pebble.json"))
+            .args(["-dnsserver", &format!("127.0.0.1:{dns}"), "-strict=false"])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env("PEBBLE_AUTHZREUSE", "0")
+            .stdout(log("pebble.log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pebble");
+        let pebble = Pebble {
+            _pebble: KillOnDrop(pebble_child),
+            _dns: dns_child,
+            directory_url: format!("https://127.0.0.1:{listen}/dir"),
+            management: format!("127.0.0.1:{management}").parse().expect("addr"),
+            dir,
+        };
+        let listen_addr = format!("127.0.0.1:{listen}").parse().expect("addr");
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Ok((StatusCode::OK, _)) =
+                https_get(listen_addr, "localhost", &pebble.ca(), "/dir").await
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pebble did not come up: {}",
+                pebble.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        pebble
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+
+    /// The root pebble issues under (new at every start), written to a file for the test client; it
+    /// outlives this pebble.
+    async fn issuing_root(&self, into: &Path) -> PathBuf {
+        let (status, pem) = https_get(self.management, "localhost", &self.ca(), "/roots/0")
+            .await
+            .expect("roots");
+        assert_eq!(status, StatusCode::OK);
+        let path = into.join("issuing-root.pem");
+        std::fs::write(&path, pem).expect("write root");
+        path
+    }
+}
+
+fn acme_config(
+    https: u16,
+    http: u16,
+    state: &Path,
+    pebble: &Pebble,
+    upstream: &Upstream,
+    challenge: &str,
+) -> Config {
+    let text = format!(
+        "[server]\nhttps = \"127.0.0.1:{https}\"\nhttp = \"127.0.0.1:{http}\"\ndomains = [\"{DOMAIN}\"]\nshutdown_grace = \"2s\"\n\
+         [tls]\nsource = \"acme\"\ndir = \"{}\"\n\
+         [acme]\ndirectory = \"{}\"\ndirectory_ca = \"{}\"\ncontact = [\"mailto:ops@portcullis.test\"]\nchallenge = \"{challenge}\"\n\
+         retry_base_delay = \"1s\"\nretry_max_delay = \"8s\"\nrenew_check_interval = \"1s\"\n\
+         [upstream]\nurl = \"http://{}\"\n",
+        state.display(),
+        pebble.directory_url,
+        pebble.ca().display(),
+        upstream.addr
+    );
+    Config::parse(&text, "acme-test", None).expect("valid config")
+}
+
+/// The serial of the certificate the proxy serves for DOMAIN, verified against `root`.
+async fn served_leaf(https: u16, root: &Path) -> std::io::Result<Vec<u8>> {
+    let addr = format!("127.0.0.1:{https}").parse().expect("addr");
+    let tls = tls_connect(addr, DOMAIN, root, H2).await?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec());
+    leaf.ok_or_else(|| std::io::Error::other("no certificate"))
+}
+
+async fn wait_for_certificate(https: u16, root: &Path, pebble: &Pebble) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(leaf) = served_leaf(https, root).await {
+            return leaf;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no certificate within 60s; pebble log:\n{}",
+            pebble.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn request_through(https: u16, root: &Path) -> StatusCode {
+    let addr = format!("127.0.0.1:{https}").parse().expect("addr");
+    let mut client = Client::connect(addr, DOMAIN, root, H2)
+        .await
+        .expect("connect");
+    let req = http::Request::builder()
+        .uri(format!("https://{DOMAIN}:{https}/echo"))
+        .body(full(""))
+        .expect("request");
+    client.fetch(req).await.0.status()
+}
+
+#[tokio::test]
+#[ignore = "needs pebble: run scripts/test.sh"]
+async fn tls_alpn_01_issues_persists_and_restarts_without_a_new_order() {
+    let (https, http) = (free_port().await, free_port().await);
+    let pebble = Pebble::start(http, https, 3600).await;
+    let upstream = Upstream::start().await;
+    let state = tempfile::tempdir().expect("state");
+    let config = acme_config(https, http, state.path(), &pebble, &upstream, "tls-alpn-01");
+    let server = portcullis::server::start(config.clone())
+        .await
+        .expect("start");
+    let root = pebble.issuing_root(state.path()).await;
+    let first = wait_for_certificate(https, &root, &pebble).await;
+    assert_eq!(request_through(https, &root).await, StatusCode::OK);
+
+    use std::os::unix::fs::PermissionsExt;
+    for (file, mode) in [("acme/key.pem", 0o600), ("acme/cert.pem", 0o644)] {
+        let meta =
+            std::fs::metadata(state.path().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
+    }
+    let accounts: Vec<_> = std::fs::read_dir(state.path().join("acme"))
+        .expect("acme dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("account-"))
+        .collect();
+    assert_eq!(accounts.len(), 1);
+    assert_eq!(
+        accounts[0].metadata().expect("meta").permissions().mode() & 0o777,
+        0o600
+    );
+    let status = server.acme_status.clone().expect("acme status");
+    assert_eq!(
+        status.snapshot().orders_placed,
+        1,
+        "{:?}",
+        status.snapshot()
+    );
+    server.shutdown();
+    tokio::time::timeout(LIMIT, server.wait())
+        .await
+        .expect("stops");
+
+    // Restart on the same state: the stored certificate is served at once and no order is placed.
+    let server = portcullis::server::start(config).await.expect("restart");
+    let again = served_leaf(https, &root)
+        .await
+        .expect("served immediately after restart");
+    assert_eq!(again, first, "same certificate, not a new one");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        server
+            .acme_status
+            .clone()
+            .expect("status")
+            .snapshot()
+            .orders_placed,
+        0
+    );
+    server.shutdown();
+    tokio::time::timeout(LIMIT, server.wait())
+        .await
+        .expect("stops");
+}
+
+#[tokio::test]
+#[ignore = "needs pebble: run scripts/test.sh"]
+async fn http_01_issues_a_certificate() {
+    let (https, http) = (free_port().await, free_port().await);
+    let pebble = Pebble::start(http, https, 3600).await;
+    let upstream = Upstream::start().await;
+    let state = tempfile::tempdir().expect("state");
+    let server = portcullis::server::start(acme_config(
+        https,
+        http,
+        state.path(),
+        &pebble,
+        &upstream,
+        "http-01",
+    ))
+    .await
+    .expect("start");
+    let root = pebble.issuing_root(state.path()).await;
+    wait_for_certificate(https, &root, &pebble).await;
+    assert_eq!(request_through(https, &root).await, StatusCode::OK);
+    let snapshot = server.acme_status.clone().expect("status").snapshot();
+    assert_eq!((snapshot.issued, snapshot.failures), (1, 0), "{snapshot:?}");
+    server.shutdown();
+    tokio::time::timeout(LIMIT, server.wait())
+        .await
+        .expect("stops");
+}
+
+#[tokio::test]
+#[ignore = "needs pebble: run scripts/test.sh"]
+async fn renewal_swaps_the_certificate_without_failing_a_request() {
+    let (https, http) = (free_port().await, free_port().await);
+    // 24-second certificates: renewal is due after about 16 seconds.
+    let pebble = Pebble::start(http, https, 24).await;
+    let upstream = Upstream::start().await;
+    let state = tempfile::tempdir().expect("state");
+    let server = portcullis::server::start(acme_config(
+        https,
+        http,
+        state.path(),
+        &pebble,
+        &upstream,
+        "tls-alpn-01",
+    ))
+    .await
+    .expect("start");
+    let root = pebble.issuing_root(state.path()).await;
+    let first = wait_for_certificate(https, &root, &pebble).await;
+
+    // One long-lived HTTP/2 connection keeps requesting across the swap; new connections watch for it.
+    let addr = format!("127.0.0.1:{https}").parse().expect("addr");
+    let mut steady = Client::connect(addr, DOMAIN, &root, H2)
+        .await
+        .expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut requests = 0;
+    let renewed = loop {
+        let req = http::Request::builder()
+            .uri(format!("https://{DOMAIN}:{https}/echo"))
+            .body(full(""))
+            .expect("request");
+        assert_eq!(
+            steady.fetch(req).await.0.status(),
+            StatusCode::OK,
+            "request {requests} failed"
+        );
+        requests += 1;
+        let leaf = served_leaf(https, &root)
+            .await
+            .expect("every handshake succeeds during renewal");
+        if leaf != first {
+            break leaf;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no renewal within 40s: {:?}",
+            server.acme_status.clone().map(|s| s.snapshot())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(renewed, first);
+    assert!(
+        requests > 10,
+        "the client kept requesting across the swap ({requests})"
+    );
+    assert_eq!(request_through(https, &root).await, StatusCode::OK);
+    let stored = std::fs::read_to_string(state.path().join("acme/cert.pem")).expect("stored chain");
+    let stored_leaf = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::pem_slice_iter(stored.as_bytes())
+            .next()
+            .expect("leaf")
+            .expect("pem")
+            .to_vec()
+    };
+    assert_eq!(
+        stored_leaf, renewed,
+        "the renewed certificate is the stored one"
+    );
+    server.shutdown();
+    tokio::time::timeout(LIMIT, server.wait())
+        .await
+        .expect("stops");
+}
+
+#[tokio::test]
+#[ignore = "needs pebble: run scripts/test.sh"]
+async fn acme_outage_keeps_the_old_certificate_and_backs_off() {
+    let (https, http) = (free_port().await, free_port().await);
+    // 36-second certificates: renewal is due after about 24 seconds, while the old one is still valid.
+    let pebble = Pebble::start(http, https, 36).await;
+    let upstream = Upstream::start().await;
+    let state = tempfile::tempdir().expect("state");
+    let server = portcullis::server::start(acme_config(
+        https,
+        http,
+        state.path(),
+        &pebble,
+        &upstream,
+        "tls-alpn-01",
+    ))
+    .await
+    .expect("start");
+    let root = pebble.issuing_root(state.path()).await;
+    let first = wait_for_certificate(https, &root, &pebble).await;
+    let issued_at = Instant::now();
+    drop(pebble); // the CA goes away
+
+    let status = server.acme_status.clone().expect("status");
+    let deadline = issued_at + Duration::from_secs(34);
+    loop {
+        let leaf = served_leaf(https, &root)
+            .await
+            .expect("the old certificate keeps serving");
+        assert_eq!(leaf, first);
+        assert_eq!(request_through(https, &root).await, StatusCode::OK);
+        if status.snapshot().failures >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected 3 failed renewals by now: {:?}",
+            status.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let snapshot = status.snapshot();
+    let gaps: Vec<Duration> = snapshot
+        .failed_at
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).unwrap_or_default())
+        .collect();
+    // Base 1s, doubling, ±20% jitter: about 1s then 2s.
+    assert!(
+        gaps[0] >= Duration::from_millis(700) && gaps[0] <= Duration::from_millis(1800),
+        "{gaps:?}"
+    );
+    assert!(
+        gaps[1] > gaps[0] && gaps[1] >= Duration::from_millis(1500),
+        "{gaps:?}"
+    );
+    assert!(snapshot.last_error.is_some());
+    server.shutdown();
+    tokio::time::timeout(LIMIT, server.wait())
+        .await
+        .expect("stops");
+}
