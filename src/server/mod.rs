@@ -2,6 +2,7 @@
 //! request, graceful shutdown and live reload. Everything a request needs is in one `Runtime`, swapped
 //! atomically on reload so a bad config never replaces a good one and no connection is dropped.
 
+mod connection;
 pub mod plain;
 
 use std::net::SocketAddr;
@@ -10,20 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 
 use crate::acme::{AcmeManager, AcmeStatus, Http01Tokens};
 use crate::config::{Config, ConfigError, Limits, TlsSource};
-use crate::context::ConnInfo;
 use crate::middleware::access_log::AccessLog;
 use crate::middleware::host::HostGuard;
 use crate::middleware::{
@@ -32,7 +29,7 @@ use crate::middleware::{
 };
 use crate::proxy::ProxyService;
 use crate::tls::local_ca::{self, LocalCa};
-use crate::tls::{ACME_TLS_ALPN, CertResolver, TlsError};
+use crate::tls::{CertResolver, TlsError};
 use plain::PlainHttpService;
 
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +175,6 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         tokens,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let graceful = Arc::new(GracefulShutdown::new());
     let permits = Arc::new(Semaphore::new(config.limits.max_connections));
 
     let mut loops = vec![tokio::spawn(accept_loop(
@@ -186,7 +182,6 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         Some(TlsAcceptor::from(tls_config)),
         shared.clone(),
         shutdown_rx.clone(),
-        graceful.clone(),
         permits.clone(),
     ))];
     if let Some(listener) = http_listener {
@@ -195,12 +190,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             None,
             shared.clone(),
             shutdown_rx.clone(),
-            graceful.clone(),
-            permits,
+            permits.clone(),
         )));
     }
     let grace = config.server.shutdown_grace;
-    let done = tokio::spawn(drain(loops, graceful, grace));
+    let done = tokio::spawn(drain(loops, permits, config.limits.max_connections, grace));
 
     tracing::info!(https = %https_addr, http = ?http_addr, upstream = %config.upstream.target.describe(), "portcullis is serving");
     Ok(RunningServer {
@@ -289,7 +283,6 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
-    graceful: Arc<GracefulShutdown>,
     permits: Arc<Semaphore>,
 ) {
     loop {
@@ -313,114 +306,31 @@ async fn accept_loop(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let watcher = graceful.watcher();
         let shared = shared.clone();
+        let stop = shutdown.clone();
         match &tls {
             Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    serve_tls(tcp, peer, acceptor, shared, watcher, permit).await;
-                });
+                tokio::spawn(connection::serve_tls(tcp, peer, acceptor.clone(), shared, stop, permit));
             }
             None => {
-                tokio::spawn(async move {
-                    serve_plain(tcp, peer, shared, watcher, permit).await;
-                });
+                tokio::spawn(connection::serve_plain(tcp, peer, shared, stop, permit));
             }
         }
     }
 }
 
-async fn serve_tls(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    watcher: hyper_util::server::graceful::Watcher,
-    _permit: OwnedSemaphorePermit,
-) {
-    let runtime = shared.current.load_full();
-    let stream = match tokio::time::timeout(
-        runtime.config.limits.handshake_timeout,
-        acceptor.accept(tcp),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    let (_, session) = stream.get_ref();
-    // RFC 8737 §3: the challenge handshake is the whole answer; no application data follows.
-    if session.alpn_protocol() == Some(ACME_TLS_ALPN) {
-        return;
-    }
-    let info = ConnInfo {
-        peer,
-        sni: session.server_name().map(Arc::from),
-        tls: true,
-    };
-    let service = service_fn(move |mut req: hyper::Request<Incoming>| {
-        req.extensions_mut().insert(info.clone());
-        shared.current.load().https.clone().oneshot(req)
-    });
-    let connection = runtime
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service);
-    if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
-    }
-}
-
-async fn serve_plain(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    watcher: hyper_util::server::graceful::Watcher,
-    _permit: OwnedSemaphorePermit,
-) {
-    let runtime = shared.current.load_full();
-    let info = ConnInfo {
-        peer,
-        sni: None,
-        tls: false,
-    };
-    let service = service_fn(move |mut req: hyper::Request<Incoming>| {
-        req.extensions_mut().insert(info.clone());
-        shared.current.load().plain.clone().oneshot(req)
-    });
-    let connection = runtime
-        .plain_builder
-        .serve_connection(TokioIo::new(tcp), service);
-    if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
-    }
-}
-
-/// After shutdown is signalled and the accept loops have stopped, waits for in-flight requests to finish,
-/// at most `grace`.
-async fn drain(loops: Vec<JoinHandle<()>>, graceful: Arc<GracefulShutdown>, grace: Duration) {
+/// After shutdown is signalled and the accept loops have stopped, waits for every connection to close
+/// (each finishes what is in flight), at most `grace`. Each open connection holds one permit.
+async fn drain(loops: Vec<JoinHandle<()>>, permits: Arc<Semaphore>, max_connections: usize, grace: Duration) {
     for accept in loops {
         let _ = accept.await;
     }
-    let Ok(graceful) = Arc::try_unwrap(graceful) else {
-        tracing::error!("graceful shutdown handle still shared; closing connections now");
-        return;
-    };
-    let open = graceful.count();
+    let open = max_connections - permits.available_permits();
     if open > 0 {
         tracing::info!(open, grace = ?grace, "waiting for open connections to finish");
     }
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, permits.acquire_many(all)).await.is_err() {
         tracing::warn!(grace = ?grace, "grace period over; closing the remaining connections");
     }
 }

@@ -1,0 +1,264 @@
+//! One client connection from accept to close: the TLS handshake (bounded in time), then hyper serving
+//! the tower stack, until the client is done, the connection idles past `limits.idle_timeout` with no
+//! request in flight, or the server shuts down (then in-flight requests finish first).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use pin_project_lite::pin_project;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use std::convert::Infallible;
+
+use super::{Runtime, Shared};
+use crate::context::ConnInfo;
+use crate::tls::ACME_TLS_ALPN;
+
+/// Requests in flight on one connection and when it last did anything, for the idle timeout.
+struct Activity {
+    started: Instant,
+    in_flight: AtomicUsize,
+    last_millis: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_millis: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_millis.store(now, Ordering::Relaxed);
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        InFlight(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let last = self.started + Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
+            let idle_since = last.elapsed();
+            if self.in_flight.load(Ordering::Relaxed) == 0 && idle_since >= timeout {
+                return;
+            }
+            tokio::time::sleep(timeout.saturating_sub(idle_since).max(Duration::from_millis(100))).await;
+        }
+    }
+}
+
+/// Held by a response body: the request counts as in flight until the body is finished or dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project! {
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _in_flight: InFlight,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for TrackedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pub async fn serve_tls(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let runtime = shared.current.load_full();
+    let stream = match tokio::time::timeout(runtime.config.limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = stream.get_ref();
+    // RFC 8737 §3: the challenge handshake is the whole answer; no application data follows.
+    if session.alpn_protocol() == Some(ACME_TLS_ALPN) {
+        return;
+    }
+    let info = ConnInfo {
+        peer,
+        sni: session.server_name().map(Arc::from),
+        tls: true,
+    };
+    let activity = Activity::new();
+    let service = tracked_service(info, shared, activity.clone(), |runtime| runtime.https.clone());
+    let connection = runtime
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+    drive(connection, peer, &activity, runtime.config.limits.idle_timeout, shutdown).await;
+}
+
+pub async fn serve_plain(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let runtime = shared.current.load_full();
+    let info = ConnInfo {
+        peer,
+        sni: None,
+        tls: false,
+    };
+    let activity = Activity::new();
+    let service = tracked_service(info, shared, activity.clone(), |runtime| runtime.plain.clone());
+    let connection = runtime
+        .plain_builder
+        .serve_connection(TokioIo::new(tcp), service);
+    drive(connection, peer, &activity, runtime.config.limits.idle_timeout, shutdown).await;
+}
+
+/// The hyper service for one connection: each request gets the connection's facts, runs through the
+/// current runtime's stack (a reload applies from the next request) and counts as in flight until its
+/// response body is done.
+fn tracked_service<S, B>(
+    info: ConnInfo,
+    shared: Arc<Shared>,
+    activity: Arc<Activity>,
+    stack_of: fn(&Runtime) -> S,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = hyper::Response<TrackedBody<B>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<hyper::Response<TrackedBody<B>>, Infallible>> + Send,
+> + Clone
+where
+    S: tower::Service<hyper::Request<Incoming>, Response = hyper::Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send,
+{
+    service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        let in_flight = activity.begin();
+        let stack = stack_of(&shared.current.load());
+        async move {
+            let response = stack.oneshot(req).await?;
+            Ok(response.map(|inner| TrackedBody {
+                inner,
+                _in_flight: in_flight,
+            }))
+        }
+    })
+}
+
+/// Both hyper connection types can be asked to finish what is in flight and close.
+pub trait GracefulConnection: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> {
+    fn begin_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, E, B> GracefulConnection for hyper_util::server::conn::auto::Connection<'_, I, S, E>
+where
+    Self: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn begin_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E, B> GracefulConnection for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
+where
+    Self: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn begin_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs a connection to completion; on idleness or server shutdown asks it to close after what is in
+/// flight (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`).
+async fn drive<C: GracefulConnection>(
+    connection: C,
+    peer: SocketAddr,
+    activity: &Activity,
+    idle_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut connection = std::pin::pin!(connection);
+    let idle = activity.idle_for(idle_timeout);
+    let mut idle = std::pin::pin!(idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.wait_for(|stop| *stop), if !closing => {
+                connection.as_mut().begin_shutdown();
+                closing = true;
+            }
+            _ = &mut idle, if !closing => {
+                tracing::debug!(%peer, "closing idle connection");
+                connection.as_mut().begin_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
