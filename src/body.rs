@@ -25,27 +25,38 @@ pub enum BodyError {
 }
 
 pin_project! {
-    /// A client's request body on its way upstream, streamed (never buffered whole) with a byte limit and
-    /// a deadline for the whole body, so a slow POST cannot hold a Gunicorn worker (slowloris on the body).
-    pub struct RequestBody {
-        #[pin]
-        inner: Incoming,
-        remaining: u64,
-        limit: u64,
-        timeout: Duration,
-        // Started at the first poll: GETs and bodies that arrive at once never allocate a timer.
-        deadline: Option<Pin<Box<Sleep>>>,
+    /// A client's request body on its way upstream: either read completely before the upstream is
+    /// contacted (small bodies, so a slow client never holds a Gunicorn worker, as nginx's request
+    /// buffering does), or streamed with a byte limit and a deadline for the whole body.
+    #[project = RequestBodyProj]
+    pub enum RequestBody {
+        Buffered { data: Option<Bytes> },
+        Streaming {
+            #[pin]
+            inner: Incoming,
+            remaining: u64,
+            limit: u64,
+            timeout: Duration,
+            // Started at the first poll that has to wait: bodies that arrive at once never allocate a timer.
+            deadline: Option<Pin<Box<Sleep>>>,
+        },
     }
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64, timeout: Duration) -> Self {
-        RequestBody {
+    pub fn streaming(inner: Incoming, limit: u64, timeout: Duration) -> Self {
+        RequestBody::Streaming {
             inner,
             remaining: limit,
             limit,
             timeout,
             deadline: None,
+        }
+    }
+
+    pub fn buffered(data: Bytes) -> Self {
+        RequestBody::Buffered {
+            data: (!data.is_empty()).then_some(data),
         }
     }
 }
@@ -58,25 +69,35 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let (inner, remaining, limit, timeout, deadline) = match self.project() {
+            RequestBodyProj::Buffered { data } => {
+                return Poll::Ready(data.take().map(|d| Ok(Frame::data(d))));
+            }
+            RequestBodyProj::Streaming {
+                inner,
+                remaining,
+                limit,
+                timeout,
+                deadline,
+            } => (inner, remaining, limit, timeout, deadline),
+        };
+        match inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
-                    if len > *this.remaining {
-                        return Poll::Ready(Some(Err(BodyError::TooLarge(*this.limit))));
+                    if len > *remaining {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(*limit))));
                     }
-                    *this.remaining -= len;
+                    *remaining -= len;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e)))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                let timeout = *this.timeout;
-                let deadline = this
-                    .deadline
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                let timeout = *timeout;
+                let deadline =
+                    deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 ready!(deadline.as_mut().poll(cx));
                 Poll::Ready(Some(Err(BodyError::TimedOut(timeout))))
             }
@@ -84,11 +105,19 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match self {
+            RequestBody::Buffered { data } => data.is_none(),
+            RequestBody::Streaming { inner, .. } => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self {
+            RequestBody::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestBody::Streaming { inner, .. } => inner.size_hint(),
+        }
     }
 }
 

@@ -268,6 +268,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_body: u64,
+    /// Request bodies with a declared length up to this are read whole before the upstream sees the
+    /// request: a slow client then costs a Gunicorn worker nothing.
+    pub buffer_body: u64,
     pub max_connections: usize,
     pub h2_max_concurrent_streams: u32,
     pub h2_max_pending_resets: usize,
@@ -910,6 +913,7 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
             .max_body
             .map(|b| b.0)
             .unwrap_or(DJANGO_DATA_UPLOAD_MAX_MEMORY_SIZE),
+        buffer_body: l.buffer_body.map(|b| b.0).unwrap_or(65_536),
         max_connections: l.max_connections.unwrap_or(10_000),
         h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128),
         h2_max_pending_resets: l.h2_max_pending_resets.unwrap_or(20),

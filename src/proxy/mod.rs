@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use http::header::CONTENT_LENGTH;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tower::Service;
@@ -40,6 +42,8 @@ struct Shared {
     forwarding: ForwardingPolicy,
     response_timeout: Duration,
     max_body: u64,
+    /// Bodies declared up to this size are read whole before the upstream is contacted.
+    buffer_body: u64,
     body_timeout: Duration,
 }
 
@@ -58,6 +62,7 @@ impl ProxyService {
                 },
                 response_timeout: config.upstream.response_timeout,
                 max_body: config.limits.max_body,
+                buffer_body: config.limits.buffer_body,
                 body_timeout: config.limits.body_timeout,
             }),
         }
@@ -102,7 +107,7 @@ impl Shared {
                 "request target is not a path",
             );
         };
-        match content_length(&req) {
+        let declared_length = match content_length(&req) {
             Err(()) => {
                 return error_page(
                     StatusCode::BAD_REQUEST,
@@ -117,8 +122,8 @@ impl Shared {
                     "request body over limits.max_body",
                 );
             }
-            Ok(_) => {}
-        }
+            Ok(len) => len,
+        };
 
         let upgrade = websocket_upgrade(req.headers(), req.version());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -141,8 +146,29 @@ impl Shared {
                 "request target is not a path",
             );
         };
-        let mut upstream_req =
-            Request::new(RequestBody::new(body, self.max_body, self.body_timeout));
+        let body = match declared_length {
+            Some(len) if len <= self.buffer_body && !body.is_end_stream() => {
+                match tokio::time::timeout(self.body_timeout, body.collect()).await {
+                    Ok(Ok(collected)) => RequestBody::buffered(collected.to_bytes()),
+                    Ok(Err(_)) => {
+                        return error_page(
+                            StatusCode::BAD_REQUEST,
+                            Blame::Client,
+                            "request body aborted",
+                        );
+                    }
+                    Err(_) => {
+                        return error_page(
+                            StatusCode::REQUEST_TIMEOUT,
+                            Blame::Client,
+                            "request body too slow",
+                        );
+                    }
+                }
+            }
+            _ => RequestBody::streaming(body, self.max_body, self.body_timeout),
+        };
+        let mut upstream_req = Request::new(body);
         *upstream_req.method_mut() = parts.method;
         *upstream_req.uri_mut() = uri;
         *upstream_req.version_mut() = Version::HTTP_11;

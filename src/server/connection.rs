@@ -57,12 +57,18 @@ impl Activity {
     /// Resolves once the connection has had no request in flight for `timeout`.
     async fn idle_for(&self, timeout: Duration) {
         loop {
-            let last = self.started + Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
+            let last =
+                self.started + Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
             let idle_since = last.elapsed();
             if self.in_flight.load(Ordering::Relaxed) == 0 && idle_since >= timeout {
                 return;
             }
-            tokio::time::sleep(timeout.saturating_sub(idle_since).max(Duration::from_millis(100))).await;
+            tokio::time::sleep(
+                timeout
+                    .saturating_sub(idle_since)
+                    .max(Duration::from_millis(100)),
+            )
+            .await;
         }
     }
 }
@@ -89,7 +95,10 @@ impl<B: Body<Data = Bytes>> Body for TrackedBody<B> {
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         self.project().inner.poll_frame(cx)
     }
 
@@ -111,7 +120,12 @@ pub async fn serve_tls(
     _permit: OwnedSemaphorePermit,
 ) {
     let runtime = shared.current.load_full();
-    let stream = match tokio::time::timeout(runtime.config.limits.handshake_timeout, acceptor.accept(tcp)).await {
+    let stream = match tokio::time::timeout(
+        runtime.config.limits.handshake_timeout,
+        acceptor.accept(tcp),
+    )
+    .await
+    {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -133,11 +147,20 @@ pub async fn serve_tls(
         tls: true,
     };
     let activity = Activity::new();
-    let service = tracked_service(info, shared, activity.clone(), |runtime| runtime.https.clone());
+    let service = tracked_service(info, shared, activity.clone(), |runtime| {
+        runtime.https.clone()
+    });
     let connection = runtime
         .builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service);
-    drive(connection, peer, &activity, runtime.config.limits.idle_timeout, shutdown).await;
+    drive(
+        connection,
+        peer,
+        &activity,
+        runtime.config.limits.idle_timeout,
+        shutdown,
+    )
+    .await;
 }
 
 pub async fn serve_plain(
@@ -154,11 +177,20 @@ pub async fn serve_plain(
         tls: false,
     };
     let activity = Activity::new();
-    let service = tracked_service(info, shared, activity.clone(), |runtime| runtime.plain.clone());
+    let service = tracked_service(info, shared, activity.clone(), |runtime| {
+        runtime.plain.clone()
+    });
     let connection = runtime
         .plain_builder
         .serve_connection(TokioIo::new(tcp), service);
-    drive(connection, peer, &activity, runtime.config.limits.idle_timeout, shutdown).await;
+    drive(
+        connection,
+        peer,
+        &activity,
+        runtime.config.limits.idle_timeout,
+        shutdown,
+    )
+    .await;
 }
 
 /// The hyper service for one connection: each request gets the connection's facts, runs through the
@@ -176,7 +208,9 @@ fn tracked_service<S, B>(
     Future = impl Future<Output = Result<hyper::Response<TrackedBody<B>>, Infallible>> + Send,
 > + Clone
 where
-    S: tower::Service<hyper::Request<Incoming>, Response = hyper::Response<B>, Error = Infallible> + Send + 'static,
+    S: tower::Service<hyper::Request<Incoming>, Response = hyper::Response<B>, Error = Infallible>
+        + Send
+        + 'static,
     S::Future: Send,
     B: Body<Data = Bytes> + Send,
 {
@@ -195,7 +229,9 @@ where
 }
 
 /// Both hyper connection types can be asked to finish what is in flight and close.
-pub trait GracefulConnection: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> {
+pub trait GracefulConnection:
+    Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
+{
     fn begin_shutdown(self: Pin<&mut Self>);
 }
 
@@ -214,7 +250,8 @@ where
     }
 }
 
-impl<I, S, E, B> GracefulConnection for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
+impl<I, S, E, B> GracefulConnection
+    for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
 where
     Self: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
     S: hyper::service::HttpService<Incoming, ResBody = B>,

@@ -310,7 +310,14 @@ async fn accept_loop(
         let stop = shutdown.clone();
         match &tls {
             Some(acceptor) => {
-                tokio::spawn(connection::serve_tls(tcp, peer, acceptor.clone(), shared, stop, permit));
+                tokio::spawn(connection::serve_tls(
+                    tcp,
+                    peer,
+                    acceptor.clone(),
+                    shared,
+                    stop,
+                    permit,
+                ));
             }
             None => {
                 tokio::spawn(connection::serve_plain(tcp, peer, shared, stop, permit));
@@ -321,7 +328,12 @@ async fn accept_loop(
 
 /// After shutdown is signalled and the accept loops have stopped, waits for every connection to close
 /// (each finishes what is in flight), at most `grace`. Each open connection holds one permit.
-async fn drain(loops: Vec<JoinHandle<()>>, permits: Arc<Semaphore>, max_connections: usize, grace: Duration) {
+async fn drain(
+    loops: Vec<JoinHandle<()>>,
+    permits: Arc<Semaphore>,
+    max_connections: usize,
+    grace: Duration,
+) {
     for accept in loops {
         let _ = accept.await;
     }
@@ -330,7 +342,10 @@ async fn drain(loops: Vec<JoinHandle<()>>, permits: Arc<Semaphore>, max_connecti
         tracing::info!(open, grace = ?grace, "waiting for open connections to finish");
     }
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(grace, permits.acquire_many(all)).await.is_err() {
+    if tokio::time::timeout(grace, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
         tracing::warn!(grace = ?grace, "grace period over; closing the remaining connections");
     }
 }
