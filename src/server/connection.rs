@@ -25,6 +25,7 @@ use std::convert::Infallible;
 
 use super::{Runtime, Shared};
 use crate::context::ConnInfo;
+use crate::response::{Blame, ProxyFailure};
 use crate::tls::ACME_TLS_ALPN;
 
 /// Requests in flight on one connection and when it last did anything, for the idle timeout.
@@ -218,8 +219,20 @@ where
         req.extensions_mut().insert(info.clone());
         let in_flight = activity.begin();
         let stack = stack_of(&shared.current.load());
+        let http1 = req.version() < http::Version::HTTP_2;
         async move {
-            let response = stack.oneshot(req).await?;
+            let mut response = stack.oneshot(req).await?;
+            // After a refused request the rest of an HTTP/1.x connection cannot be trusted (framing, an
+            // unread body): close it. An HTTP/2 stream error leaves the connection sound.
+            let refused = response
+                .extensions()
+                .get::<ProxyFailure>()
+                .is_some_and(|f| f.blame == Blame::Client);
+            if http1 && refused {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
             Ok(response.map(|inner| TrackedBody {
                 inner,
                 _in_flight: in_flight,
