@@ -25,36 +25,102 @@ async fn smuggling_and_malformed_http1_requests_are_refused_before_the_upstream(
     let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
     let host = format!("localhost:{}", proxy.https.port());
     let cases: Vec<(&str, String)> = vec![
-        ("two different Content-Lengths", format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde")),
-        ("Content-Length list", format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4, 4\r\n\r\nabcd")),
-        ("signed Content-Length", format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: +4\r\n\r\nabcd")),
-        ("obs-fold", format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nX-Folded: a\r\n b\r\n\r\n")),
-        ("space before colon", format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nX-Bad : a\r\n\r\n")),
-        ("space in header name", format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nX Bad: a\r\n\r\n")),
-        ("NUL in header value", format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nX-Bad: a\0b\r\n\r\n")),
-        ("bare CR in header value", format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nX-Bad: a\rb\r\n\r\n")),
-        ("TE not ending in chunked", format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n")),
-        ("unknown TE", format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n")),
-        ("bad chunk size", format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")),
-        ("duplicate Host", format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nHost: evil.com\r\n\r\n")),
-        ("missing Host", "GET /echo HTTP/1.1\r\nX-A: b\r\n\r\n".to_string()),
-        ("absolute-form against Host", format!("GET https://evil.com/echo HTTP/1.1\r\nHost: {host}\r\n\r\n")),
-        ("userinfo in Host", format!("GET /echo HTTP/1.1\r\nHost: user@{host}\r\n\r\n")),
-        ("asterisk-form", format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\n\r\n")),
-        ("CONNECT", format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n")),
+        (
+            "two different Content-Lengths",
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"
+            ),
+        ),
+        (
+            "Content-Length list",
+            format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4, 4\r\n\r\nabcd"),
+        ),
+        (
+            "signed Content-Length",
+            format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: +4\r\n\r\nabcd"),
+        ),
+        (
+            "obs-fold",
+            format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nX-Folded: a\r\n b\r\n\r\n"),
+        ),
+        (
+            "space before colon",
+            format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nX-Bad : a\r\n\r\n"),
+        ),
+        (
+            "space in header name",
+            format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nX Bad: a\r\n\r\n"),
+        ),
+        (
+            "NUL in header value",
+            format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nX-Bad: a\0b\r\n\r\n"),
+        ),
+        (
+            "bare CR in header value",
+            format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nX-Bad: a\rb\r\n\r\n"),
+        ),
+        (
+            "TE not ending in chunked",
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "unknown TE",
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "bad chunk size",
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "duplicate Host",
+            format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nHost: evil.com\r\n\r\n"),
+        ),
+        (
+            "missing Host",
+            "GET /echo HTTP/1.1\r\nX-A: b\r\n\r\n".to_string(),
+        ),
+        (
+            "absolute-form against Host",
+            format!("GET https://evil.com/echo HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        ),
+        (
+            "userinfo in Host",
+            format!("GET /echo HTTP/1.1\r\nHost: user@{host}\r\n\r\n"),
+        ),
+        (
+            "asterisk-form",
+            format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        ),
+        (
+            "CONNECT",
+            format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        ),
     ];
     let mut report = Vec::new();
     let mut failures = Vec::new();
     for (name, payload) in &cases {
         let raw = raw_tls_exchange(proxy.https, &proxy.root, payload.as_bytes()).await;
         let status = status_of(&raw);
-        report.push(format!("{name}: {}", raw.lines().next().unwrap_or("<connection closed>")));
+        report.push(format!(
+            "{name}: {}",
+            raw.lines().next().unwrap_or("<connection closed>")
+        ));
         if !matches!(status, Some(400..=499 | 501)) {
             failures.push(name);
         }
     }
     assert!(failures.is_empty(), "accepted: {failures:?}\n{report:#?}");
-    assert_eq!(upstream.count(), 0, "nothing ambiguous reached the upstream: {report:#?}");
+    assert_eq!(
+        upstream.count(),
+        0,
+        "nothing ambiguous reached the upstream: {report:#?}"
+    );
     proxy.stop().await;
 }
 
@@ -73,14 +139,438 @@ async fn framing_hyper_normalises_reaches_the_upstream_unambiguous() {
     );
     let raw = raw_tls_exchange(proxy.https, &proxy.root, payload.as_bytes()).await;
     assert_eq!(status_of(&raw), Some(200), "{raw}");
-    assert!(raw.ends_with("\r\n\r\n5"), "the upstream read the chunked body (5 bytes), not 3: {raw}");
-    assert!(started.elapsed() < Duration::from_secs(4), "the connection was closed after the response");
+    assert!(
+        raw.ends_with("\r\n\r\n5"),
+        "the upstream read the chunked body (5 bytes), not 3: {raw}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the connection was closed after the response"
+    );
 
-    let payload = format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd");
+    let payload = format!(
+        "POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd"
+    );
     let raw = raw_tls_exchange(proxy.https, &proxy.root, payload.as_bytes()).await;
     assert_eq!(status_of(&raw), Some(200), "{raw}");
     let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
-    assert_eq!(echoed(&echoed_headers(body), "content-length"), ["4"], "{body}");
+    assert_eq!(
+        echoed(&echoed_headers(body), "content-length"),
+        ["4"],
+        "{body}"
+    );
     assert_eq!(upstream.count(), 2);
+    proxy.stop().await;
+}
+
+type HeaderPair<'a> = (&'a [u8], &'a [u8]);
+
+/// A minimal HTTP/2 client speaking raw frames, for requests the h2 crate would refuse to send.
+mod raw_h2 {
+    use super::*;
+
+    fn literal(block: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+        // HPACK literal header field without indexing, new name, no Huffman (RFC 7541 §6.2.2).
+        assert!(name.len() < 127 && value.len() < 127);
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value);
+    }
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// What the server did with one request: `Err` names a reset/GOAWAY, `Ok` the first header byte.
+    pub async fn send(proxy: &Proxy, headers: &[(&[u8], &[u8])]) -> Result<u8, String> {
+        let mut tls = tls_connect(proxy.https, "localhost", &proxy.root, &[b"h2"])
+            .await
+            .expect("connect");
+        let mut block = Vec::new();
+        for (name, value) in headers {
+            literal(&mut block, name, value);
+        }
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(4, 0, 0, &[]));
+        out.extend(frame(1, 0x5, 1, &block));
+        tls.write_all(&out).await.expect("write");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = Vec::new();
+        loop {
+            while buf.len() >= 9 {
+                let len =
+                    (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, stream) = (
+                    buf[3],
+                    u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff,
+                );
+                let payload = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                match (kind, stream) {
+                    (3, 1) => {
+                        return Err(format!(
+                            "RST_STREAM code {}",
+                            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                        ));
+                    }
+                    (7, _) => {
+                        return Err(format!(
+                            "GOAWAY code {}",
+                            u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])
+                        ));
+                    }
+                    (1, 1) => return Ok(payload.first().copied().unwrap_or_default()),
+                    (4, 0) if buf.is_empty() => {
+                        let _ = tls.write_all(&frame(4, 0x1, 0, &[])).await;
+                    }
+                    _ => {}
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let read = tokio::time::timeout_at(deadline.into(), tls.read(&mut chunk)).await;
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return Err("connection closed".into()),
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) => return Err("no answer within 5s".into()),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_http2_requests_are_refused_before_the_upstream() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let authority = format!("localhost:{}", proxy.https.port());
+    let base: Vec<(&[u8], &[u8])> = vec![
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", authority.as_bytes()),
+        (b":path", b"/echo"),
+    ];
+    // Sanity: the same framing without the fault is answered 200 (HPACK static index 8).
+    assert_eq!(raw_h2::send(&proxy, &base).await, Ok(0x88));
+    let faults: Vec<(&str, HeaderPair)> = vec![
+        ("CR LF in a value", (b"x-bad", b"a\r\nx-injected: 1")),
+        ("NUL in a value", (b"x-bad", b"a\0b")),
+        ("Transfer-Encoding", (b"transfer-encoding", b"chunked")),
+        ("TE other than trailers", (b"te", b"gzip")),
+        ("Connection", (b"connection", b"keep-alive")),
+        ("uppercase name", (b"X-Bad", b"1")),
+    ];
+    for (name, fault) in faults {
+        let mut headers = base.clone();
+        headers.push(fault);
+        let outcome = raw_h2::send(&proxy, &headers).await;
+        // Refused: a stream reset, a GOAWAY, or a 400 (HPACK static index 12).
+        assert!(
+            matches!(outcome, Err(_) | Ok(0x8c)),
+            "{name}: accepted ({outcome:?})"
+        );
+    }
+    assert_eq!(
+        upstream.count(),
+        1,
+        "only the sanity request reached the upstream"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_request_heads_get_431() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let host = format!("localhost:{}", proxy.https.port());
+    let big = format!(
+        "GET /echo HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let raw = raw_tls_exchange(proxy.https, &proxy.root, big.as_bytes()).await;
+    assert_eq!(status_of(&raw), Some(431), "{raw}");
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let raw = raw_tls_exchange(
+        proxy.https,
+        &proxy.root,
+        format!("GET /echo HTTP/1.1\r\nHost: {host}\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&raw), Some(431), "{raw}");
+
+    let mut client = proxy.client(H2).await;
+    let req = request("GET", "/echo", proxy.https.port())
+        .header("x-big", "a".repeat(20_000))
+        .body(full(""))
+        .expect("request");
+    let refused = client.send(req).await;
+    assert!(
+        refused.as_ref().map_or(true, |r| r.status()
+            == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        "{refused:?}"
+    );
+    assert_eq!(upstream.count(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_and_truncated_tls_only_close_that_connection() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(
+        &format!("http://{}", upstream.addr),
+        "[limits]\nhandshake_timeout = \"1s\"\n",
+    )
+    .await;
+    let hello_prefix = [
+        0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    let payloads: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
+        vec![0xff; 4096],
+        hello_prefix.to_vec(),
+        vec![0x16, 0x03, 0x03, 0xff, 0xff, 0x01],
+        Vec::new(),
+    ];
+    for payload in payloads {
+        let mut tcp = TcpStream::connect(proxy.https).await.expect("connect");
+        let _ = tcp.write_all(&payload).await;
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "closed within the handshake timeout");
+        assert!(
+            !String::from_utf8_lossy(&sink).contains("HTTP/1.1"),
+            "no HTTP answer on a TLS port"
+        );
+    }
+    assert!(
+        tls_connect(proxy.https, "unknown.example", &proxy.root, H2)
+            .await
+            .is_err()
+    );
+    let mut client = proxy.client(H2).await;
+    assert_eq!(
+        client.get("/echo", proxy.https.port()).await.0.status(),
+        StatusCode::OK
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_crowd_is_cut_off_while_honest_clients_are_served() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(
+        &format!("http://{}", upstream.addr),
+        "[limits]\nheader_read_timeout = \"2s\"\nhandshake_timeout = \"2s\"\nidle_timeout = \"2s\"\n",
+    )
+    .await;
+    let port = proxy.https.port();
+    let started = Instant::now();
+    // 200 clients that finish TLS and then trickle a header line every 500ms, never ending the head.
+    let cut_off = Arc::new(AtomicUsize::new(0));
+    let mut crowd = Vec::new();
+    for _ in 0..200 {
+        let (addr, root, cut_off) = (proxy.https, proxy.root.clone(), cut_off.clone());
+        crowd.push(tokio::spawn(async move {
+            let Ok(mut tls) = tls_connect(addr, "localhost", &root, H1).await else {
+                return;
+            };
+            let _ = tls
+                .write_all(format!("GET /echo HTTP/1.1\r\nHost: localhost:{port}\r\n").as_bytes())
+                .await;
+            for i in 0..40 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if tls
+                    .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                let mut probe = [0u8; 512];
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(1), tls.read(&mut probe)).await
+                {
+                    if n == 0 || probe.starts_with(b"HTTP/1.1 408") {
+                        break;
+                    }
+                }
+            }
+            cut_off.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    // 100 TCP connections that never even start TLS.
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(TcpStream::connect(proxy.https).await.expect("connect"));
+    }
+    // Meanwhile honest clients are answered, on new connections and on a kept-alive one.
+    let mut honest = proxy.client(H2).await;
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        assert_eq!(honest.get("/echo", port).await.0.status(), StatusCode::OK);
+        let mut fresh = proxy.client(H1).await;
+        assert_eq!(fresh.get("/echo", port).await.0.status(), StatusCode::OK);
+        answered += 2;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for task in crowd {
+        tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("slow client cut off in time")
+            .expect("task");
+    }
+    assert_eq!(cut_off.load(Ordering::SeqCst), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "cut at the header timeout, not at the end of their trickle"
+    );
+    for mut tcp in silent {
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut sink)).await;
+        assert!(
+            closed.is_ok(),
+            "a silent connection is closed at the handshake timeout"
+        );
+    }
+    assert_eq!(
+        upstream.count(),
+        answered,
+        "only honest requests reached the upstream, each once"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(
+        &format!("http://{}", upstream.addr),
+        "[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"1s\"\n",
+    )
+    .await;
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        assert_eq!(
+            client.get("/echo", proxy.https.port()).await.0.status(),
+            StatusCode::OK
+        );
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let req = request("GET", "/echo", proxy.https.port())
+            .body(full(""))
+            .expect("request");
+        let after_idle = tokio::time::timeout(LIMIT, async {
+            match &mut client.sender {
+                Sender::H1(s) => s.ready().await.and(Ok(())).map(|_| s.is_closed()),
+                Sender::H2(s) => s.ready().await.map(|_| s.is_closed()),
+            }
+        })
+        .await
+        .expect("in time");
+        assert!(
+            after_idle.map_or(true, |closed| closed),
+            "idle {alpn:?} connection still open"
+        );
+        drop(req);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn slow_small_post_is_refused_without_reaching_the_upstream() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(
+        &format!("http://{}", upstream.addr),
+        "[limits]\nbody_timeout = \"1s\"\n",
+    )
+    .await;
+    let host = format!("localhost:{}", proxy.https.port());
+    let mut tls = tls_connect(proxy.https, "localhost", &proxy.root, H1)
+        .await
+        .expect("connect");
+    tls.write_all(
+        format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100\r\n\r\nusername=adm")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut out = Vec::new();
+    let started = Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let raw = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&raw), Some(408), "{raw}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        upstream.count(),
+        0,
+        "a Gunicorn worker never waited for this body"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_killed_and_restarted_under_load() {
+    // The upstream's port is fixed so it can come back where the proxy expects it.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let first = Upstream::serve(listener);
+    let first_requests = first.requests.clone();
+    let proxy = Proxy::start(&format!("http://{addr}"), "").await;
+    let port = proxy.https.port();
+
+    let ok = Arc::new(AtomicUsize::new(0));
+    let bad_gateway = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (ok, bad_gateway, stop) = (ok.clone(), bad_gateway.clone(), stop.clone());
+        let mut client = proxy.client(H2).await;
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let (response, _) = client.get("/echo", port).await;
+                match response.status() {
+                    StatusCode::OK => ok.fetch_add(1, Ordering::SeqCst),
+                    StatusCode::BAD_GATEWAY => bad_gateway.fetch_add(1, Ordering::SeqCst),
+                    other => panic!("unexpected status {other}"),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let served_by_first = {
+        drop(first); // the upstream dies mid-load
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ok.load(Ordering::SeqCst)
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gone = bad_gateway.load(Ordering::SeqCst);
+    assert!(gone > 0, "requests while the upstream is down get 502");
+    let second = Upstream::serve(TcpListener::bind(addr).await.expect("rebind the same port"));
+    let ok_before_restart = ok.load(Ordering::SeqCst);
+    let deadline = Instant::now() + LIMIT;
+    while ok.load(Ordering::SeqCst) < ok_before_restart + 50 {
+        assert!(
+            Instant::now() < deadline,
+            "back to normal on its own after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for task in load {
+        tokio::time::timeout(LIMIT, task)
+            .await
+            .expect("load stops")
+            .expect("no unexpected status");
+    }
+    // Every 200 was exactly one upstream request: none lost, none sent twice.
+    assert!(served_by_first > 0);
+    let upstream_requests = first_requests.load(Ordering::SeqCst) + second.count();
+    assert_eq!(upstream_requests, ok.load(Ordering::SeqCst));
     proxy.stop().await;
 }

@@ -229,9 +229,10 @@ where
                 .get::<ProxyFailure>()
                 .is_some_and(|f| f.blame == Blame::Client);
             if http1 && refused {
-                response
-                    .headers_mut()
-                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
             }
             Ok(response.map(|inner| TrackedBody {
                 inner,

@@ -58,12 +58,15 @@ impl Upstream {
         let requests = Arc::new(AtomicUsize::new(0));
         let counter = requests.clone();
         let task = tokio::spawn(async move {
+            // Connections live in this set: aborting the accept task kills them too, like a dead process.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let counter = counter.clone();
-                tokio::spawn(async move {
+                while connections.try_join_next().is_some() {}
+                connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
                         upstream_handler(req)
