@@ -26,7 +26,7 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
+    #[error("{path}:{message}")]
     Parse { path: String, message: String },
     #[error("{path}{}: `{key}`: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Invalid {
@@ -301,9 +301,18 @@ impl Config {
     /// Parses and validates `text`. `origin` names the file in errors; relative paths in the file are
     /// resolved against `base_dir` (the file's folder) so the proxy behaves the same from any working dir.
     pub fn parse(text: &str, origin: &str, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: e.to_string().trim_end().to_string(),
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // One line, like the validation errors: `file:line:column: message`.
+            let at = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("{line}:{column}: ")
+            });
+            ConfigError::Parse {
+                path: origin.to_string(),
+                message: format!("{}{}", at.unwrap_or_default(), e.message().trim_end()),
+            }
         })?;
         let ctx = Ctx {
             origin,

@@ -1,0 +1,189 @@
+//! The `portcullis` binary as an operator runs it: `check` on good and bad configs, `run` with SIGHUP
+//! reloads (a broken config is refused and the old one keeps serving) and SIGTERM draining in-flight work.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+fn config_text(dir: &std::path::Path, upstream: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "[server]\nhttps = \"127.0.0.1:0\"\ndomains = [\"localhost\"]\nshutdown_grace = \"5s\"\n\
+         [tls]\nsource = \"local\"\ndir = \"{}\"\n[upstream]\nurl = \"http://{upstream}\"\n{extra}",
+        dir.join("state").display()
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_configs_and_names_the_key_and_line_of_a_mistake() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for file in ["config/portcullis.toml", "config/production.example.toml"] {
+        let out = Command::new(BIN)
+            .args(["check", "--config", &format!("{root}/{file}")])
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\ndomains = [\"a.example\"]\n\n[upstream]\nurl = \"http://127.0.0.1:8000\"\ntimeout = \"5s\"\n")
+        .expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml:6:1: unknown field `timeout`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("connect_timeout"),
+        "says what is allowed: {stderr}"
+    );
+}
+
+struct Running {
+    child: KillOnDrop,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    fn start(config: &std::path::Path) -> Running {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start portcullis");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log").push(line);
+            }
+        });
+        Running {
+            child: KillOnDrop(child),
+            log,
+        }
+    }
+
+    async fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(line) = self
+                .log
+                .lock()
+                .expect("log")
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?}: {:#?}",
+                self.log.lock().expect("log")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.0.id().to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_good_configs_refuses_broken_ones_and_sigterm_drains() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, config_text(dir.path(), upstream.addr, "")).expect("write");
+    let mut proxy = Running::start(&config);
+    let line = proxy.wait_for_log("portcullis is serving").await;
+    let https: std::net::SocketAddr = line
+        .split("https=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line}"));
+    let root = dir.path().join("state/local/root.crt");
+    let mut client = Client::connect(https, "localhost", &root, &[b"h2"])
+        .await
+        .expect("connect");
+    let (response, _) = client.get("/echo", https.port()).await;
+    assert_eq!(response.headers()["x-frame-options"], "DENY");
+
+    // A broken config: refused, logged, and the old one keeps serving.
+    std::fs::write(
+        &config,
+        config_text(
+            dir.path(),
+            upstream.addr,
+            "[headers]\nx_frame_option = \"x\"\n",
+        ),
+    )
+    .expect("write");
+    proxy.signal("HUP");
+    let refused = proxy.wait_for_log("reload rejected").await;
+    assert!(refused.contains("x_frame_option"), "{refused}");
+    let (response, _) = client.get("/echo", https.port()).await;
+    assert_eq!(response.headers()["x-frame-options"], "DENY");
+
+    // A good one: applied to the next request on the same connection.
+    std::fs::write(
+        &config,
+        config_text(
+            dir.path(),
+            upstream.addr,
+            "[headers.x_frame_options]\nvalue = \"SAMEORIGIN\"\n",
+        ),
+    )
+    .expect("write");
+    proxy.signal("HUP");
+    proxy.wait_for_log("config reloaded").await;
+    let (response, _) = client.get("/echo", https.port()).await;
+    assert_eq!(response.headers()["x-frame-options"], "SAMEORIGIN");
+
+    // SIGTERM with a request in flight: it completes, then the process exits 0.
+    let port = https.port();
+    let in_flight = tokio::spawn(async move { client.get("/hold", port).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal("TERM");
+    let (response, body) = tokio::time::timeout(LIMIT, in_flight)
+        .await
+        .expect("in time")
+        .expect("task");
+    assert_eq!((response.status(), body.as_str()), (StatusCode::OK, "held"));
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = proxy.child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "exits after draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    proxy.wait_for_log("stopped").await;
+}
