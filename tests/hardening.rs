@@ -591,7 +591,7 @@ async fn upstream_reset_mid_response_aborts_only_that_response() {
                     let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
                 } else {
                     let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789").await;
-                    let _ = tcp.set_linger(Some(Duration::ZERO));
+                    let _ = tcp.set_zero_linger();
                 }
                 drop(tcp);
             });
