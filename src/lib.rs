@@ -5,6 +5,8 @@ pub mod acme;
 pub mod body;
 pub mod config;
 pub mod context;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod middleware;
 pub mod proxy;
 pub mod response;

@@ -582,15 +582,21 @@ async fn upstream_reset_mid_response_aborts_only_that_response() {
     let addr = listener.local_addr().expect("addr");
     let resets = tokio::spawn(async move {
         loop {
-            let Ok((mut tcp, _)) = listener.accept().await else { continue };
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let mut head = vec![0u8; 4096];
                 let _ = tcp.read(&mut head).await;
                 let path_is_ok = head.starts_with(b"GET /ok ");
                 if path_is_ok {
-                    let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
                 } else {
-                    let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789").await;
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789")
+                        .await;
                     let _ = tcp.set_zero_linger();
                 }
                 drop(tcp);
@@ -602,12 +608,24 @@ async fn upstream_reset_mid_response_aborts_only_that_response() {
     for alpn in [H1, H2] {
         let mut client = proxy.client(alpn).await;
         let response = client
-            .send(request("GET", "/partial", port).body(full("")).expect("request"))
+            .send(
+                request("GET", "/partial", port)
+                    .body(full(""))
+                    .expect("request"),
+            )
             .await
             .expect("headers arrive");
         assert_eq!(response.status(), StatusCode::OK);
-        let body = tokio::time::timeout(LIMIT, http_body_util::BodyExt::collect(response.into_body())).await.expect("in time");
-        assert!(body.is_err(), "the client sees an aborted body, not a short one passed off as complete");
+        let body = tokio::time::timeout(
+            LIMIT,
+            http_body_util::BodyExt::collect(response.into_body()),
+        )
+        .await
+        .expect("in time");
+        assert!(
+            body.is_err(),
+            "the client sees an aborted body, not a short one passed off as complete"
+        );
         // Other requests, on new connections, are unaffected.
         let mut other = proxy.client(alpn).await;
         let (response, body) = other.get("/ok", port).await;

@@ -105,7 +105,10 @@ impl PlainHttpService {
 
 /// `https://host[:port]/path?query` for a host already checked against the allowlist.
 pub fn https_location(host: &str, port: u16, path_and_query: &str) -> Option<HeaderValue> {
-    if !path_and_query.starts_with('/') {
+    // Only a valid origin-form target (RFC 9112 §3.2.1) goes into the Location.
+    let valid = path_and_query.starts_with('/')
+        && path_and_query.parse::<http::uri::PathAndQuery>().is_ok();
+    if !valid {
         return None;
     }
     let mut location = String::with_capacity(16 + host.len() + path_and_query.len());
@@ -121,7 +124,14 @@ pub fn https_location(host: &str, port: u16, path_and_query: &str) -> Option<Hea
         location.push(':');
         location.push_str(&port.to_string());
     }
-    location.push_str(path_and_query);
+    // hyper passes raw non-ASCII bytes in targets through; a Location is ASCII, so percent-encode them.
+    for byte in path_and_query.bytes() {
+        if byte.is_ascii() {
+            location.push(char::from(byte));
+        } else {
+            location.push_str(&format!("%{byte:02X}"));
+        }
+    }
     HeaderValue::from_str(&location).ok()
 }
 
@@ -191,6 +201,11 @@ mod tests {
             "https://example.com//evil.com/x"
         );
         assert!(https_location("example.com", 443, "evil.com").is_none());
+        assert!(https_location("example.com", 443, "/a\tb").is_none());
+        assert_eq!(
+            https_location("example.com", 443, "/caf\u{e9}?q=\u{e9}").expect("location"),
+            "https://example.com/caf%C3%A9?q=%C3%A9"
+        );
     }
 
     #[test]

@@ -1,0 +1,143 @@
+//! Properties checked on arbitrary input, shared by the `fuzz/` targets (libFuzzer, long runs) and the
+//! bounded random run in `tests/fuzz_smoke.rs` (every `cargo test`). Each function panics on a violation.
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Version};
+
+use crate::config::{Config, CookiePolicy, Domains, SameSite};
+use crate::middleware::cookies::harden_set_cookie;
+use crate::middleware::host::{check_host, host_of};
+use crate::proxy::headers::{ForwardingPolicy, remove_hop_by_hop};
+use crate::server::plain::https_location;
+
+/// Hardening a Set-Cookie only appends, yields a valid header value, and is idempotent.
+pub fn set_cookie(data: &[u8]) {
+    let Ok(original) = HeaderValue::from_bytes(data) else {
+        return;
+    };
+    let policy = CookiePolicy {
+        secure: true,
+        http_only: true,
+        same_site: Some(SameSite::Lax),
+        http_only_exempt: vec!["csrftoken".into()],
+    };
+    let Some(hardened) = harden_set_cookie(original.as_bytes(), &policy) else {
+        return;
+    };
+    // Only trailing separators (`;` and white space) may be dropped before the appended attributes.
+    let mut kept = original.as_bytes();
+    while let [rest @ .., last] = kept
+        && (*last == b';' || last.is_ascii_whitespace())
+    {
+        kept = rest;
+    }
+    assert!(
+        hardened.as_bytes().starts_with(kept),
+        "hardening must only append: {original:?} -> {hardened:?}"
+    );
+    assert!(
+        harden_set_cookie(hardened.as_bytes(), &policy).is_none(),
+        "hardening must be idempotent: {hardened:?}"
+    );
+}
+
+/// Splits fuzz input into header fields (`name:value` per line) for a request.
+fn headers_from(data: &[u8]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for line in data.split(|&b| b == b'\n') {
+        let mut parts = line.splitn(2, |&b| b == b':');
+        let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
+            headers.append(name, value);
+        }
+    }
+    headers
+}
+
+/// After the request rewrite no hop-by-hop or client-supplied connection claim survives, and the
+/// forwarded headers describe the real connection.
+pub fn request_headers(data: &[u8]) {
+    let mut headers = headers_from(data);
+    remove_hop_by_hop(&mut headers);
+    ForwardingPolicy::default().set_forwarded_headers(
+        &mut headers,
+        std::net::Ipv4Addr::new(192, 0, 2, 7).into(),
+        true,
+    );
+    for name in [
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "forwarded",
+        "x-forwarded-ssl",
+    ] {
+        assert!(!headers.contains_key(name), "{name} survived");
+    }
+    assert_eq!(headers.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
+    assert_eq!(headers["x-forwarded-proto"], "https");
+}
+
+/// The Host guard never lets a foreign host through, and a redirect built from what it accepted points
+/// at that same host over HTTPS (no open redirect).
+pub fn host_and_redirect(data: &[u8]) {
+    let domains = Domains::new(vec![
+        "example.com".into(),
+        "www.example.com".into(),
+        "::1".into(),
+    ]);
+    let (host, path) = match data.iter().position(|&b| b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &b"/"[..]),
+    };
+    let Ok(host_value) = HeaderValue::from_bytes(host) else {
+        return;
+    };
+    let Ok(mut req) = Request::builder()
+        .version(Version::HTTP_11)
+        .uri("/")
+        .body(())
+    else {
+        return;
+    };
+    req.headers_mut()
+        .insert(http::header::HOST, host_value.clone());
+    if check_host(&mut req, &domains, None).is_err() {
+        return;
+    }
+    let authority: http::uri::Authority = host_value
+        .to_str()
+        .ok()
+        .and_then(|h| h.parse().ok())
+        .expect("an accepted Host is an authority");
+    let name = host_of(&authority);
+    assert!(domains.contains(name), "accepted a foreign host {name:?}");
+    let Ok(path) = std::str::from_utf8(path) else {
+        return;
+    };
+    if let Some(location) = https_location(name, 8443, path) {
+        let location = location.to_str().expect("ASCII location");
+        let uri: http::Uri = location.parse().expect("the redirect is a valid URI");
+        assert_eq!(uri.scheme_str(), Some("https"));
+        assert_eq!(
+            uri.host().map(|h| h.trim_matches(['[', ']'])),
+            Some(name),
+            "redirect left the host: {location}"
+        );
+    }
+}
+
+/// Any text either parses into a valid config or gives an error that names the file; never a panic.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Err(error) = Config::parse(text, "fuzz.toml", None) {
+        assert!(error.to_string().starts_with("fuzz.toml"), "{error}");
+    }
+}

@@ -1,0 +1,153 @@
+//! A bounded random run of the fuzz properties on every `cargo test`: seed inputs, then random mutations
+//! of them for a fixed time per target. The same properties run for longer under libFuzzer in `fuzz/`.
+
+use std::time::{Duration, Instant};
+
+use portcullis::fuzzing;
+
+const BUDGET: Duration = Duration::from_millis(1500);
+
+/// xorshift64*: deterministic, so a failure reproduces with the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+const INTERESTING: &[&[u8]] = &[
+    b";",
+    b"=",
+    b",",
+    b" ",
+    b"\t",
+    b"\r",
+    b"\n",
+    b"\0",
+    b":",
+    b"[",
+    b"]",
+    b"@",
+    b"/",
+    b"%",
+    b"\xff",
+    b"Secure",
+    b"HttpOnly",
+    b"SameSite=None",
+    b"csrftoken",
+    b"Expires=Wed, 21 Oct 2026 07:28:00 GMT",
+];
+
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut data = seed.to_vec();
+    for _ in 0..=rng.below(4) {
+        match rng.below(4) {
+            0 if !data.is_empty() => {
+                let i = rng.below(data.len());
+                data[i] = rng.next() as u8;
+            }
+            1 => {
+                let token = INTERESTING[rng.below(INTERESTING.len())];
+                let at = rng.below(data.len() + 1);
+                data.splice(at..at, token.iter().copied());
+            }
+            2 if !data.is_empty() => {
+                let at = rng.below(data.len());
+                let len = rng.below(data.len() - at + 1);
+                data.drain(at..at + len);
+            }
+            _ => {
+                let extra: Vec<u8> = (0..rng.below(16)).map(|_| rng.next() as u8).collect();
+                data.extend(extra);
+            }
+        }
+    }
+    data
+}
+
+fn run(name: &str, seeds: &[&[u8]], property: fn(&[u8])) {
+    let mut rng = Rng(0x5eed_0000_0000_0001 ^ name.len() as u64);
+    for seed in seeds {
+        property(seed);
+    }
+    let started = Instant::now();
+    let mut runs = 0u64;
+    while started.elapsed() < BUDGET {
+        let seed = seeds[rng.below(seeds.len())];
+        let input = mutate(&mut rng, seed);
+        let outcome = std::panic::catch_unwind(|| property(&input));
+        assert!(
+            outcome.is_ok(),
+            "{name}: property failed for input {:?}",
+            String::from_utf8_lossy(&input)
+        );
+        runs += 1;
+    }
+    println!("{name}: {runs} inputs");
+    assert!(runs > 100, "{name}: too few inputs ran ({runs})");
+}
+
+#[test]
+fn set_cookie_rewrite() {
+    run(
+        "set_cookie",
+        &[
+            b"sessionid=abc; Path=/",
+            b"csrftoken=x; expires=Wed, 21 Oct 2026 07:28:00 GMT; Max-Age=31449600; Path=/; SameSite=Lax",
+            b"a=b; secure; HTTPONLY; samesite=strict",
+            b"a=b; SameSite=None",
+            b"a=b; Path=/;  ;",
+            b"",
+        ],
+        fuzzing::set_cookie,
+    );
+}
+
+#[test]
+fn forwarded_and_hop_by_hop_rewrite() {
+    run(
+        "request_headers",
+        &[
+            b"connection:keep-alive, x-a\nx-a:1\nx-forwarded-for:6.6.6.6\nx-forwarded-proto:http",
+            b"te:trailers\nupgrade:h2c\nforwarded:for=1.2.3.4\nx-forwarded-ssl:on\nhost:example.com",
+            b"connection:host, x-forwarded-for\nx-forwarded-host:evil",
+        ],
+        fuzzing::request_headers,
+    );
+}
+
+#[test]
+fn host_check_and_redirect() {
+    run(
+        "host_and_redirect",
+        &[
+            b"example.com\n/a?b=c",
+            b"EXAMPLE.com:8080\n//evil.com",
+            b"[::1]:80\n/",
+            b"evil.com\n/",
+            b"example.com.\n/x",
+        ],
+        fuzzing::host_and_redirect,
+    );
+}
+
+#[test]
+fn config_parsing() {
+    run(
+        "config",
+        &[
+            include_bytes!("../config/production.example.toml"),
+            include_bytes!("../config/portcullis.toml"),
+            b"[server]\ndomains = [\"a.example\"]\n[upstream]\nurl = \"unix:/run/g.sock\"\n[limits]\nmax_body = \"2.5MB\"\n",
+        ],
+        fuzzing::config,
+    );
+}
