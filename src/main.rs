@@ -57,11 +57,16 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(config.server.workers)
-                .enable_all()
-                .build()
-            {
+            // One worker: a current-thread runtime, with no work-stealing scheduler between the tasks of a
+            // request (client connection, upstream connection) that wake each other constantly.
+            let mut builder = if config.server.workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(config.server.workers);
+                builder
+            };
+            let runtime = match builder.enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("error: cannot start the async runtime: {e}");

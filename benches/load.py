@@ -1,0 +1,410 @@
+#!/usr/bin/env python3
+"""Side-by-side load benchmark on loopback: portcullis, nginx, HAProxy and Caddy as TLS-terminating
+proxies in front of the same cheap upstream (examples/bench_upstream.rs), each adding the same security
+headers and cookie flags (checked before timing). Run through benches/load.sh, which installs the tools
+and builds the binaries. Writes a Markdown report to stdout and JSON next to it.
+
+Method (see BENCHMARKS.md): proxy pinned to core 0 with one worker, load generator and upstream on core 1;
+rounds interleave the contenders; per contender the median over rounds, and the ratio to nginx paired per
+round (this machine is noisy: ratios, not absolutes)."""
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM_PORT = 18080
+GUNICORN_PORT = 18081
+PROXY_CORE = "0"
+LOAD_CORE = "1"
+
+HEADERS = {
+    "strict-transport-security": "max-age=31536000; includeSubDomains",
+    "content-security-policy": "default-src 'self'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'; object-src 'none'",
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+    "permissions-policy": "accelerometer=(), camera=(), geolocation=(), gyroscope=(), magnetometer=(), microphone=(), payment=(), usb=()",
+    "cross-origin-opener-policy": "same-origin",
+}
+COOKIE_FLAGS = ("secure", "httponly", "samesite=lax")
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def make_cert(tmp: Path, kind: str):
+    key, cert = tmp / f"{kind}.key", tmp / f"{kind}.crt"
+    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"] if kind == "ecdsa" else ["-newkey", "rsa:2048"]
+    run(["openssl", "req", "-x509", "-nodes", *newkey, "-keyout", str(key), "-out", str(cert), "-days", "2",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"])
+    (tmp / f"{kind}.pem").write_text(cert.read_text() + key.read_text())
+    return cert, key
+
+
+def process_tree(pid):
+    pids, frontier = [pid], [pid]
+    while frontier:
+        children = []
+        for p in frontier:
+            try:
+                children += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+            except OSError:
+                pass
+        pids += children
+        frontier = children
+    return pids
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_kib(pid):
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def wait_port(port, timeout=15):
+    import socket
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Contender:
+    def __init__(self, name, port, tmp):
+        self.name, self.port, self.tmp, self.proc = name, port, tmp, None
+
+    def start(self, cert, key, pem):
+        cmd, env = self.command(cert, key, pem)
+        log = open(self.tmp / f"{self.name}.log", "w")
+        self.proc = subprocess.Popen(["taskset", "-c", PROXY_CORE, *cmd], stdout=log, stderr=log,
+                                     env={**os.environ, **env}, start_new_session=True)
+        wait_port(self.port)
+        time.sleep(0.3)
+
+    def stop(self):
+        if self.proc:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            self.proc = None
+
+
+class Portcullis(Contender):
+    def __init__(self, port, tmp, workers=1):
+        super().__init__("portcullis" if workers == 1 else f"portcullis-{workers}w", port, tmp)
+        self.workers = workers
+
+    def command(self, cert, key, pem):
+        conf = self.tmp / f"{self.name}.toml"
+        conf.write_text(f"""
+[server]
+https = "127.0.0.1:{self.port}"
+domains = ["localhost", "127.0.0.1"]
+workers = {self.workers}
+[tls]
+source = "files"
+cert = "{cert}"
+key = "{key}"
+dir = "{self.tmp}/state"
+[upstream]
+url = "http://127.0.0.1:{UPSTREAM_PORT}"
+[limits]
+max_connections = 20000
+[log]
+access = false
+level = "warn"
+""")
+        return [str(ROOT / "target/release/portcullis"), "run", "--config", str(conf)], {}
+
+
+class Nginx(Contender):
+    def command(self, cert, key, pem):
+        prefix = self.tmp / "nginx"
+        prefix.mkdir(exist_ok=True)
+        adds = "\n".join(f'      add_header {k} "{v}" always;' for k, v in HEADERS.items())
+        (prefix / "nginx.conf").write_text(f"""
+user root;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  server_tokens off;
+  keepalive_requests 1000000;
+  client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+  upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{self.port} ssl http2;
+    server_name localhost;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_ciphers ECDHE+AESGCM:ECDHE+CHACHA20;
+    ssl_session_cache shared:SSL:10m;
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header X-Forwarded-Proto https;
+      proxy_set_header X-Forwarded-Host $http_host;
+      proxy_hide_header X-Powered-By;
+      proxy_cookie_flags ~ secure httponly samesite=lax;
+{adds}
+    }}
+  }}
+}}
+""")
+        return ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"], {}
+
+
+class HAProxy(Contender):
+    def command(self, cert, key, pem):
+        sets = "\n".join(f'  http-response set-header {k} "{v}"' for k, v in HEADERS.items())
+        conf = self.tmp / "haproxy.cfg"
+        conf.write_text(f"""
+global
+  nbthread 1
+  maxconn 8000
+  ssl-default-bind-ciphers ECDHE+AESGCM:ECDHE+CHACHA20
+  ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{self.port} ssl crt {pem} alpn h2,http/1.1
+  option forwardfor
+  http-request set-header X-Forwarded-Proto https
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-response del-header Server
+  http-response del-header X-Powered-By
+{sets}
+  http-response replace-header Set-Cookie (.*) "\\1; Secure; HttpOnly; SameSite=Lax"
+  default_backend be
+backend be
+  http-reuse always
+  server app 127.0.0.1:{UPSTREAM_PORT}
+""")
+        return ["haproxy", "-f", str(conf), "-db"], {}
+
+
+class Caddy(Contender):
+    def command(self, cert, key, pem):
+        hdrs = "\n".join(f'    {k} "{v}"' for k, v in HEADERS.items())
+        conf = self.tmp / "Caddyfile"
+        conf.write_text(f"""{{
+  admin off
+  auto_https off
+  servers {{
+    protocols h1 h2
+  }}
+}}
+https://localhost:{self.port} {{
+  tls {cert} {key}
+  header {{
+{hdrs}
+    -Server
+  }}
+  reverse_proxy 127.0.0.1:{UPSTREAM_PORT} {{
+    header_down Set-Cookie "^(.*)$" "$1; Secure; HttpOnly; SameSite=Lax"
+    header_down -X-Powered-By
+  }}
+}}
+""")
+        return ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"], {"GOMAXPROCS": "1", "HOME": str(self.tmp)}
+
+
+def verify(contender):
+    """The peer must add the same headers and cookie flags before its numbers mean anything."""
+    out = run(["curl", "-sk", "--http2", "-D", "-", "-o", "/dev/null", f"https://localhost:{contender.port}/"]).stdout.lower()
+    missing = [h for h in HEADERS if f"\n{h}:" not in out]
+    cookie = next((l for l in out.splitlines() if l.startswith("set-cookie:")), "")
+    missing += [f"cookie {f}" for f in COOKIE_FLAGS if f not in cookie.replace(" ", "")]
+    leaks = [h for h in ("x-powered-by",) if f"\n{h}:" in out]
+    server = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("server:")), None)
+    return {"missing": missing, "leaks": leaks, "server_header": server, "h2": out.startswith("http/2")}
+
+
+def wrk(port, seconds, connections, close=False):
+    cmd = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    out = run(cmd + [f"https://localhost:{port}/" if port != UPSTREAM_PORT else f"http://127.0.0.1:{port}/"]).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+
+    def pct(p):
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    return {"rps": rps, "requests": total, "p50_ms": pct(50), "p99_ms": pct(99), "errors": errors + non2xx}
+
+
+def full_handshakes(port, seconds):
+    """A new TLS connection each time, never a resumed session, no request (`openssl s_time -new`): what
+    a full handshake costs the server. s_time sends no SNI, so portcullis also serves 127.0.0.1 here.
+    One connection at a time, so latency is the inverse of the rate."""
+    cmd = ["taskset", "-c", LOAD_CORE, "openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new",
+           "-time", str(seconds)]
+    out = run(cmd).stdout
+    m = re.search(r"(\d+) connections in ([\d.]+) real seconds", out)
+    count, secs = int(m.group(1)), float(m.group(2))
+    mean_ms = secs / max(count, 1) * 1000
+    return {"rps": count / secs, "requests": count, "p50_ms": mean_ms, "p99_ms": float("nan"), "errors": 0}
+
+
+def h2load(port, seconds, tmp):
+    log = tmp / "h2load.log"
+    cmd = ["taskset", "-c", LOAD_CORE, "h2load", "-c16", "-m8", "-D", str(seconds), "--warm-up-time=1",
+           f"--log-file={log}", f"https://localhost:{port}/"]
+    out = run(cmd).stdout
+    rps = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out).group(1))
+    succeeded = int(re.search(r"(\d+) succeeded", out).group(1))
+    failed = int(re.search(r"(\d+) failed", out).group(1))
+    times = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.split("\t")[1] == "200")
+    q = lambda p: times[min(len(times) - 1, int(len(times) * p))] / 1000 if times else float("nan")
+    return {"rps": rps, "requests": succeeded, "p50_ms": q(0.50), "p99_ms": q(0.99), "errors": failed}
+
+
+def measure(contender, mode, seconds, tmp):
+    pid = contender.proc.pid
+    before = cpu_seconds(pid)
+    if mode == "h1":
+        result = wrk(contender.port, seconds, 64)
+    elif mode == "h2":
+        result = h2load(contender.port, seconds, tmp)
+    else:
+        result = full_handshakes(contender.port, seconds)
+    used = cpu_seconds(pid) - before
+    result["cpu_us_per_req"] = used / max(result["requests"], 1) * 1e6
+    result["peak_rss_mib"] = peak_rss_kib(pid) / 1024
+    return result
+
+
+def median(values):
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--only", help="comma-separated contenders")
+    parser.add_argument("--json", type=Path, default=ROOT / "target/bench-load.json")
+    args = parser.parse_args()
+
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    tmp = Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
+    certs = {kind: make_cert(tmp, kind) for kind in ("ecdsa", "rsa")}
+    upstream = subprocess.Popen(["taskset", "-c", LOAD_CORE, str(ROOT / "target/release/examples/bench_upstream"), str(UPSTREAM_PORT)])
+    wait_port(UPSTREAM_PORT)
+    contenders = [Portcullis(19443, tmp), Nginx("nginx", 19444, tmp), HAProxy("haproxy", 19445, tmp),
+                  Caddy("caddy", 19446, tmp), Portcullis(19447, tmp, workers=2)]
+    if args.only:
+        keep = set(args.only.split(","))
+        contenders = [c for c in contenders if c.name in keep or (c.name == "nginx")]
+    modes = [("h1", "ecdsa"), ("h2", "ecdsa"), ("handshake-ecdsa", "ecdsa"), ("handshake-rsa", "rsa")]
+    results = {m: {c.name: [] for c in contenders} for m, _ in modes}
+    checks = {}
+    ceiling = []
+    try:
+        for c in contenders:
+            cert, key = certs["ecdsa"]
+            c.start(cert, key, tmp / "ecdsa.pem")
+            checks[c.name] = verify(c)
+            c.stop()
+            print(f"check {c.name}: {checks[c.name]}", file=sys.stderr)
+        for rnd in range(args.rounds):
+            ceiling.append(wrk(UPSTREAM_PORT, args.seconds, 64))
+            for mode, kind in modes:
+                order = contenders if rnd % 2 == 0 else list(reversed(contenders))
+                for c in order:
+                    cert, key = certs[kind]
+                    c.start(cert, key, tmp / f"{kind}.pem")
+                    try:
+                        r = measure(c, mode, args.seconds, tmp)
+                    finally:
+                        c.stop()
+                    results[mode][c.name].append(r)
+                    print(f"round {rnd + 1} {mode:16} {c.name:14} {r['rps']:9.0f} req/s p50 {r['p50_ms']:.2f}ms "
+                          f"p99 {r['p99_ms']:.2f}ms cpu {r['cpu_us_per_req']:.1f}us/req rss {r['peak_rss_mib']:.1f}MiB "
+                          f"errors {r['errors']}", file=sys.stderr)
+    finally:
+        for c in contenders:
+            c.stop()
+        upstream.terminate()
+        upstream.wait()
+
+    args.json.write_text(json.dumps({"checks": checks, "results": results, "ceiling": ceiling}, indent=1))
+    report(results, checks, ceiling, args)
+
+
+def report(results, checks, ceiling, args):
+    print(f"Rounds: {args.rounds} × {args.seconds}s per test; proxy on core {PROXY_CORE} (one worker unless "
+          f"named), load generator and upstream on core {LOAD_CORE}.\n")
+    print(f"Upstream direct (plain HTTP/1.1, the ceiling): {median([r['rps'] for r in ceiling]):.0f} req/s.\n")
+    for mode in results:
+        print(f"### {mode}\n")
+        print("| proxy | req/s | × nginx | p50 ms | p99 ms | CPU µs/req | × nginx | peak RSS MiB | errors |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        base = results[mode].get("nginx", [])
+        for name, runs in results[mode].items():
+            ratio = lambda key: median([r[key] / b[key] for r, b in zip(runs, base) if b[key]])
+            print(f"| {name} | {median([r['rps'] for r in runs]):.0f} | {ratio('rps'):.2f} | "
+                  f"{median([r['p50_ms'] for r in runs]):.2f} | {median([r['p99_ms'] for r in runs]):.2f} | "
+                  f"{median([r['cpu_us_per_req'] for r in runs]):.1f} | {ratio('cpu_us_per_req'):.2f} | "
+                  f"{max(r['peak_rss_mib'] for r in runs):.1f} | {sum(r['errors'] for r in runs)} |")
+        print()
+    print("Output checks (same headers and cookie flags on every contender):\n")
+    for name, check in checks.items():
+        print(f"- {name}: missing {check['missing'] or 'none'}; Server header: {check['server_header'] or 'none'}; "
+              f"HTTP/2: {check['h2']}")
+
+
+if __name__ == "__main__":
+    main()

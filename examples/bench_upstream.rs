@@ -1,0 +1,63 @@
+//! A cheap, fixed upstream for the load benchmarks (benches/load.py): every request gets the same ~1 KB
+//! HTML page and one bare `Set-Cookie`, so the proxy's own cost dominates what is measured.
+//! Usage: bench_upstream [PORT] (default 18080), serving on 127.0.0.1 with one runtime thread.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{CONTENT_TYPE, SET_COOKIE};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+fn page() -> Bytes {
+    let mut html = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>bench</title></head><body>",
+    );
+    while html.len() < 1000 {
+        html.push_str("<p>portcullis benchmark page: a fixed body of about one kilobyte.</p>");
+    }
+    html.push_str("</body></html>\n");
+    Bytes::from(html)
+}
+
+fn main() -> std::io::Result<()> {
+    let port: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(18080);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let body = page();
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let body = body.clone();
+                        async move {
+                            let mut response = Response::new(Full::new(body));
+                            let headers = response.headers_mut();
+                            headers.insert(
+                                CONTENT_TYPE,
+                                "text/html; charset=utf-8".parse().expect("static"),
+                            );
+                            headers.insert(
+                                SET_COOKIE,
+                                "sessionid=abc123; Path=/".parse().expect("static"),
+                            );
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
