@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The side-by-side load benchmark in one command on a fresh Debian machine: installs the contenders and
+# load generators, builds portcullis and the bench upstream, runs benches/load.py (rounds interleaved)
+# and writes the report to target/bench-report.md. Usage: benches/load.sh [--rounds N] [--seconds S]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+for tool in nginx:nginx haproxy:haproxy caddy:caddy wrk:wrk h2load:nghttp2-client openssl:openssl curl:curl taskset:util-linux; do
+  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+done
+if ((${#need[@]})); then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release --locked --bin portcullis --example bench_upstream
+python3 benches/load.py "$@" | tee target/bench-report.md
