@@ -13,14 +13,18 @@ use portcullis::proxy::headers::{ForwardingPolicy, remove_hop_by_hop};
 use portcullis::server::plain::https_location;
 
 fn config() -> Config {
-    let text = "[server]\ndomains = [\"example.com\"]\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n";
+    let text =
+        "[server]\ndomains = [\"example.com\"]\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n";
     Config::parse(text, "bench", None).expect("valid")
 }
 
 /// What Gunicorn + Django typically send back.
 fn django_response_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert("content-type", HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     h.insert("content-length", HeaderValue::from_static("1024"));
     h.insert("server", HeaderValue::from_static("gunicorn"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
@@ -33,11 +37,26 @@ fn django_response_headers() -> HeaderMap {
 fn browser_request_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("host", HeaderValue::from_static("example.com"));
-    h.insert("user-agent", HeaderValue::from_static("Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0"));
-    h.insert("accept", HeaderValue::from_static("text/html,application/xhtml+xml"));
-    h.insert("accept-language", HeaderValue::from_static("en-US,en;q=0.5"));
-    h.insert("accept-encoding", HeaderValue::from_static("gzip, deflate, br"));
-    h.insert("cookie", HeaderValue::from_static("csrftoken=abcdef; sessionid=0123456789"));
+    h.insert(
+        "user-agent",
+        HeaderValue::from_static("Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0"),
+    );
+    h.insert(
+        "accept",
+        HeaderValue::from_static("text/html,application/xhtml+xml"),
+    );
+    h.insert(
+        "accept-language",
+        HeaderValue::from_static("en-US,en;q=0.5"),
+    );
+    h.insert(
+        "accept-encoding",
+        HeaderValue::from_static("gzip, deflate, br"),
+    );
+    h.insert(
+        "cookie",
+        HeaderValue::from_static("csrftoken=abcdef; sessionid=0123456789"),
+    );
     h.insert("connection", HeaderValue::from_static("keep-alive"));
     h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
     h
@@ -48,12 +67,20 @@ fn benches(c: &mut Criterion) {
     let https = SecurityHeaderPolicy::for_https(&config.headers);
     let response = django_response_headers();
     c.bench_function("security_headers/apply", |b| {
-        b.iter_batched_ref(|| response.clone(), |h| https.apply(black_box(h)), criterion::BatchSize::SmallInput)
+        b.iter_batched_ref(
+            || response.clone(),
+            |h| https.apply(black_box(h)),
+            criterion::BatchSize::SmallInput,
+        )
     });
 
     let cookies = CookieHardening::new(config.cookies.clone());
     c.bench_function("cookies/rewrite_response", |b| {
-        b.iter_batched_ref(|| response.clone(), |h| cookies.rewrite(black_box(h)), criterion::BatchSize::SmallInput)
+        b.iter_batched_ref(
+            || response.clone(),
+            |h| cookies.rewrite(black_box(h)),
+            criterion::BatchSize::SmallInput,
+        )
     });
     let policy = CookiePolicy {
         secure: true,
@@ -62,7 +89,12 @@ fn benches(c: &mut Criterion) {
         http_only_exempt: vec!["csrftoken".into()],
     };
     c.bench_function("cookies/harden_one", |b| {
-        b.iter(|| harden_set_cookie(black_box(b"sessionid=0123456789abcdef; Max-Age=1209600; Path=/"), &policy))
+        b.iter(|| {
+            harden_set_cookie(
+                black_box(b"sessionid=0123456789abcdef; Max-Age=1209600; Path=/"),
+                &policy,
+            )
+        })
     });
 
     let forwarding = ForwardingPolicy::default();
@@ -80,7 +112,13 @@ fn benches(c: &mut Criterion) {
     });
 
     c.bench_function("redirect/location", |b| {
-        b.iter(|| https_location(black_box("example.com"), 443, black_box("/accounts/login/?next=/admin/")))
+        b.iter(|| {
+            https_location(
+                black_box("example.com"),
+                443,
+                black_box("/accounts/login/?next=/admin/"),
+            )
+        })
     });
 }
 

@@ -3,6 +3,7 @@
 //! a header Django already chose is never sent twice.
 
 use http::HeaderMap;
+use http::header::Entry;
 
 use super::HeaderRewrite;
 use crate::config::{HeaderMode, HeaderRule, SecurityHeaders};
@@ -45,8 +46,8 @@ impl SecurityHeaderPolicy {
                     headers.insert(rule.name.clone(), rule.value.clone());
                 }
                 HeaderMode::IfAbsent => {
-                    if !headers.contains_key(&rule.name) {
-                        headers.insert(rule.name.clone(), rule.value.clone());
+                    if let Entry::Vacant(slot) = headers.entry(rule.name.clone()) {
+                        slot.insert(rule.value.clone());
                     }
                 }
             }
