@@ -234,6 +234,7 @@ class Caddy(Contender):
         conf.write_text(f"""{{
   admin off
   auto_https off
+  default_sni localhost
   servers {{
     protocols h1 h2
   }}
@@ -368,6 +369,9 @@ def main():
                     c.start(cert, key, tmp / f"{kind}.pem")
                     try:
                         r = measure(c, mode, args.seconds, tmp)
+                    except (subprocess.CalledProcessError, AttributeError, ValueError) as e:
+                        print(f"round {rnd + 1} {mode} {c.name}: measurement failed: {e}", file=sys.stderr)
+                        continue
                     finally:
                         c.stop()
                     results[mode][c.name].append(r)

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
+use portcullis::acme::AcmeState;
 use portcullis::config::Config;
+use portcullis::server::RunningServer;
 
 const DOMAIN: &str = "portcullis.test";
 const H2: &[&[u8]] = &[b"h2", b"http/1.1"];
@@ -167,7 +169,7 @@ fn acme_config(
     challenge: &str,
 ) -> Config {
     let text = format!(
-        "[server]\nhttps = \"127.0.0.1:{https}\"\nhttp = \"127.0.0.1:{http}\"\ndomains = [\"{DOMAIN}\"]\nshutdown_grace = \"2s\"\n\
+        "[server]\nhttps = \"127.0.0.1:{https}\"\nhttp = \"127.0.0.1:{http}\"\ndomains = [\"{DOMAIN}\", \"www.{DOMAIN}\"]\nshutdown_grace = \"2s\"\n\
          [tls]\nsource = \"acme\"\ndir = \"{}\"\n\
          [acme]\ndirectory = \"{}\"\ndirectory_ca = \"{}\"\ncontact = [\"mailto:ops@portcullis.test\"]\nchallenge = \"{challenge}\"\n\
          retry_base_delay = \"1s\"\nretry_max_delay = \"8s\"\nrenew_check_interval = \"1s\"\n\
@@ -220,28 +222,80 @@ async fn request_through(https: u16, root: &Path) -> StatusCode {
     client.fetch(req).await.0.status()
 }
 
+/// pebble, an upstream and the proxy ordering from pebble, up to the first certificate being served.
+struct Issued {
+    https: u16,
+    pebble: Option<Pebble>,
+    _upstream: Upstream,
+    state: tempfile::TempDir,
+    config: Config,
+    server: RunningServer,
+    root: PathBuf,
+    first: Vec<u8>,
+}
+
+impl Issued {
+    async fn start(validity_secs: u64, challenge: &str) -> Issued {
+        let (https, http) = (free_port().await, free_port().await);
+        let pebble = Pebble::start(http, https, validity_secs).await;
+        let upstream = Upstream::start().await;
+        let state = tempfile::tempdir().expect("state");
+        let config = acme_config(https, http, state.path(), &pebble, &upstream, challenge);
+        let server = portcullis::server::start(config.clone())
+            .await
+            .expect("start");
+        let root = pebble.issuing_root(state.path()).await;
+        let first = wait_for_certificate(https, &root, &pebble).await;
+        Issued {
+            https,
+            pebble: Some(pebble),
+            _upstream: upstream,
+            state,
+            config,
+            server,
+            root,
+            first,
+        }
+    }
+
+    fn status(&self) -> AcmeState {
+        self.server
+            .acme_status
+            .clone()
+            .expect("acme status")
+            .snapshot()
+    }
+}
+
+async fn stop(server: RunningServer) {
+    server.shutdown();
+    tokio::time::timeout(LIMIT, server.wait())
+        .await
+        .expect("stops");
+}
+
 #[tokio::test]
 #[ignore = "needs pebble: run scripts/test.sh"]
 async fn tls_alpn_01_issues_persists_and_restarts_without_a_new_order() {
-    let (https, http) = (free_port().await, free_port().await);
-    let pebble = Pebble::start(http, https, 3600).await;
-    let upstream = Upstream::start().await;
-    let state = tempfile::tempdir().expect("state");
-    let config = acme_config(https, http, state.path(), &pebble, &upstream, "tls-alpn-01");
-    let server = portcullis::server::start(config.clone())
+    let issued = Issued::start(3600, "tls-alpn-01").await;
+    let (https, root, state) = (issued.https, &issued.root, issued.state.path());
+    assert_eq!(request_through(https, root).await, StatusCode::OK);
+    // One certificate covers every configured name; SNI finds it for each.
+    let addr = format!("127.0.0.1:{https}").parse().expect("addr");
+    let www = tls_connect(addr, &format!("www.{DOMAIN}"), root, H2)
         .await
-        .expect("start");
-    let root = pebble.issuing_root(state.path()).await;
-    let first = wait_for_certificate(https, &root, &pebble).await;
-    assert_eq!(request_through(https, &root).await, StatusCode::OK);
+        .expect("www handshake");
+    assert_eq!(
+        www.get_ref().1.peer_certificates().expect("cert")[0].to_vec(),
+        issued.first
+    );
 
     use std::os::unix::fs::PermissionsExt;
     for (file, mode) in [("acme/key.pem", 0o600), ("acme/cert.pem", 0o644)] {
-        let meta =
-            std::fs::metadata(state.path().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let meta = std::fs::metadata(state.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
     }
-    let accounts: Vec<_> = std::fs::read_dir(state.path().join("acme"))
+    let accounts: Vec<_> = std::fs::read_dir(state.join("acme"))
         .expect("acme dir")
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with("account-"))
@@ -251,21 +305,24 @@ async fn tls_alpn_01_issues_persists_and_restarts_without_a_new_order() {
         accounts[0].metadata().expect("meta").permissions().mode() & 0o777,
         0o600
     );
-    let status = server.acme_status.clone().expect("acme status");
+    // One order, no fallback to HTTP-01: TLS-ALPN-01 itself worked.
     assert_eq!(
-        status.snapshot().orders_placed,
-        1,
+        (issued.status().orders_placed, issued.status().failures),
+        (1, 0),
         "{:?}",
-        status.snapshot()
+        issued.status()
     );
-    server.shutdown();
-    tokio::time::timeout(LIMIT, server.wait())
-        .await
-        .expect("stops");
+    let Issued {
+        server,
+        config,
+        first,
+        ..
+    } = issued;
+    stop(server).await;
 
     // Restart on the same state: the stored certificate is served at once and no order is placed.
     let server = portcullis::server::start(config).await.expect("restart");
-    let again = served_leaf(https, &root)
+    let again = served_leaf(https, root)
         .await
         .expect("served immediately after restart");
     assert_eq!(again, first, "same certificate, not a new one");
@@ -279,64 +336,32 @@ async fn tls_alpn_01_issues_persists_and_restarts_without_a_new_order() {
             .orders_placed,
         0
     );
-    server.shutdown();
-    tokio::time::timeout(LIMIT, server.wait())
-        .await
-        .expect("stops");
+    stop(server).await;
 }
 
 #[tokio::test]
 #[ignore = "needs pebble: run scripts/test.sh"]
 async fn http_01_issues_a_certificate() {
-    let (https, http) = (free_port().await, free_port().await);
-    let pebble = Pebble::start(http, https, 3600).await;
-    let upstream = Upstream::start().await;
-    let state = tempfile::tempdir().expect("state");
-    let server = portcullis::server::start(acme_config(
-        https,
-        http,
-        state.path(),
-        &pebble,
-        &upstream,
-        "http-01",
-    ))
-    .await
-    .expect("start");
-    let root = pebble.issuing_root(state.path()).await;
-    wait_for_certificate(https, &root, &pebble).await;
-    assert_eq!(request_through(https, &root).await, StatusCode::OK);
-    let snapshot = server.acme_status.clone().expect("status").snapshot();
+    let issued = Issued::start(3600, "http-01").await;
+    assert_eq!(
+        request_through(issued.https, &issued.root).await,
+        StatusCode::OK
+    );
+    let snapshot = issued.status();
     assert_eq!((snapshot.issued, snapshot.failures), (1, 0), "{snapshot:?}");
-    server.shutdown();
-    tokio::time::timeout(LIMIT, server.wait())
-        .await
-        .expect("stops");
+    stop(issued.server).await;
 }
 
 #[tokio::test]
 #[ignore = "needs pebble: run scripts/test.sh"]
 async fn renewal_swaps_the_certificate_without_failing_a_request() {
-    let (https, http) = (free_port().await, free_port().await);
     // 24-second certificates: renewal is due after about 16 seconds.
-    let pebble = Pebble::start(http, https, 24).await;
-    let upstream = Upstream::start().await;
-    let state = tempfile::tempdir().expect("state");
-    let server = portcullis::server::start(acme_config(
-        https,
-        http,
-        state.path(),
-        &pebble,
-        &upstream,
-        "tls-alpn-01",
-    ))
-    .await
-    .expect("start");
-    let root = pebble.issuing_root(state.path()).await;
-    let first = wait_for_certificate(https, &root, &pebble).await;
+    let issued = Issued::start(24, "tls-alpn-01").await;
+    let (https, root) = (issued.https, &issued.root);
 
     // One long-lived HTTP/2 connection keeps requesting across the swap; new connections watch for it.
     let addr = format!("127.0.0.1:{https}").parse().expect("addr");
-    let mut steady = Client::connect(addr, DOMAIN, &root, H2)
+    let mut steady = Client::connect(addr, DOMAIN, root, H2)
         .await
         .expect("connect");
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -352,26 +377,26 @@ async fn renewal_swaps_the_certificate_without_failing_a_request() {
             "request {requests} failed"
         );
         requests += 1;
-        let leaf = served_leaf(https, &root)
+        let leaf = served_leaf(https, root)
             .await
             .expect("every handshake succeeds during renewal");
-        if leaf != first {
+        if leaf != issued.first {
             break leaf;
         }
         assert!(
             Instant::now() < deadline,
             "no renewal within 40s: {:?}",
-            server.acme_status.clone().map(|s| s.snapshot())
+            issued.status()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_ne!(renewed, first);
     assert!(
         requests > 10,
         "the client kept requesting across the swap ({requests})"
     );
-    assert_eq!(request_through(https, &root).await, StatusCode::OK);
-    let stored = std::fs::read_to_string(state.path().join("acme/cert.pem")).expect("stored chain");
+    assert_eq!(request_through(https, root).await, StatusCode::OK);
+    let stored =
+        std::fs::read_to_string(issued.state.path().join("acme/cert.pem")).expect("stored chain");
     let stored_leaf = {
         use rustls::pki_types::pem::PemObject;
         rustls::pki_types::CertificateDer::pem_slice_iter(stored.as_bytes())
@@ -384,54 +409,36 @@ async fn renewal_swaps_the_certificate_without_failing_a_request() {
         stored_leaf, renewed,
         "the renewed certificate is the stored one"
     );
-    server.shutdown();
-    tokio::time::timeout(LIMIT, server.wait())
-        .await
-        .expect("stops");
+    stop(issued.server).await;
 }
 
 #[tokio::test]
 #[ignore = "needs pebble: run scripts/test.sh"]
 async fn acme_outage_keeps_the_old_certificate_and_backs_off() {
-    let (https, http) = (free_port().await, free_port().await);
     // 36-second certificates: renewal is due after about 24 seconds, while the old one is still valid.
-    let pebble = Pebble::start(http, https, 36).await;
-    let upstream = Upstream::start().await;
-    let state = tempfile::tempdir().expect("state");
-    let server = portcullis::server::start(acme_config(
-        https,
-        http,
-        state.path(),
-        &pebble,
-        &upstream,
-        "tls-alpn-01",
-    ))
-    .await
-    .expect("start");
-    let root = pebble.issuing_root(state.path()).await;
-    let first = wait_for_certificate(https, &root, &pebble).await;
+    let mut issued = Issued::start(36, "tls-alpn-01").await;
     let issued_at = Instant::now();
-    drop(pebble); // the CA goes away
+    drop(issued.pebble.take()); // the CA goes away
+    let (https, root) = (issued.https, &issued.root);
 
-    let status = server.acme_status.clone().expect("status");
     let deadline = issued_at + Duration::from_secs(34);
     loop {
-        let leaf = served_leaf(https, &root)
+        let leaf = served_leaf(https, root)
             .await
             .expect("the old certificate keeps serving");
-        assert_eq!(leaf, first);
-        assert_eq!(request_through(https, &root).await, StatusCode::OK);
-        if status.snapshot().failures >= 3 {
+        assert_eq!(leaf, issued.first);
+        assert_eq!(request_through(https, root).await, StatusCode::OK);
+        if issued.status().failures >= 3 {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "expected 3 failed renewals by now: {:?}",
-            status.snapshot()
+            issued.status()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let snapshot = status.snapshot();
+    let snapshot = issued.status();
     let gaps: Vec<Duration> = snapshot
         .failed_at
         .windows(2)
@@ -447,8 +454,5 @@ async fn acme_outage_keeps_the_old_certificate_and_backs_off() {
         "{gaps:?}"
     );
     assert!(snapshot.last_error.is_some());
-    server.shutdown();
-    tokio::time::timeout(LIMIT, server.wait())
-        .await
-        .expect("stops");
+    stop(issued.server).await;
 }

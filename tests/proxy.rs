@@ -517,3 +517,126 @@ async fn unix_socket_upstream() {
     proxy.stop().await;
     task.abort();
 }
+
+/// A throwaway CA and two leaf certificates for `localhost`, as PEM files for `tls.source = "files"`.
+fn file_certificates(dir: &std::path::Path) -> (std::path::PathBuf, Vec<(String, String)>) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaves = (0..2)
+        .map(|_| {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let params =
+                rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+            (
+                params.signed_by(&key, &issuer).expect("leaf").pem(),
+                key.serialize_pem(),
+            )
+        })
+        .collect();
+    let root = dir.join("ca.pem");
+    std::fs::write(&root, ca.pem()).expect("write ca");
+    (root, leaves)
+}
+
+#[tokio::test]
+async fn certificate_files_reload_and_a_broken_file_keeps_the_old_one() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (root, leaves) = file_certificates(dir.path());
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &leaves[0].0).expect("write");
+    std::fs::write(&key, &leaves[0].1).expect("write");
+    let text = format!(
+        "[server]\nhttps = \"127.0.0.1:0\"\ndomains = [\"localhost\"]\n[tls]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n\
+         dir = \"{}\"\n[upstream]\nurl = \"http://{}\"\n",
+        cert.display(),
+        key.display(),
+        dir.path().join("state").display(),
+        upstream.addr
+    );
+    let config = portcullis::config::Config::parse(&text, "files", None).expect("valid");
+    let server = portcullis::server::start(config.clone())
+        .await
+        .expect("start");
+    let served = || async {
+        let tls = tls_connect(server.https_addr, "localhost", &root, H2)
+            .await
+            .expect("handshake");
+        tls.get_ref().1.peer_certificates().expect("certificate")[0].to_vec()
+    };
+    let first = served().await;
+
+    // A torn write (half a PEM) must not replace a working certificate.
+    std::fs::write(&cert, &leaves[1].0[..leaves[1].0.len() / 2]).expect("write");
+    assert!(
+        server.reload(config.clone()).is_err(),
+        "a broken certificate file is refused"
+    );
+    assert_eq!(served().await, first);
+    // A key that does not match the certificate neither.
+    std::fs::write(&cert, &leaves[1].0).expect("write");
+    assert!(
+        server.reload(config.clone()).is_err(),
+        "a mismatched key is refused"
+    );
+    assert_eq!(served().await, first);
+    // The complete new pair is swapped in.
+    std::fs::write(&key, &leaves[1].1).expect("write");
+    server.reload(config).expect("reload");
+    let second = served().await;
+    assert_ne!(second, first);
+    let mut client = Client::connect(server.https_addr, "localhost", &root, H2)
+        .await
+        .expect("connect");
+    assert_eq!(
+        client
+            .get("/echo", server.https_addr.port())
+            .await
+            .0
+            .status(),
+        StatusCode::OK
+    );
+    server.shutdown();
+    tokio::time::timeout(LIMIT, server.wait())
+        .await
+        .expect("stops");
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_at_once() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(
+        &format!("http://{}", upstream.addr),
+        "[limits]\nmax_connections = 4\n",
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(proxy.client(H1).await);
+    }
+    // The fifth is accepted and dropped before any TLS work.
+    let mut extra = tokio::net::TcpStream::connect(proxy.https)
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Those inside are served; when one leaves, a new connection gets in.
+    assert_eq!(
+        held[0].get("/echo", proxy.https.port()).await.0.status(),
+        StatusCode::OK
+    );
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fresh = proxy.client(H2).await;
+    assert_eq!(
+        fresh.get("/echo", proxy.https.port()).await.0.status(),
+        StatusCode::OK
+    );
+    proxy.stop().await;
+}

@@ -147,19 +147,14 @@ pub async fn serve_tls(
         sni: session.server_name().map(Arc::from),
         tls: true,
     };
-    let activity = Activity::new();
-    let service = tracked_service(info, shared, activity.clone(), |runtime| {
-        runtime.https.clone()
-    });
-    let connection = runtime
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service);
-    drive(
-        connection,
-        peer,
-        &activity,
-        runtime.config.limits.idle_timeout,
+    serve_http(
+        TokioIo::new(stream),
+        info,
+        &runtime,
+        shared,
         shutdown,
+        |r| r.https.clone(),
+        |r| &r.builder,
     )
     .await;
 }
@@ -177,13 +172,43 @@ pub async fn serve_plain(
         sni: None,
         tls: false,
     };
+    serve_http(
+        TokioIo::new(tcp),
+        info,
+        &runtime,
+        shared,
+        shutdown,
+        |r| r.plain.clone(),
+        |r| &r.plain_builder,
+    )
+    .await;
+}
+
+/// Serves HTTP on an accepted (and, for HTTPS, handshaken) connection until it closes.
+async fn serve_http<I, S, B>(
+    io: I,
+    info: ConnInfo,
+    runtime: &Runtime,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    stack_of: fn(&Runtime) -> S,
+    builder_of: fn(
+        &Runtime,
+    ) -> &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: tower::Service<hyper::Request<Incoming>, Response = hyper::Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let peer = info.peer;
     let activity = Activity::new();
-    let service = tracked_service(info, shared, activity.clone(), |runtime| {
-        runtime.plain.clone()
-    });
-    let connection = runtime
-        .plain_builder
-        .serve_connection(TokioIo::new(tcp), service);
+    let service = tracked_service(info, shared, activity.clone(), stack_of);
+    // Upgrades are allowed on both listeners: only the proxy service ever answers 101.
+    let connection = builder_of(runtime).serve_connection_with_upgrades(io, service);
     drive(
         connection,
         peer,
@@ -242,26 +267,11 @@ where
     })
 }
 
-/// Both hyper connection types can be asked to finish what is in flight and close.
+/// A hyper connection that can be asked to finish what is in flight and close.
 pub trait GracefulConnection:
     Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
 {
     fn begin_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S, E, B> GracefulConnection for hyper_util::server::conn::auto::Connection<'_, I, S, E>
-where
-    Self: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    B: Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn begin_shutdown(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
 }
 
 impl<I, S, E, B> GracefulConnection
