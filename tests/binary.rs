@@ -187,3 +187,47 @@ async fn sighup_reloads_good_configs_refuses_broken_ones_and_sigterm_drains() {
     assert!(status.success(), "exit status {status:?}");
     proxy.wait_for_log("stopped").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_object_per_line_with_the_access_fields() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        config_text(dir.path(), upstream.addr, "[log]\nformat = \"json\"\n"),
+    )
+    .expect("write");
+    let proxy = Running::start(&config);
+    let line = proxy.wait_for_log("portcullis is serving").await;
+    let started: serde_json::Value = serde_json::from_str(&line).expect("a JSON object per line");
+    let https: std::net::SocketAddr = started["https"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("https address");
+    let root = dir.path().join("state/local/root.crt");
+    let mut client = Client::connect(https, "localhost", &root, &[b"h2"])
+        .await
+        .expect("connect");
+    assert_eq!(
+        client.get("/echo?x=1", https.port()).await.0.status(),
+        StatusCode::OK
+    );
+    let access: serde_json::Value =
+        serde_json::from_str(&proxy.wait_for_log("portcullis::access").await)
+            .expect("JSON access line");
+    assert_eq!(access["method"], "GET");
+    assert_eq!(access["path"], "/echo");
+    assert_eq!(access["status"], 200);
+    assert_eq!(
+        access["host"],
+        format!("localhost:{}", https.port()).as_str()
+    );
+    assert_eq!(access["client"], "127.0.0.1");
+    assert!(access["bytes"].as_u64().is_some_and(|b| b > 0), "{access}");
+    assert!(
+        access["duration_ms"].is_string() && access["upstream_ms"].is_string(),
+        "{access}"
+    );
+    assert_eq!(access["aborted"], false);
+}

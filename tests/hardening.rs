@@ -187,6 +187,50 @@ mod raw_h2 {
         out
     }
 
+    /// Rapid reset (CVE-2023-44487): opens `streams` requests and cancels each at once, in one write.
+    /// Returns the GOAWAY error code the server answered with, if it did within 5 seconds.
+    pub async fn rapid_reset(
+        proxy: &Proxy,
+        headers: &[(&[u8], &[u8])],
+        streams: u32,
+    ) -> Option<u32> {
+        let mut tls = tls_connect(proxy.https, "localhost", &proxy.root, &[b"h2"])
+            .await
+            .expect("connect");
+        let mut block = Vec::new();
+        for (name, value) in headers {
+            literal(&mut block, name, value);
+        }
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(4, 0, 0, &[]));
+        for i in 0..streams {
+            let stream = 1 + 2 * i;
+            out.extend(frame(1, 0x5, stream, &block));
+            out.extend(frame(3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+        }
+        let _ = tls.write_all(&out).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = Vec::new();
+        loop {
+            while buf.len() >= 9 {
+                let len =
+                    (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                if buf[3] == 7 && len >= 8 {
+                    return Some(u32::from_be_bytes([buf[13], buf[14], buf[15], buf[16]]));
+                }
+                buf.drain(..9 + len);
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline.into(), tls.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
     /// What the server did with one request: `Err` names a reset/GOAWAY, `Ok` the first header byte.
     pub async fn send(proxy: &Proxy, headers: &[(&[u8], &[u8])]) -> Result<u8, String> {
         let mut tls = tls_connect(proxy.https, "localhost", &proxy.root, &[b"h2"])
@@ -633,4 +677,36 @@ async fn upstream_reset_mid_response_aborts_only_that_response() {
     }
     proxy.stop().await;
     resets.abort();
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_flood_is_cut_off() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let authority = format!("localhost:{}", proxy.https.port());
+    let headers: Vec<HeaderPair> = vec![
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", authority.as_bytes()),
+        (b":path", b"/slow"),
+    ];
+    let goaway = raw_h2::rapid_reset(&proxy, &headers, 500).await;
+    // ENHANCE_YOUR_CALM (0xb): hyper's limit on streams reset before they were served.
+    assert_eq!(
+        goaway,
+        Some(0xb),
+        "the flooding connection is told to calm down and closed"
+    );
+    assert!(
+        upstream.count() < 500,
+        "most of the flood never reached the upstream ({})",
+        upstream.count()
+    );
+    // Everyone else is unaffected.
+    let mut client = proxy.client(H2).await;
+    assert_eq!(
+        client.get("/echo", proxy.https.port()).await.0.status(),
+        StatusCode::OK
+    );
+    proxy.stop().await;
 }
