@@ -36,4 +36,9 @@ done
 
 export PORTCULLIS_TEST_VENV="$venv"
 # --include-ignored runs the tests that need the programs above; plain `cargo test` skips only those.
-cargo test --locked -- --include-ignored
+log="target/test-output.log"
+mkdir -p target
+cargo test --locked -- --include-ignored 2>&1 | tee "$log"
+# One closing line for every test binary together (the last binary, the doc tests, has none of its own).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' \
+  "$log" | tee target/test-summary.txt

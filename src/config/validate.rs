@@ -1,0 +1,690 @@
+//! Validation: turns the raw, untrusted `RawConfig` into the typed `Config`, applying the defaults and
+//! naming the key and line of anything wrong.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+use super::raw::{self, RawConfig, RawHeaderRule};
+use super::units;
+use super::*;
+
+pub(super) struct Ctx<'a> {
+    pub(super) origin: &'a str,
+    pub(super) text: &'a str,
+    pub(super) base_dir: Option<PathBuf>,
+}
+
+impl Ctx<'_> {
+    fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.origin.to_string(),
+            key: key.to_string(),
+            line: line_of_key(self.text, key),
+            message: message.into(),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = PathBuf::from(p);
+        match &self.base_dir {
+            Some(base) if p.is_relative() && !base.as_os_str().is_empty() => base.join(p),
+            _ => p,
+        }
+    }
+}
+
+/// Finds the 1-based line of a dotted key (`server.domains`) in the TOML source, for error messages.
+fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let mut table: &DeTable = root.get_ref();
+    let mut span = None;
+    // The deepest key that exists: a missing leaf (a default that failed) points at its table.
+    for part in dotted.split('.') {
+        let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref() == part) else {
+            break;
+        };
+        span = Some(key.span());
+        match value.get_ref() {
+            DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    let offset = span?.start;
+    Some(text[..offset.min(text.len())].matches('\n').count() + 1)
+}
+
+fn mode_of(
+    ctx: &Ctx,
+    key: &str,
+    mode: Option<&str>,
+    default: Option<HeaderMode>,
+) -> Result<Option<HeaderMode>, ConfigError> {
+    match mode {
+        None => Ok(default),
+        Some("override") => Ok(Some(HeaderMode::Override)),
+        Some("if-absent") => Ok(Some(HeaderMode::IfAbsent)),
+        Some("off") => Ok(None),
+        Some(other) => Err(ctx.invalid(
+            &format!("{key}.mode"),
+            format!("unknown mode `{other}`; use \"override\", \"if-absent\" or \"off\""),
+        )),
+    }
+}
+
+fn header_value(ctx: &Ctx, key: &str, value: &str) -> Result<HeaderValue, ConfigError> {
+    HeaderValue::from_str(value)
+        .map_err(|_| ctx.invalid(key, "value must be visible ASCII with no line breaks"))
+}
+
+struct HeaderDefault {
+    key: &'static str,
+    name: HeaderName,
+    value: &'static str,
+    mode: HeaderMode,
+}
+
+/// Strong defaults that keep a stock Django app working: the CSP allows same-origin scripts and styles
+/// (Django admin has no inline script), and the Referrer-Policy keeps same-origin referrers so Django's
+/// CSRF Referer check on HTTPS passes (`no-referrer` would break every form without an `Origin`).
+fn header_defaults() -> Vec<HeaderDefault> {
+    use http::header;
+    vec![
+        HeaderDefault {
+            key: "headers.content_security_policy",
+            name: header::CONTENT_SECURITY_POLICY,
+            value: "default-src 'self'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'; object-src 'none'",
+            mode: HeaderMode::IfAbsent,
+        },
+        HeaderDefault {
+            key: "headers.content_security_policy_report_only",
+            name: header::CONTENT_SECURITY_POLICY_REPORT_ONLY,
+            value: "",
+            mode: HeaderMode::IfAbsent,
+        },
+        HeaderDefault {
+            key: "headers.x_frame_options",
+            name: header::X_FRAME_OPTIONS,
+            value: "DENY",
+            mode: HeaderMode::IfAbsent,
+        },
+        HeaderDefault {
+            key: "headers.x_content_type_options",
+            name: header::X_CONTENT_TYPE_OPTIONS,
+            value: "nosniff",
+            mode: HeaderMode::Override,
+        },
+        HeaderDefault {
+            key: "headers.referrer_policy",
+            name: header::REFERRER_POLICY,
+            value: "same-origin",
+            mode: HeaderMode::IfAbsent,
+        },
+        HeaderDefault {
+            key: "headers.permissions_policy",
+            name: HeaderName::from_static("permissions-policy"),
+            value: "accelerometer=(), camera=(), geolocation=(), gyroscope=(), magnetometer=(), microphone=(), payment=(), usb=()",
+            mode: HeaderMode::IfAbsent,
+        },
+        HeaderDefault {
+            key: "headers.cross_origin_opener_policy",
+            name: HeaderName::from_static("cross-origin-opener-policy"),
+            value: "same-origin",
+            mode: HeaderMode::IfAbsent,
+        },
+    ]
+}
+
+fn validate_headers(
+    raw: raw::RawHeaders,
+    ctx: &Ctx,
+    warnings: &mut Vec<String>,
+) -> Result<SecurityHeaders, ConfigError> {
+    let hsts = &raw.strict_transport_security;
+    let hsts_key = "headers.strict_transport_security";
+    let mut https_only_rules = Vec::new();
+    if let Some(mode) = mode_of(
+        ctx,
+        hsts_key,
+        hsts.mode.as_deref(),
+        Some(HeaderMode::Override),
+    )? {
+        let max_age = hsts
+            .max_age
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(31_536_000));
+        let include_subdomains = hsts.include_subdomains.unwrap_or(true);
+        let preload = hsts.preload.unwrap_or(false);
+        // https://hstspreload.org/#submission-requirements
+        if preload && (max_age.as_secs() < 31_536_000 || !include_subdomains) {
+            return Err(ctx.invalid(
+                hsts_key,
+                "preload requires max_age of at least 365d and include_subdomains = true",
+            ));
+        }
+        if max_age.as_secs() < 86_400 {
+            warnings.push(format!(
+                "{hsts_key}.max_age is {}s: browsers forget HTTPS-only within a day",
+                max_age.as_secs()
+            ));
+        }
+        let mut value = format!("max-age={}", max_age.as_secs());
+        if include_subdomains {
+            value.push_str("; includeSubDomains");
+        }
+        if preload {
+            value.push_str("; preload");
+        }
+        https_only_rules.push(HeaderRule {
+            name: http::header::STRICT_TRANSPORT_SECURITY,
+            value: header_value(ctx, hsts_key, &value)?,
+            mode,
+        });
+    }
+
+    let chosen: [(&RawHeaderRule, bool); 7] = [
+        (&raw.content_security_policy, true),
+        (&raw.content_security_policy_report_only, false),
+        (&raw.x_frame_options, true),
+        (&raw.x_content_type_options, true),
+        (&raw.referrer_policy, true),
+        (&raw.permissions_policy, true),
+        (&raw.cross_origin_opener_policy, true),
+    ];
+    let mut rules = Vec::new();
+    for (default, (rule, on_by_default)) in header_defaults().into_iter().zip(chosen) {
+        let key = default.key;
+        // The report-only CSP has no sensible default value: it is on only when given one.
+        let default_mode = (on_by_default || rule.value.is_some()).then_some(default.mode);
+        let Some(mode) = mode_of(ctx, key, rule.mode.as_deref(), default_mode)? else {
+            continue;
+        };
+        let value = rule.value.as_deref().unwrap_or(default.value);
+        if value.trim().is_empty() {
+            return Err(ctx.invalid(key, "needs a `value` (or mode = \"off\")"));
+        }
+        let value_key = format!("{key}.value");
+        let value_key = value_key.as_str();
+        match key {
+            "headers.x_frame_options"
+                if !["DENY", "SAMEORIGIN"].contains(&value.to_ascii_uppercase().as_str()) =>
+            {
+                return Err(ctx.invalid(value_key, "must be \"DENY\" or \"SAMEORIGIN\""));
+            }
+            "headers.x_content_type_options" if !value.eq_ignore_ascii_case("nosniff") => {
+                return Err(ctx.invalid(value_key, "the only value is \"nosniff\""));
+            }
+            "headers.referrer_policy" => check_referrer_policy(ctx, value_key, value, warnings)?,
+            _ => {}
+        }
+        rules.push(HeaderRule {
+            name: default.name,
+            value: header_value(ctx, value_key, value)?,
+            mode,
+        });
+    }
+
+    let remove_names = raw
+        .remove
+        .unwrap_or_else(|| vec!["Server".into(), "X-Powered-By".into()]);
+    let mut remove = Vec::new();
+    for name in remove_names {
+        remove.push(HeaderName::from_str(&name).map_err(|_| {
+            ctx.invalid("headers.remove", format!("`{name}` is not a header name"))
+        })?);
+    }
+    Ok(SecurityHeaders {
+        rules,
+        https_only_rules,
+        remove,
+    })
+}
+
+const REFERRER_POLICIES: [&str; 8] = [
+    "no-referrer",
+    "no-referrer-when-downgrade",
+    "origin",
+    "origin-when-cross-origin",
+    "same-origin",
+    "strict-origin",
+    "strict-origin-when-cross-origin",
+    "unsafe-url",
+];
+
+fn check_referrer_policy(
+    ctx: &Ctx,
+    key: &str,
+    value: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    // A policy may be a comma-separated fallback list; the browser uses the last one it knows.
+    for token in value.split(',').map(str::trim) {
+        if !REFERRER_POLICIES.contains(&token.to_ascii_lowercase().as_str()) {
+            return Err(ctx.invalid(
+                key,
+                format!(
+                    "unknown policy `{token}`; one of: {}",
+                    REFERRER_POLICIES.join(", ")
+                ),
+            ));
+        }
+    }
+    let effective = value
+        .rsplit(',')
+        .next()
+        .unwrap_or(value)
+        .trim()
+        .to_ascii_lowercase();
+    if effective == "no-referrer" || effective == "origin" || effective == "strict-origin" {
+        warnings.push(format!(
+            "{key} = \"{value}\" drops the path from same-origin referrers{}: Django's CSRF check on HTTPS \
+             compares the Referer when a request has no Origin header, so form posts from older browsers fail. \
+             Prefer \"same-origin\" or \"strict-origin-when-cross-origin\".",
+            if effective == "no-referrer" { " (it sends none at all)" } else { "" }
+        ));
+    }
+    Ok(())
+}
+
+fn validate_domain(ctx: &Ctx, name: &str) -> Result<String, ConfigError> {
+    let key = "server.domains";
+    let lower = name.trim().to_ascii_lowercase();
+    if lower.parse::<IpAddr>().is_ok() {
+        return Ok(lower);
+    }
+    if lower.starts_with("*.") {
+        return Err(ctx.invalid(
+            key,
+            format!("`{name}`: wildcard names are not supported; list each name"),
+        ));
+    }
+    let valid_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if lower.is_empty() || lower.len() > 253 || !lower.split('.').all(valid_label) {
+        return Err(ctx.invalid(
+            key,
+            format!("`{name}` is not a host name (letters, digits and '-' in dot-separated labels, or an IP address)"),
+        ));
+    }
+    Ok(lower)
+}
+
+fn parse_socket_addr(ctx: &Ctx, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        ctx.invalid(
+            key,
+            format!(
+                "`{value}` is not an address with a port, like \"0.0.0.0:443\" or \"[::]:443\""
+            ),
+        )
+    })
+}
+
+pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
+    let mut warnings = Vec::new();
+
+    // [server]
+    let s = raw.server;
+    let https = parse_socket_addr(
+        ctx,
+        "server.https",
+        s.https.as_deref().unwrap_or("0.0.0.0:443"),
+    )?;
+    let http = s
+        .http
+        .as_deref()
+        .map(|a| parse_socket_addr(ctx, "server.http", a))
+        .transpose()?;
+    if http.is_some_and(|h| h == https && h.port() != 0) {
+        return Err(ctx.invalid("server.http", "must differ from server.https"));
+    }
+    if s.domains.is_empty() {
+        return Err(ctx.invalid(
+            "server.domains",
+            "list at least one name this site is served as",
+        ));
+    }
+    let mut domains = Vec::new();
+    for d in &s.domains {
+        let d = validate_domain(ctx, d)?;
+        if !domains.contains(&d) {
+            domains.push(d);
+        }
+    }
+    let workers = match s.workers {
+        Some(0) => return Err(ctx.invalid("server.workers", "must be at least 1")),
+        Some(n) => n,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    };
+    if s.public_https_port == Some(0) {
+        return Err(ctx.invalid("server.public_https_port", "must be 1..=65535"));
+    }
+    let public_https_port = s.public_https_port;
+    let health_path = match s.health_path {
+        Some(p) if !p.starts_with('/') => {
+            return Err(ctx.invalid("server.health_path", "must start with '/'"));
+        }
+        other => other,
+    };
+    let mut trusted_proxies = Vec::new();
+    for p in s.trusted_proxies.unwrap_or_default() {
+        trusted_proxies.push(
+            p.parse::<IpNet>()
+                .map_err(|m| ctx.invalid("server.trusted_proxies", m))?,
+        );
+    }
+    let server = ServerConfig {
+        https,
+        http,
+        domains: Domains::new(domains),
+        workers,
+        public_https_port,
+        health_path,
+        trusted_proxies,
+        shutdown_grace: s
+            .shutdown_grace
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30)),
+    };
+
+    // [tls]
+    let dir = ctx.path(raw.tls.dir.as_deref().unwrap_or("certs"));
+    let source = match raw.tls.source.as_deref().unwrap_or("local") {
+        "local" => TlsSource::Local,
+        "files" => {
+            let cert = raw.tls.cert.as_deref().ok_or_else(|| {
+                ctx.invalid(
+                    "tls.cert",
+                    "source = \"files\" needs `cert` (PEM chain) and `key` (PEM key)",
+                )
+            })?;
+            let key = raw.tls.key.as_deref().ok_or_else(|| {
+                ctx.invalid(
+                    "tls.key",
+                    "source = \"files\" needs `cert` (PEM chain) and `key` (PEM key)",
+                )
+            })?;
+            TlsSource::Files {
+                cert: ctx.path(cert),
+                key: ctx.path(key),
+            }
+        }
+        "acme" => TlsSource::Acme,
+        other => {
+            return Err(ctx.invalid(
+                "tls.source",
+                format!("unknown source `{other}`; use \"local\", \"files\" or \"acme\""),
+            ));
+        }
+    };
+    if !matches!(source, TlsSource::Files { .. })
+        && (raw.tls.cert.is_some() || raw.tls.key.is_some())
+    {
+        return Err(ctx.invalid(
+            "tls.cert",
+            "`cert`/`key` are only used with source = \"files\"",
+        ));
+    }
+    let tls = TlsConfig { source, dir };
+
+    // [acme]
+    let acme = match (raw.acme, &tls.source) {
+        (Some(a), TlsSource::Acme) => Some(validate_acme(a, ctx, &server)?),
+        (None, TlsSource::Acme) => Some(validate_acme(raw::RawAcme::default(), ctx, &server)?),
+        (Some(_), _) => {
+            return Err(ctx.invalid("acme", "[acme] is only used with tls.source = \"acme\""));
+        }
+        (None, _) => None,
+    };
+
+    // [upstream]
+    let u = raw.upstream;
+    let target = if let Some(path) = u.url.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err(ctx.invalid(
+                "upstream.url",
+                "unix: needs a socket path, like \"unix:/run/gunicorn.sock\"",
+            ));
+        }
+        UpstreamTarget::Unix(ctx.path(path))
+    } else {
+        let uri: http::Uri = u.url.parse().map_err(|_| {
+            ctx.invalid(
+                "upstream.url",
+                format!("`{}` is not a URL like \"http://127.0.0.1:8000\"", u.url),
+            )
+        })?;
+        if uri.scheme_str() != Some("http") {
+            return Err(ctx.invalid(
+                "upstream.url",
+                "must be http://host:port (Gunicorn speaks plain HTTP) or unix:/path/to.sock",
+            ));
+        }
+        if uri.path() != "/" || uri.query().is_some() {
+            return Err(ctx.invalid(
+                "upstream.url",
+                "must not have a path or query: requests keep their own",
+            ));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| ctx.invalid("upstream.url", "needs a host and port"))?;
+        if authority.port_u16().is_none() {
+            return Err(ctx.invalid(
+                "upstream.url",
+                "give the port explicitly, like \"http://127.0.0.1:8000\"",
+            ));
+        }
+        UpstreamTarget::Tcp(authority)
+    };
+    let upstream = UpstreamConfig {
+        target,
+        connect_timeout: u
+            .connect_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(5)),
+        response_timeout: u
+            .response_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(60)),
+        pool_idle_timeout: u
+            .pool_idle_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(60)),
+        pool_max_idle: u.pool_max_idle.unwrap_or(64),
+    };
+
+    let headers = validate_headers(raw.headers, ctx, &mut warnings)?;
+
+    // [cookies]
+    let c = raw.cookies;
+    let same_site = match c.same_site.as_deref() {
+        None => Some(SameSite::Lax),
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "lax" => Some(SameSite::Lax),
+            "strict" => Some(SameSite::Strict),
+            "none" => Some(SameSite::None),
+            "off" => None,
+            _ => {
+                return Err(ctx.invalid(
+                    "cookies.same_site",
+                    format!("unknown value `{v}`; use \"Lax\", \"Strict\", \"None\" or \"off\""),
+                ));
+            }
+        },
+    };
+    let cookies = CookiePolicy {
+        secure: c.secure.unwrap_or(true),
+        http_only: c.http_only.unwrap_or(true),
+        same_site,
+        http_only_exempt: c
+            .http_only_exempt
+            .unwrap_or_else(|| vec!["csrftoken".into()]),
+    };
+    if !cookies.secure {
+        warnings.push("cookies.secure = false: session cookies can leak over plain HTTP".into());
+    }
+
+    // [limits]
+    let l = raw.limits;
+    let dur = |d: Option<units::HumanDuration>, default: u64| {
+        d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
+    };
+    let limits = Limits {
+        handshake_timeout: dur(l.handshake_timeout, 10),
+        header_read_timeout: dur(l.header_read_timeout, 10),
+        idle_timeout: dur(l.idle_timeout, 60),
+        body_timeout: dur(l.body_timeout, 60),
+        max_header_bytes: usize::try_from(l.max_header_bytes.map(|b| b.0).unwrap_or(16_384))
+            .unwrap_or(usize::MAX),
+        max_headers: l.max_headers.unwrap_or(100),
+        max_body: l
+            .max_body
+            .map(|b| b.0)
+            .unwrap_or(DJANGO_DATA_UPLOAD_MAX_MEMORY_SIZE),
+        buffer_body: l.buffer_body.map(|b| b.0).unwrap_or(65_536),
+        max_connections: l.max_connections.unwrap_or(10_000),
+        h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128),
+        h2_max_pending_resets: l.h2_max_pending_resets.unwrap_or(20),
+    };
+    for (key, d) in [
+        ("limits.handshake_timeout", limits.handshake_timeout),
+        ("limits.header_read_timeout", limits.header_read_timeout),
+        ("limits.idle_timeout", limits.idle_timeout),
+        ("limits.body_timeout", limits.body_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(ctx.invalid(key, "must be longer than 0s"));
+        }
+    }
+    // hyper cannot buffer headers in less than 8 KiB.
+    if limits.max_header_bytes < 8192 {
+        return Err(ctx.invalid("limits.max_header_bytes", "must be at least 8KiB"));
+    }
+    if limits.max_headers == 0
+        || limits.max_connections == 0
+        || limits.h2_max_concurrent_streams == 0
+    {
+        let key = if limits.max_headers == 0 {
+            "limits.max_headers"
+        } else if limits.max_connections == 0 {
+            "limits.max_connections"
+        } else {
+            "limits.h2_max_concurrent_streams"
+        };
+        return Err(ctx.invalid(key, "must be at least 1"));
+    }
+
+    // [log]
+    let format = match raw.log.format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(ctx.invalid(
+                "log.format",
+                format!("unknown format `{other}`; use \"text\" or \"json\""),
+            ));
+        }
+    };
+    let level = raw.log.level.unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        return Err(ctx.invalid(
+            "log.level",
+            format!("`{level}` is not a level (error, warn, info, debug, trace)"),
+        ));
+    }
+    let log = LogConfig {
+        format,
+        level,
+        access: raw.log.access.unwrap_or(true),
+    };
+
+    Ok(Config {
+        server,
+        tls,
+        acme,
+        upstream,
+        headers,
+        cookies,
+        limits,
+        log,
+        warnings,
+    })
+}
+
+fn validate_acme(
+    a: raw::RawAcme,
+    ctx: &Ctx,
+    server: &ServerConfig,
+) -> Result<AcmeConfig, ConfigError> {
+    let directory_url = match a.directory.as_deref().unwrap_or("letsencrypt") {
+        "letsencrypt" => "https://acme-v02.api.letsencrypt.org/directory".to_string(),
+        "letsencrypt-staging" => {
+            "https://acme-staging-v02.api.letsencrypt.org/directory".to_string()
+        }
+        url if url.starts_with("https://") => url.to_string(),
+        other => {
+            return Err(ctx.invalid(
+                "acme.directory",
+                format!("`{other}`: use \"letsencrypt\", \"letsencrypt-staging\" or an https:// directory URL"),
+            ));
+        }
+    };
+    let contact = a.contact.unwrap_or_default();
+    for c in &contact {
+        if !c.starts_with("mailto:") {
+            return Err(ctx.invalid(
+                "acme.contact",
+                format!("`{c}` must be a mailto: URL (RFC 8555 §7.3)"),
+            ));
+        }
+    }
+    let challenge = match a.challenge.as_deref().unwrap_or("tls-alpn-01") {
+        "tls-alpn-01" => ChallengeType::TlsAlpn01,
+        "http-01" => ChallengeType::Http01,
+        other => {
+            return Err(ctx.invalid(
+                "acme.challenge",
+                format!("unknown challenge `{other}`; use \"tls-alpn-01\" or \"http-01\""),
+            ));
+        }
+    };
+    if challenge == ChallengeType::Http01 && server.http.is_none() {
+        return Err(ctx.invalid(
+            "acme.challenge",
+            "http-01 needs the plain listener: set server.http",
+        ));
+    }
+    if server.domains.has_ip() {
+        return Err(ctx.invalid(
+            "server.domains",
+            "ACME certificates are for DNS names; remove IP addresses",
+        ));
+    }
+    let dur = |d: Option<units::HumanDuration>, default: u64| {
+        d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
+    };
+    Ok(AcmeConfig {
+        directory_url,
+        contact,
+        challenge,
+        directory_ca: a.directory_ca.as_deref().map(|p| ctx.path(p)),
+        eab: a.eab.map(|e| (e.kid, e.hmac_key)),
+        renew_check_interval: dur(a.renew_check_interval, 3600),
+        retry_base_delay: dur(a.retry_base_delay, 60),
+        retry_max_delay: dur(a.retry_max_delay, 6 * 3600),
+    })
+}
