@@ -16,18 +16,23 @@ use portcullis::server::RunningServer;
 const DOMAIN: &str = "portcullis.test";
 const H2: &[&[u8]] = &[b"h2", b"http/1.1"];
 
+/// External account binding credentials pebble is told to require (HMAC key base64url, as CAs issue them).
+const EAB_KID: &str = "kid-portcullis";
+const EAB_HMAC_KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+
 struct Pebble {
     dir: tempfile::TempDir,
     _pebble: KillOnDrop,
     _dns: KillOnDrop,
     directory_url: String,
     management: std::net::SocketAddr,
+    require_eab: bool,
 }
 
 impl Pebble {
     /// Starts challtestsrv and pebble validating against the proxy's ports (pebble ignores ports in
     /// URLs and always dials these: acme-testing.md).
-    async fn start(http_port: u16, tls_port: u16, validity_secs: u64) -> Pebble {
+    async fn start(http_port: u16, tls_port: u16, validity_secs: u64, require_eab: bool) -> Pebble {
         init_test_logging();
         for program in ["pebble", "pebble-challtestsrv"] {
             assert!(
@@ -73,7 +78,8 @@ impl Pebble {
             "httpPort": http_port,
             "tlsPort": tls_port,
             "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
+            "externalAccountBindingRequired": require_eab,
+            "externalAccountMACKeys": { EAB_KID: EAB_HMAC_KEY },
             "certificateValidityPeriod": validity_secs,
         }});
         std::fs::write(dir.path().join("pebble.json"), config.to_string()).expect("write");
@@ -115,6 +121,7 @@ impl Pebble {
             .spawn()
             .expect("start pebble");
         let pebble = Pebble {
+            require_eab,
             _pebble: KillOnDrop(pebble_child),
             _dns: dns_child,
             directory_url: format!("https://127.0.0.1:{listen}/dir"),
@@ -172,11 +179,16 @@ fn acme_config(
         "[server]\nhttps = \"127.0.0.1:{https}\"\nhttp = \"127.0.0.1:{http}\"\ndomains = [\"{DOMAIN}\", \"www.{DOMAIN}\"]\nshutdown_grace = \"2s\"\n\
          [tls]\nsource = \"acme\"\ndir = \"{}\"\n\
          [acme]\ndirectory = \"{}\"\ndirectory_ca = \"{}\"\ncontact = [\"mailto:ops@portcullis.test\"]\nchallenge = \"{challenge}\"\n\
-         retry_base_delay = \"1s\"\nretry_max_delay = \"8s\"\nrenew_check_interval = \"1s\"\n\
+         retry_base_delay = \"1s\"\nretry_max_delay = \"8s\"\nrenew_check_interval = \"1s\"\n{}\
          [upstream]\nurl = \"http://{}\"\n",
         state.display(),
         pebble.directory_url,
         pebble.ca().display(),
+        if pebble.require_eab {
+            format!("eab = {{ kid = \"{EAB_KID}\", hmac_key = \"{EAB_HMAC_KEY}\" }}\n")
+        } else {
+            String::new()
+        },
         upstream.addr
     );
     Config::parse(&text, "acme-test", None).expect("valid config")
@@ -236,8 +248,12 @@ struct Issued {
 
 impl Issued {
     async fn start(validity_secs: u64, challenge: &str) -> Issued {
+        Issued::launch(validity_secs, challenge, false).await
+    }
+
+    async fn launch(validity_secs: u64, challenge: &str, require_eab: bool) -> Issued {
         let (https, http) = (free_port().await, free_port().await);
-        let pebble = Pebble::start(http, https, validity_secs).await;
+        let pebble = Pebble::start(http, https, validity_secs, require_eab).await;
         let upstream = Upstream::start().await;
         let state = tempfile::tempdir().expect("state");
         let config = acme_config(https, http, state.path(), &pebble, &upstream, challenge);
@@ -349,6 +365,44 @@ async fn http_01_issues_a_certificate() {
     );
     let snapshot = issued.status();
     assert_eq!((snapshot.issued, snapshot.failures), (1, 0), "{snapshot:?}");
+    stop(issued.server).await;
+}
+
+#[tokio::test]
+#[ignore = "needs pebble: run scripts/test.sh"]
+async fn http_01_with_external_account_binding() {
+    // The CA refuses accounts without a valid binding (ZeroSSL, Google Trust Services work this way).
+    let issued = Issued::launch(3600, "http-01", true).await;
+    assert_eq!(
+        request_through(issued.https, &issued.root).await,
+        StatusCode::OK
+    );
+    assert_eq!(issued.status().failures, 0, "{:?}", issued.status());
+
+    // The same CA without the binding in our config: the account is refused, and the log says why.
+    let mut unbound = issued.config.clone();
+    let state = tempfile::tempdir().expect("state");
+    unbound.tls.dir = state.path().to_path_buf();
+    unbound.server.https = "127.0.0.1:0".parse().expect("addr");
+    unbound.server.http = Some("127.0.0.1:0".parse().expect("addr"));
+    if let Some(acme) = unbound.acme.as_mut() {
+        acme.eab = None;
+    }
+    let refused = portcullis::server::start(unbound)
+        .await
+        .expect("starts and keeps trying");
+    let status = refused.acme_status.clone().expect("status");
+    let deadline = Instant::now() + LIMIT;
+    while status.snapshot().failures == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the CA should refuse the account"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let error = status.snapshot().last_error.unwrap_or_default();
+    assert!(error.contains("externalAccountRequired"), "{error}");
+    stop(refused).await;
     stop(issued.server).await;
 }
 
