@@ -106,6 +106,13 @@ impl Running {
         }
     }
 
+    /// Writes a new config, sends SIGHUP and returns the log line that answers it.
+    async fn reload(&self, path: &std::path::Path, text: String, answer: &str) -> String {
+        std::fs::write(path, text).expect("write config");
+        self.signal("HUP");
+        self.wait_for_log(answer).await
+    }
+
     fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.0.id().to_string()])
@@ -136,33 +143,27 @@ async fn sighup_reloads_good_configs_refuses_broken_ones_and_sigterm_drains() {
     assert_eq!(response.headers()["x-frame-options"], "DENY");
 
     // A broken config: refused, logged, and the old one keeps serving.
-    std::fs::write(
-        &config,
-        config_text(
-            dir.path(),
-            upstream.addr,
-            "[headers]\nx_frame_option = \"x\"\n",
-        ),
-    )
-    .expect("write");
-    proxy.signal("HUP");
-    let refused = proxy.wait_for_log("reload rejected").await;
+    let extra = "[headers]\nx_frame_option = \"x\"\n";
+    let refused = proxy
+        .reload(
+            &config,
+            config_text(dir.path(), upstream.addr, extra),
+            "reload rejected",
+        )
+        .await;
     assert!(refused.contains("x_frame_option"), "{refused}");
     let (response, _) = client.get("/echo", https.port()).await;
     assert_eq!(response.headers()["x-frame-options"], "DENY");
 
     // A good one: applied to the next request on the same connection.
-    std::fs::write(
-        &config,
-        config_text(
-            dir.path(),
-            upstream.addr,
-            "[headers.x_frame_options]\nvalue = \"SAMEORIGIN\"\n",
-        ),
-    )
-    .expect("write");
-    proxy.signal("HUP");
-    proxy.wait_for_log("config reloaded").await;
+    let extra = "[headers.x_frame_options]\nvalue = \"SAMEORIGIN\"\n";
+    proxy
+        .reload(
+            &config,
+            config_text(dir.path(), upstream.addr, extra),
+            "config reloaded",
+        )
+        .await;
     let (response, _) = client.get("/echo", https.port()).await;
     assert_eq!(response.headers()["x-frame-options"], "SAMEORIGIN");
 

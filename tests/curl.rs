@@ -33,8 +33,7 @@ fn curl(args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs curl: run scripts/test.sh"]
 async fn curl_over_http1_and_http2() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     let root = proxy.root.display().to_string();
     let url = proxy.url("/cookies");
     let args = [root.as_str(), url.as_str()];

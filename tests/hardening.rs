@@ -21,8 +21,7 @@ fn status_of(raw: &str) -> Option<u16> {
 
 #[tokio::test]
 async fn smuggling_and_malformed_http1_requests_are_refused_before_the_upstream() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (upstream, proxy) = Proxy::with_upstream("").await;
     let host = format!("localhost:{}", proxy.https.port());
     let cases: Vec<(&str, String)> = vec![
         (
@@ -129,8 +128,7 @@ async fn smuggling_and_malformed_http1_requests_are_refused_before_the_upstream(
 /// Content-Lengths collapse into one.
 #[tokio::test]
 async fn framing_hyper_normalises_reaches_the_upstream_unambiguous() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (upstream, proxy) = Proxy::with_upstream("").await;
     let host = format!("localhost:{}", proxy.https.port());
 
     let started = Instant::now();
@@ -292,8 +290,7 @@ mod raw_h2 {
 
 #[tokio::test]
 async fn malformed_http2_requests_are_refused_before_the_upstream() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (upstream, proxy) = Proxy::with_upstream("").await;
     let authority = format!("localhost:{}", proxy.https.port());
     let base: Vec<(&[u8], &[u8])> = vec![
         (b":method", b"GET"),
@@ -331,8 +328,7 @@ async fn malformed_http2_requests_are_refused_before_the_upstream() {
 
 #[tokio::test]
 async fn oversized_request_heads_get_431() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (upstream, proxy) = Proxy::with_upstream("").await;
     let host = format!("localhost:{}", proxy.https.port());
     let big = format!(
         "GET /echo HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
@@ -366,12 +362,7 @@ async fn oversized_request_heads_get_431() {
 
 #[tokio::test]
 async fn garbage_and_truncated_tls_only_close_that_connection() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(
-        &format!("http://{}", upstream.addr),
-        "[limits]\nhandshake_timeout = \"1s\"\n",
-    )
-    .await;
+    let (_upstream, proxy) = Proxy::with_upstream("[limits]\nhandshake_timeout = \"1s\"\n").await;
     let hello_prefix = [
         0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
     ];
@@ -408,12 +399,7 @@ async fn garbage_and_truncated_tls_only_close_that_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_crowd_is_cut_off_while_honest_clients_are_served() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(
-        &format!("http://{}", upstream.addr),
-        "[limits]\nheader_read_timeout = \"2s\"\nhandshake_timeout = \"2s\"\nidle_timeout = \"2s\"\n",
-    )
-    .await;
+    let (upstream, proxy) = Proxy::with_upstream("[limits]\nheader_read_timeout = \"2s\"\nhandshake_timeout = \"2s\"\nidle_timeout = \"2s\"\n").await;
     let port = proxy.https.port();
     let started = Instant::now();
     // 200 clients that finish TLS and then trickle a header line every 500ms, never ending the head.
@@ -493,12 +479,9 @@ async fn slowloris_crowd_is_cut_off_while_honest_clients_are_served() {
 
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(
-        &format!("http://{}", upstream.addr),
-        "[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"1s\"\n",
-    )
-    .await;
+    let (_upstream, proxy) =
+        Proxy::with_upstream("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"1s\"\n")
+            .await;
     for alpn in [H1, H2] {
         let mut client = proxy.client(alpn).await;
         assert_eq!(
@@ -528,12 +511,7 @@ async fn idle_keep_alive_connections_are_closed() {
 
 #[tokio::test]
 async fn slow_small_post_is_refused_without_reaching_the_upstream() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(
-        &format!("http://{}", upstream.addr),
-        "[limits]\nbody_timeout = \"1s\"\n",
-    )
-    .await;
+    let (upstream, proxy) = Proxy::with_upstream("[limits]\nbody_timeout = \"1s\"\n").await;
     let host = format!("localhost:{}", proxy.https.port());
     let mut tls = tls_connect(proxy.https, "localhost", &proxy.root, H1)
         .await
@@ -681,8 +659,7 @@ async fn upstream_reset_mid_response_aborts_only_that_response() {
 
 #[tokio::test]
 async fn http2_rapid_reset_flood_is_cut_off() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (upstream, proxy) = Proxy::with_upstream("").await;
     let authority = format!("localhost:{}", proxy.https.port());
     let headers: Vec<HeaderPair> = vec![
         (b":method", b"GET"),

@@ -15,8 +15,7 @@ const H2: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 #[tokio::test]
 async fn http1_and_http2_reach_the_upstream_with_host_and_forwarded_headers() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     let port = proxy.https.port();
     for alpn in [H1, H2] {
         let mut client = proxy.client(alpn).await;
@@ -38,8 +37,7 @@ async fn http1_and_http2_reach_the_upstream_with_host_and_forwarded_headers() {
 
 #[tokio::test]
 async fn client_supplied_forwarding_claims_never_reach_django() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     let port = proxy.https.port();
     for alpn in [H1, H2] {
         let mut client = proxy.client(alpn).await;
@@ -69,8 +67,7 @@ async fn client_supplied_forwarding_claims_never_reach_django() {
 
 #[tokio::test]
 async fn client_address_comes_from_the_connection() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     // Connect from 127.0.0.2 so the address is not the proxy's own.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket
@@ -107,8 +104,7 @@ async fn client_address_comes_from_the_connection() {
 
 #[tokio::test]
 async fn security_headers_on_proxied_and_own_responses() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (upstream, proxy) = Proxy::with_upstream("").await;
     let port = proxy.https.port();
     let mut client = proxy.client(H2).await;
 
@@ -162,8 +158,7 @@ async fn security_headers_on_proxied_and_own_responses() {
 
 #[tokio::test]
 async fn every_set_cookie_is_hardened_and_csrftoken_stays_readable() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     for alpn in [H1, H2] {
         let mut client = proxy.client(alpn).await;
         let (response, _) = client.get("/cookies", proxy.https.port()).await;
@@ -187,8 +182,7 @@ async fn every_set_cookie_is_hardened_and_csrftoken_stays_readable() {
 
 #[tokio::test]
 async fn hop_by_hop_request_headers_are_removed() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     let mut client = proxy.client(H1).await;
     let req = request("GET", "/echo", proxy.https.port())
         .header("connection", "keep-alive, x-hop")
@@ -210,8 +204,7 @@ async fn hop_by_hop_request_headers_are_removed() {
 
 #[tokio::test]
 async fn plain_http_redirects_to_https_for_our_hosts_only() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (upstream, proxy) = Proxy::with_upstream("").await;
     let http = proxy.http.expect("plain listener");
     let exchange = |host: &'static str, method: &'static str| async move {
         let mut tcp = tokio::net::TcpStream::connect(http).await.expect("connect");
@@ -253,8 +246,7 @@ async fn plain_http_redirects_to_https_for_our_hosts_only() {
 
 #[tokio::test]
 async fn unknown_sni_gets_no_certificate_and_a_mismatched_host_gets_421() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     let refused = tls_connect(proxy.https, "evil.example", &proxy.root, H1).await;
     assert!(
         refused.is_err(),
@@ -299,8 +291,7 @@ async fn upstream_down_is_502_and_slow_is_504_with_no_internals() {
     assert!(response.headers().contains_key("strict-transport-security"));
     proxy.stop().await;
 
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     let mut client = proxy.client(H1).await;
     let started = std::time::Instant::now();
     let (response, _) = client.get("/slow", proxy.https.port()).await;
@@ -314,12 +305,7 @@ async fn upstream_down_is_502_and_slow_is_504_with_no_internals() {
 
 #[tokio::test]
 async fn bodies_stream_both_ways_and_oversized_uploads_get_413() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(
-        &format!("http://{}", upstream.addr),
-        "[limits]\nmax_body = \"8MiB\"\n",
-    )
-    .await;
+    let (upstream, proxy) = Proxy::with_upstream("[limits]\nmax_body = \"8MiB\"\n").await;
     let port = proxy.https.port();
     for alpn in [H1, H2] {
         let mut client = proxy.client(alpn).await;
@@ -380,8 +366,7 @@ async fn bodies_stream_both_ways_and_oversized_uploads_get_413() {
 
 #[tokio::test]
 async fn websocket_upgrade_tunnels_both_ways() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     let mut client = proxy.client(H1).await;
     let req = request("GET", "/ws", proxy.https.port())
         .header("connection", "Upgrade")
@@ -411,8 +396,7 @@ async fn websocket_upgrade_tunnels_both_ways() {
 
 #[tokio::test]
 async fn h2c_upgrade_is_not_forwarded() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     let mut client = proxy.client(H1).await;
     let req = request("GET", "/echo", proxy.https.port())
         .header("connection", "Upgrade, HTTP2-Settings")
@@ -432,8 +416,7 @@ async fn h2c_upgrade_is_not_forwarded() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_requests_in_flight() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
     let mut client = proxy.client(H1).await;
     let port = proxy.https.port();
     let in_flight = tokio::spawn(async move { client.get("/hold", port).await });
@@ -458,8 +441,7 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
 
 #[tokio::test]
 async fn reload_applies_new_settings_to_the_next_request() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!("http://{}", upstream.addr), "").await;
+    let (upstream, proxy) = Proxy::with_upstream("").await;
     let mut client = proxy.client(H2).await;
     let (response, _) = client.get("/echo", proxy.https.port()).await;
     assert_eq!(response.headers()["x-frame-options"], "DENY");
@@ -607,12 +589,7 @@ async fn certificate_files_reload_and_a_broken_file_keeps_the_old_one() {
 
 #[tokio::test]
 async fn connections_over_the_limit_are_closed_at_once() {
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(
-        &format!("http://{}", upstream.addr),
-        "[limits]\nmax_connections = 4\n",
-    )
-    .await;
+    let (_upstream, proxy) = Proxy::with_upstream("[limits]\nmax_connections = 4\n").await;
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(proxy.client(H1).await);

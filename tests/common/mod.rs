@@ -227,6 +227,13 @@ impl Proxy {
         Proxy::start_with(config, dir).await
     }
 
+    /// A fresh in-process upstream and the proxy in front of it.
+    pub async fn with_upstream(extra: &str) -> (Upstream, Proxy) {
+        let upstream = Upstream::start().await;
+        let proxy = Proxy::start(&format!("http://{}", upstream.addr), extra).await;
+        (upstream, proxy)
+    }
+
     pub async fn start_with(config: Config, dir: tempfile::TempDir) -> Proxy {
         init_test_logging();
         let server = start(config).await.expect("proxy starts");
