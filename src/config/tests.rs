@@ -97,6 +97,12 @@ fn invalid_values_name_key_and_line() {
     );
     assert!(err.contains("`upstream.url`"), "{err}");
 
+    let err = error_of(&format!("{MINIMAL}[limits]\nmax_connections = 0\n"));
+    assert!(
+        err.contains("`limits.max_connections`: must be 1..=1000000"),
+        "{err}"
+    );
+
     let err = error_of(&format!("{MINIMAL}[tls]\nsource = \"files\"\n"));
     assert!(err.contains("tls.cert"), "{err}");
 

@@ -574,18 +574,19 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
     if limits.max_header_bytes < 8192 {
         return Err(ctx.invalid("limits.max_header_bytes", "must be at least 8KiB"));
     }
-    if limits.max_headers == 0
-        || limits.max_connections == 0
-        || limits.h2_max_concurrent_streams == 0
-    {
-        let key = if limits.max_headers == 0 {
-            "limits.max_headers"
-        } else if limits.max_connections == 0 {
-            "limits.max_connections"
-        } else {
-            "limits.h2_max_concurrent_streams"
-        };
-        return Err(ctx.invalid(key, "must be at least 1"));
+    let counts = [
+        ("limits.max_headers", limits.max_headers, 10_000),
+        ("limits.max_connections", limits.max_connections, 1_000_000),
+        (
+            "limits.h2_max_concurrent_streams",
+            limits.h2_max_concurrent_streams as usize,
+            10_000,
+        ),
+    ];
+    for (key, value, max) in counts {
+        if value == 0 || value > max {
+            return Err(ctx.invalid(key, format!("must be 1..={max}")));
+        }
     }
 
     // [log]
