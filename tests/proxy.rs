@@ -26,6 +26,7 @@ async fn http1_and_http2_reach_the_upstream_with_host_and_forwarded_headers() {
         let headers = echoed_headers(&body);
         assert_eq!(echoed(&headers, "host"), [format!("localhost:{port}")]);
         assert_eq!(echoed(&headers, "x-forwarded-proto"), ["https"]);
+        assert_eq!(echoed(&headers, "x-forwarded-port"), [port.to_string()]);
         assert_eq!(echoed(&headers, "x-forwarded-for"), ["127.0.0.1"]);
         assert_eq!(
             echoed(&headers, "x-forwarded-host"),

@@ -13,6 +13,7 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1, plus the pre-standard `Keep-Alive` and `Proxy-Connection`).
 const HOP_BY_HOP: [&str; 9] = [
@@ -124,6 +125,8 @@ pub fn keep_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
 #[derive(Debug, Clone, Default)]
 pub struct ForwardingPolicy {
     pub trusted_proxies: Vec<IpNet>,
+    /// The public HTTPS port, sent as `X-Forwarded-Port` (Django's `USE_X_FORWARDED_PORT`).
+    pub port: Option<HeaderValue>,
 }
 
 impl ForwardingPolicy {
@@ -163,6 +166,9 @@ impl ForwardingPolicy {
         }
         let proto = if https { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        if let Some(port) = &self.port {
+            headers.insert(X_FORWARDED_PORT.clone(), port.clone());
+        }
         if let Some(host) = headers.get(HOST).cloned() {
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
@@ -266,6 +272,7 @@ mod tests {
     fn trusted_load_balancer_chain_is_appended() {
         let policy = ForwardingPolicy {
             trusted_proxies: vec!["10.0.0.0/8".parse().expect("net")],
+            port: None,
         };
         let mut h = headers(&[
             ("x-forwarded-for", "6.6.6.6, 203.0.113.9"),

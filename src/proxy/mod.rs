@@ -48,7 +48,8 @@ struct Shared {
 }
 
 impl ProxyService {
-    pub fn new(config: &Config) -> Self {
+    /// `public_https_port` is the port clients reach us on, for `X-Forwarded-Port`.
+    pub fn new(config: &Config, public_https_port: u16) -> Self {
         let authority = match &config.upstream.target {
             UpstreamTarget::Tcp(a) => a.clone(),
             UpstreamTarget::Unix(_) => Authority::from_static("localhost"),
@@ -59,6 +60,7 @@ impl ProxyService {
                 authority,
                 forwarding: ForwardingPolicy {
                     trusted_proxies: config.server.trusted_proxies.clone(),
+                    port: Some(http::HeaderValue::from(public_https_port)),
                 },
                 response_timeout: config.upstream.response_timeout,
                 max_body: config.limits.max_body,

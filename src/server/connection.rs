@@ -58,18 +58,18 @@ impl Activity {
     /// Resolves once the connection has had no request in flight for `timeout`.
     async fn idle_for(&self, timeout: Duration) {
         loop {
+            if self.in_flight.load(Ordering::Relaxed) > 0 {
+                // A long response is not idleness: look again a whole timeout later.
+                tokio::time::sleep(timeout).await;
+                continue;
+            }
             let last =
                 self.started + Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
             let idle_since = last.elapsed();
-            if self.in_flight.load(Ordering::Relaxed) == 0 && idle_since >= timeout {
+            if idle_since >= timeout {
                 return;
             }
-            tokio::time::sleep(
-                timeout
-                    .saturating_sub(idle_since)
-                    .max(Duration::from_millis(100)),
-            )
-            .await;
+            tokio::time::sleep(timeout - idle_since).await;
         }
     }
 }

@@ -66,7 +66,9 @@ struct Runtime {
 }
 
 impl Runtime {
+    /// `https_port` is the port the HTTPS listener is bound to (the config may say 0).
     fn build(config: Arc<Config>, tokens: Arc<Http01Tokens>, https_port: u16) -> Runtime {
+        let public_https_port = config.server.public_https_port.unwrap_or(https_port);
         let https = ServiceBuilder::new()
             .layer(AccessLogLayer::new(config.log.access))
             .layer(RewriteHeadersLayer::new(SecurityHeaderPolicy::for_https(
@@ -76,7 +78,7 @@ impl Runtime {
                 config.cookies.clone(),
             )))
             .layer(HostGuardLayer::new(config.server.domains.clone()))
-            .service(ProxyService::new(&config));
+            .service(ProxyService::new(&config, public_https_port));
         let plain = ServiceBuilder::new()
             .layer(AccessLogLayer::new(config.log.access))
             .layer(RewriteHeadersLayer::new(
@@ -84,7 +86,7 @@ impl Runtime {
             ))
             .service(PlainHttpService::new(
                 config.server.domains.clone(),
-                config.server.public_https_port.unwrap_or(https_port),
+                public_https_port,
                 config.server.health_path.clone(),
                 tokens,
             ));
