@@ -17,7 +17,8 @@ COPY --from=build /src/target/release/portcullis /usr/local/bin/portcullis
 # Bind 80/443 without root: the capability lives on the binary, not on the user.
 RUN setcap cap_net_bind_service=+ep /usr/local/bin/portcullis \
  && apt-get purge -y libcap2-bin && apt-get autoremove -y
-COPY config/production.example.toml /etc/portcullis/portcullis.toml
+# No config is baked in: mount yours read-only at /etc/portcullis/portcullis.toml (an image that silently
+# ordered certificates for example.com would be worse than one that says the file is missing).
 USER portcullis
 VOLUME ["/certs"]
 EXPOSE 80 443
