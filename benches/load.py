@@ -324,6 +324,49 @@ def measure(contender, mode, seconds, tmp):
     return result
 
 
+def gunicorn_added_latency(tmp, seconds):
+    """The real thing: Django under Gunicorn (tests/django_app, 2 sync workers), measured directly over
+    plain HTTP and through portcullis over HTTPS at the same light load; the difference is what the
+    proxy adds to a Django request."""
+    venv = ROOT / "target/test-venv"
+    if not (venv / "bin/gunicorn").exists():
+        return None
+    app = ROOT / "tests/django_app"
+    gunicorn = subprocess.Popen(
+        ["taskset", "-c", LOAD_CORE, str(venv / "bin/gunicorn"), "--no-control-socket", "--workers", "2",
+         "--bind", f"127.0.0.1:{GUNICORN_PORT}", "djangoapp.wsgi:application"],
+        cwd=app, env={**os.environ, "DJANGO_DB_PATH": str(tmp / "db.sqlite3")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proxy = Portcullis(19448, tmp)
+    proxy.name = "portcullis-gunicorn"
+    original = proxy.command
+
+    def command(cert, key, pem):
+        cmd, env = original(cert, key, pem)
+        conf = Path(cmd[-1])
+        conf.write_text(conf.read_text().replace(f"127.0.0.1:{UPSTREAM_PORT}", f"127.0.0.1:{GUNICORN_PORT}"))
+        return cmd, env
+
+    proxy.command = command
+    try:
+        wait_port(GUNICORN_PORT)
+        cert, key = make_cert(tmp, "gunicorn")
+        proxy.start(cert, key, None)
+        results = {}
+        for name, url in (("gunicorn direct (HTTP)", f"http://127.0.0.1:{GUNICORN_PORT}/whoami/"),
+                          ("through portcullis (HTTPS, h1)", f"https://localhost:{proxy.port}/whoami/")):
+            out = run(["taskset", "-c", LOAD_CORE, "wrk", "-t1", "-c4", f"-d{seconds}s", "--latency", url]).stdout
+            pct = lambda p: re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
+            to_ms = lambda m: float(m.group(1)) / 1000 if m.group(2) == "us" else float(m.group(1)) * (1000 if m.group(2) == "s" else 1)
+            results[name] = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+                             "p50_ms": to_ms(pct(50)), "p99_ms": to_ms(pct(99))}
+        return results
+    finally:
+        proxy.stop()
+        os.killpg(gunicorn.pid, signal.SIGTERM)
+        gunicorn.wait(10)
+
+
 def median(values):
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float("nan")
@@ -335,7 +378,12 @@ def main():
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--only", help="comma-separated contenders")
     parser.add_argument("--json", type=Path, default=ROOT / "target/bench-load.json")
+    parser.add_argument("--django-only", action="store_true", help="only the Gunicorn added-latency run")
     args = parser.parse_args()
+    if args.django_only:
+        django = gunicorn_added_latency(Path(tempfile.mkdtemp(prefix="portcullis-bench-")), args.seconds)
+        print(json.dumps(django, indent=1))
+        return
 
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -384,8 +432,16 @@ def main():
         upstream.terminate()
         upstream.wait()
 
-    args.json.write_text(json.dumps({"checks": checks, "results": results, "ceiling": ceiling}, indent=1))
+    django = gunicorn_added_latency(tmp, args.seconds)
+    args.json.write_text(json.dumps({"checks": checks, "results": results, "ceiling": ceiling, "django": django}, indent=1))
     report(results, checks, ceiling, args)
+    if django:
+        print("\n### Django under Gunicorn: what the proxy adds (wrk -c4)\n")
+        print("| path | req/s | p50 ms | p99 ms |\n|---|---:|---:|---:|")
+        for name, r in django.items():
+            print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+    else:
+        print("\n(Django comparison skipped: no target/test-venv; run scripts/test.sh once to create it.)")
 
 
 def report(results, checks, ceiling, args):

@@ -12,5 +12,9 @@ if ((${#need[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+if [ ! -x target/test-venv/bin/gunicorn ]; then
+  python3 -m venv target/test-venv
+  target/test-venv/bin/pip install --quiet 'django>=5.2,<6' 'gunicorn>=23'
+fi
 cargo build --release --locked --bin portcullis --example bench_upstream
 python3 benches/load.py "$@" | tee target/bench-report.md
