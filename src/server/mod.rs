@@ -127,7 +127,8 @@ struct Shared {
     tokens: Arc<Http01Tokens>,
 }
 
-/// A started server. Dropping it does not stop it: call `shutdown` and `wait`.
+/// A started server. `shutdown` then `wait` stops it gracefully; dropping it also stops accepting and
+/// lets connections drain, without waiting for them.
 pub struct RunningServer {
     pub https_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
