@@ -27,6 +27,8 @@ use crate::tls::{CertInfo, CertResolver, TlsError, certified_key_from_pem, crypt
 
 /// A whole issuance (order, validation, finalization, download) must finish within this.
 const ISSUANCE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Asking for renewal information must finish within this; otherwise the lifetime rule decides.
+const ARI_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
@@ -283,7 +285,10 @@ impl AcmeManager {
     }
 
     async fn renewal_due(&mut self, current: &Current) -> SystemTime {
-        let window = self.ari_window(&current.leaf_der).await;
+        // The ACME client has no timeouts of its own: an unresponsive CA must not stall the schedule.
+        let window = tokio::time::timeout(ARI_TIMEOUT, self.ari_window(&current.leaf_der))
+            .await
+            .unwrap_or(None);
         schedule::renewal_time(&current.info, window, current.jitter)
     }
 
