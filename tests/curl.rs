@@ -72,3 +72,36 @@ async fn curl_over_http1_and_http2() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs curl: run scripts/test.sh"]
+async fn curl_upload_with_expect_continue_and_head() {
+    let (_upstream, proxy) = Proxy::with_upstream("[limits]\nmax_body = \"8MiB\"\n").await;
+    let root = proxy.root.display().to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("upload.bin");
+    std::fs::write(&file, vec![b'x'; 3 * 1024 * 1024]).expect("write");
+    let upload = format!("@{}", file.display());
+    let url = proxy.url("/upload");
+    let head_url = proxy.url("/echo");
+    let (root2, url2) = (root.clone(), url.clone());
+    // curl sends `Expect: 100-continue` for a body this size and waits for the 100 before sending it.
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "20", "--http1.1", "--cacert", &root2])
+            .args(["-H", "Expect: 100-continue", "--data-binary", &upload, &url2])
+            .output()
+            .expect("curl")
+    })
+    .await
+    .expect("task");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), (3 * 1024 * 1024).to_string());
+
+    let head = tokio::task::spawn_blocking(move || curl(&["--cacert", &root, "--head", &head_url]))
+        .await
+        .expect("task");
+    assert!(head.starts_with("http/2 200"), "{head}");
+    assert!(head.contains("content-length:"), "{head}");
+    proxy.stop().await;
+}
