@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v pebble >/dev/null || missing+=(pebble)
+command -v openssl >/dev/null || missing+=(openssl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
   echo "installing from Debian: ${missing[*]}"
@@ -27,7 +28,7 @@ if ! "$venv/bin/python" -c 'import django, gunicorn' 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'django>=5.2,<6' 'gunicorn>=23'
 fi
 
-for program in curl pebble pebble-challtestsrv "$venv/bin/gunicorn"; do
+for program in curl openssl pebble pebble-challtestsrv "$venv/bin/gunicorn"; do
   if ! command -v "$program" >/dev/null; then
     echo "error: $program is still missing; the tests that need it would not run" >&2
     exit 1

@@ -1,5 +1,5 @@
-//! A real third-party client: curl over HTTP/1.1 and HTTP/2 through the proxy, trusting the local CA.
-//! Needs the `curl` program: run with `--include-ignored` (scripts/test.sh installs it).
+//! Real third-party clients: curl over HTTP/1.1 and HTTP/2 through the proxy trusting the local CA, and
+//! `openssl s_client` probing which protocol versions and suites the TLS listener accepts.
 
 mod common;
 
@@ -88,20 +88,120 @@ async fn curl_upload_with_expect_continue_and_head() {
     // curl sends `Expect: 100-continue` for a body this size and waits for the 100 before sending it.
     let output = tokio::task::spawn_blocking(move || {
         Command::new("curl")
-            .args(["--silent", "--show-error", "--max-time", "20", "--http1.1", "--cacert", &root2])
-            .args(["-H", "Expect: 100-continue", "--data-binary", &upload, &url2])
+            .args([
+                "--silent",
+                "--show-error",
+                "--max-time",
+                "20",
+                "--http1.1",
+                "--cacert",
+                &root2,
+            ])
+            .args([
+                "-H",
+                "Expect: 100-continue",
+                "--data-binary",
+                &upload,
+                &url2,
+            ])
             .output()
             .expect("curl")
     })
     .await
     .expect("task");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(String::from_utf8_lossy(&output.stdout), (3 * 1024 * 1024).to_string());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        (3 * 1024 * 1024).to_string()
+    );
 
     let head = tokio::task::spawn_blocking(move || curl(&["--cacert", &root, "--head", &head_url]))
         .await
         .expect("task");
     assert!(head.starts_with("http/2 200"), "{head}");
     assert!(head.contains("content-length:"), "{head}");
+    proxy.stop().await;
+}
+
+/// A TLS handshake by `openssl s_client` with the given options; true if it completed.
+fn openssl_handshake(port: u16, options: &[&str]) -> bool {
+    let output = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            "localhost",
+        ])
+        .args(options)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl is installed (scripts/test.sh installs it)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    output.status.success() && text.contains("Cipher is") && !text.contains("Cipher is (NONE)")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs openssl: run scripts/test.sh"]
+async fn only_tls_1_2_and_1_3_with_forward_secret_aead_suites() {
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
+    let port = proxy.https.port();
+    let results = tokio::task::spawn_blocking(move || {
+        [
+            ("TLS 1.3", openssl_handshake(port, &["-tls1_3"])),
+            (
+                "TLS 1.2 ECDHE-ECDSA-AES128-GCM",
+                openssl_handshake(
+                    port,
+                    &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+                ),
+            ),
+            (
+                "TLS 1.2 ECDHE-ECDSA-CHACHA20",
+                openssl_handshake(
+                    port,
+                    &["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"],
+                ),
+            ),
+            (
+                "TLS 1.2 CBC",
+                openssl_handshake(
+                    port,
+                    &[
+                        "-tls1_2",
+                        "-cipher",
+                        "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA",
+                    ],
+                ),
+            ),
+            (
+                "TLS 1.2 static RSA",
+                openssl_handshake(port, &["-tls1_2", "-cipher", "AES128-GCM-SHA256"]),
+            ),
+            (
+                "TLS 1.1",
+                openssl_handshake(port, &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]),
+            ),
+        ]
+    })
+    .await
+    .expect("task");
+    let accepted: Vec<&str> = results
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(name, _)| *name)
+        .collect();
+    assert_eq!(
+        accepted,
+        [
+            "TLS 1.3",
+            "TLS 1.2 ECDHE-ECDSA-AES128-GCM",
+            "TLS 1.2 ECDHE-ECDSA-CHACHA20"
+        ]
+    );
     proxy.stop().await;
 }

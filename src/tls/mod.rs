@@ -6,14 +6,14 @@ pub mod store;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use rustls::{ServerConfig, SupportedCipherSuite};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -51,19 +51,29 @@ impl TlsError {
     }
 }
 
-/// aws-lc-rs, restricted to forward-secret AEAD suites. Every TLS 1.3 suite qualifies; for TLS 1.2 only
-/// ECDHE with AES-GCM or ChaCha20-Poly1305 (all rustls offers, asserted here so it stays true).
+/// aws-lc-rs with exactly the forward-secret AEAD suites: TLS 1.3's three, and for TLS 1.2 only ECDHE
+/// with AES-GCM or ChaCha20-Poly1305 (Mozilla's "intermediate" profile minus the CBC and DHE suites).
+/// Built once; every rustls config and key load in the process shares it.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    provider.cipher_suites.retain(|suite| match suite {
-        SupportedCipherSuite::Tls13(_) => true,
-        SupportedCipherSuite::Tls12(s) => {
-            let name = format!("{:?}", s.common.suite);
-            name.contains("_ECDHE_")
-                && (name.contains("_GCM_") || name.contains("CHACHA20_POLY1305"))
-        }
-    });
-    Arc::new(provider)
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            use rustls::crypto::aws_lc_rs::cipher_suite::*;
+            let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+            provider.cipher_suites = vec![
+                TLS13_AES_128_GCM_SHA256,
+                TLS13_AES_256_GCM_SHA384,
+                TLS13_CHACHA20_POLY1305_SHA256,
+                TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+                TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            ];
+            Arc::new(provider)
+        })
+        .clone()
 }
 
 /// Installs the process-wide default provider for libraries that build their own rustls configs (the
