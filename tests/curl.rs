@@ -1,5 +1,6 @@
 //! Real third-party clients: curl over HTTP/1.1 and HTTP/2 through the proxy trusting the local CA, and
 //! `openssl s_client` probing which protocol versions and suites the TLS listener accepts.
+//! Needs `curl` and `openssl`: run with `--include-ignored` (scripts/test.sh installs them).
 
 mod common;
 
