@@ -365,6 +365,31 @@ async fn http_01_issues_a_certificate() {
     );
     let snapshot = issued.status();
     assert_eq!((snapshot.issued, snapshot.failures), (1, 0), "{snapshot:?}");
+
+    // A reload that adds a name: a new order covers it, without a restart, the old one serving meanwhile.
+    let mut config = issued.config.clone();
+    let api = format!("api.{DOMAIN}");
+    let mut names: Vec<String> = config.server.domains.iter().map(str::to_string).collect();
+    names.push(api.clone());
+    config.server.domains = portcullis::config::Domains::new(names);
+    issued.server.reload(config).expect("reload");
+    let addr = format!("127.0.0.1:{}", issued.https).parse().expect("addr");
+    let deadline = Instant::now() + LIMIT;
+    while tls_connect(addr, &api, &issued.root, H2).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no certificate for the added name: {:?}",
+            issued.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(issued.status().issued, 2);
+    assert_ne!(
+        served_leaf(issued.https, &issued.root)
+            .await
+            .expect("served"),
+        issued.first
+    );
     stop(issued.server).await;
 }
 

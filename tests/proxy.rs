@@ -618,3 +618,37 @@ async fn connections_over_the_limit_are_closed_at_once() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn reload_with_a_new_name_gets_it_a_local_certificate() {
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
+    assert!(
+        tls_connect(proxy.https, "app.localhost", &proxy.root, H2)
+            .await
+            .is_err()
+    );
+    let mut config = (*proxy.server().config()).clone();
+    config.server.domains = portcullis::config::Domains::new(vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "app.localhost".into(),
+    ]);
+    proxy.server().reload(config).expect("reload");
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut client = loop {
+        if let Ok(client) = Client::connect(proxy.https, "app.localhost", &proxy.root, H2).await {
+            break client;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no certificate for the new name"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let req = http::Request::builder()
+        .uri(format!("https://app.localhost:{}/echo", proxy.https.port()))
+        .body(full(""))
+        .expect("request");
+    assert_eq!(client.fetch(req).await.0.status(), StatusCode::OK);
+    proxy.stop().await;
+}

@@ -18,6 +18,7 @@ use instant_acme::{
 use rcgen::{CertificateParams, CustomExtension, KeyPair};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
 
 pub use http01::Http01Tokens;
 use storage::{AcmeStore, CertMeta};
@@ -94,7 +95,9 @@ impl AcmeStatus {
 
 pub struct AcmeManager {
     config: AcmeConfig,
+    /// The names the current order is for; follows `domain_updates` (a reload).
     domains: Domains,
+    domain_updates: watch::Receiver<Domains>,
     store: AcmeStore,
     resolver: Arc<CertResolver>,
     tokens: Arc<Http01Tokens>,
@@ -115,15 +118,17 @@ struct Current {
 impl AcmeManager {
     pub fn new(
         config: AcmeConfig,
-        domains: Domains,
+        mut domain_updates: watch::Receiver<Domains>,
         tls_dir: &std::path::Path,
         resolver: Arc<CertResolver>,
         tokens: Arc<Http01Tokens>,
         http01_available: bool,
     ) -> AcmeManager {
+        let domains = domain_updates.borrow_and_update().clone();
         AcmeManager {
             config,
             domains,
+            domain_updates,
             store: AcmeStore::new(tls_dir),
             resolver,
             tokens,
@@ -192,6 +197,11 @@ impl AcmeManager {
         }
         let mut logged_due: Option<SystemTime> = None;
         loop {
+            // The latest names (`changed()` below marks them seen, so compare rather than ask).
+            let latest = self.domain_updates.borrow_and_update().clone();
+            if latest != self.domains {
+                self.domains = latest;
+            }
             let due = match &current {
                 Some(c) if c.info.missing_names(&self.domains).is_empty() => {
                     self.renewal_due(c).await
@@ -212,7 +222,15 @@ impl AcmeManager {
                 }
                 self.status.update(|s| s.next_renewal = Some(due));
                 let wait = due.duration_since(now).unwrap_or_default();
-                tokio::time::sleep(wait.min(self.config.renew_check_interval)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait.min(self.config.renew_check_interval)) => {}
+                    // A reload changed server.domains: look again now (the new names need an order).
+                    changed = self.domain_updates.changed() => {
+                        if changed.is_err() {
+                            return; // the server is gone
+                        }
+                    }
+                }
                 continue;
             }
 
@@ -609,7 +627,7 @@ mod tests {
         let manager = |http01| {
             AcmeManager::new(
                 config.clone(),
-                Domains::new(vec!["a.example".into()]),
+                watch::channel(Domains::new(vec!["a.example".into()])).1,
                 dir.path(),
                 Arc::new(CertResolver::default()),
                 Arc::new(Http01Tokens::default()),

@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 
 use crate::acme::{AcmeManager, AcmeStatus, Http01Tokens};
-use crate::config::{Config, ConfigError, Limits, TlsSource};
+use crate::config::{Config, ConfigError, Domains, Limits, TlsSource};
 use crate::middleware::access_log::AccessLog;
 use crate::middleware::host::HostGuard;
 use crate::middleware::{
@@ -125,6 +125,8 @@ struct Shared {
     current: ArcSwap<Runtime>,
     resolver: Arc<CertResolver>,
     tokens: Arc<Http01Tokens>,
+    /// The served names, for the certificate source's background task (a reload may change them).
+    domains: watch::Sender<Domains>,
 }
 
 /// A started server. `shutdown` then `wait` stops it gracefully; dropping it also stops accepting and
@@ -163,8 +165,9 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let mut background = Vec::new();
+    let (domains, domain_updates) = watch::channel(config.server.domains.clone());
     let (local_ca_root, acme_status) =
-        provision_certificates(&config, &resolver, &tokens, &mut background)?;
+        provision_certificates(&config, &resolver, &tokens, domain_updates, &mut background)?;
 
     let tls_config =
         crate::tls::server_config(resolver.clone(), config.tls.source == TlsSource::Acme)?;
@@ -176,6 +179,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         )),
         resolver,
         tokens,
+        domains,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(config.limits.max_connections));
@@ -233,6 +237,7 @@ fn provision_certificates(
     config: &Config,
     resolver: &Arc<CertResolver>,
     tokens: &Arc<Http01Tokens>,
+    domain_updates: watch::Receiver<Domains>,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Result<(Option<PathBuf>, Option<Arc<AcmeStatus>>), ServerError> {
     let domains = &config.server.domains;
@@ -251,7 +256,7 @@ fn provision_certificates(
             );
             background.push(tokio::spawn(local_ca::renew_forever(
                 ca,
-                domains.clone(),
+                domain_updates,
                 resolver.clone(),
                 next,
             )));
@@ -268,7 +273,7 @@ fn provision_certificates(
             })?;
             let manager = AcmeManager::new(
                 acme,
-                domains.clone(),
+                domain_updates,
                 &config.tls.dir,
                 resolver.clone(),
                 tokens.clone(),
@@ -381,10 +386,8 @@ impl RunningServer {
         if new.server.workers != old.server.workers {
             needs_restart.push("server.workers");
         }
-        if new.tls.source == TlsSource::Acme
-            && (new.server.domains != old.server.domains || new.acme != old.acme)
-        {
-            needs_restart.push("server.domains/[acme] (with tls.source = \"acme\")");
+        if new.tls.source == TlsSource::Acme && new.acme != old.acme {
+            needs_restart.push("[acme]");
         }
         if new.limits.max_connections != old.limits.max_connections {
             needs_restart.push("limits.max_connections");
@@ -396,12 +399,14 @@ impl RunningServer {
             {
                 crate::tls::install_files(&self.shared.resolver, &new.server.domains, cert, key)?;
             }
-            TlsSource::Local
-                if new.server.domains != old.server.domains
-                    && old.tls.source == TlsSource::Local =>
-            {
-                LocalCa::open(&old.tls.dir)?
-                    .issue_and_install(&new.server.domains, &self.shared.resolver)?;
+            // The local CA's and the ACME manager's tasks issue for the new names (ACME: a new order
+            // while the current certificate keeps serving).
+            TlsSource::Local | TlsSource::Acme if new.tls.source == old.tls.source => {
+                self.shared.domains.send_if_modified(|domains| {
+                    let changed = *domains != new.server.domains;
+                    *domains = new.server.domains.clone();
+                    changed
+                });
             }
             _ => {}
         }

@@ -12,6 +12,7 @@ use rcgen::{
 };
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
 
 use super::store::{PUBLIC, SECRET, create_private_dir, write_atomic};
 use super::{CertInfo, CertResolver, TlsError, crypto_provider};
@@ -121,17 +122,25 @@ fn short_id() -> String {
     )
 }
 
-/// Renews the leaf before it expires, for as long as the process runs.
+/// Renews the leaf before it expires, and reissues at once when a reload changes the served names.
 pub async fn renew_forever(
     ca: Arc<LocalCa>,
-    domains: Domains,
+    mut domains: watch::Receiver<Domains>,
     resolver: Arc<CertResolver>,
     mut next: SystemTime,
 ) {
     loop {
         let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
-        tokio::time::sleep(wait).await;
-        match ca.issue_and_install(&domains, &resolver) {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            changed = domains.changed() => {
+                if changed.is_err() {
+                    return; // the server is gone
+                }
+            }
+        }
+        let names = domains.borrow_and_update().clone();
+        match ca.issue_and_install(&names, &resolver) {
             Ok(at) => {
                 tracing::info!("renewed the local certificate");
                 next = at;
