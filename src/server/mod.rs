@@ -371,9 +371,10 @@ impl RunningServer {
         self.shared.current.load().config.clone()
     }
 
-    /// Applies a new, already validated config to requests from now on. Settings bound at start (listen
-    /// addresses, TLS source and folder, worker threads, connection limit) need a restart: they are kept
-    /// and named in the log.
+    /// Applies a new, already validated config to requests from now on; new `server.domains` get their
+    /// certificates from the running local CA or ACME manager. Settings bound at start (listen
+    /// addresses, TLS source and folder, `[acme]`, worker threads, connection limit) need a restart: they
+    /// are kept and named in the log. Certificate files that fail to load fail the reload as a whole.
     pub fn reload(&self, new: Config) -> Result<(), ServerError> {
         let old = self.config();
         let mut needs_restart = Vec::new();
