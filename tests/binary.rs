@@ -48,7 +48,7 @@ fn check_accepts_the_shipped_configs_and_names_the_key_and_line_of_a_mistake() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("bad.toml:6:1: unknown field `timeout`"),
+        stderr.contains("bad.toml:6:1: `upstream.timeout`: unknown field `timeout`"),
         "{stderr}"
     );
     assert!(

@@ -309,7 +309,10 @@ impl Config {
                 let before = &text[..span.start.min(text.len())];
                 let line = before.matches('\n').count() + 1;
                 let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                format!("{line}:{column}: ")
+                match validate::key_at(text, span.start) {
+                    Some(key) => format!("{line}:{column}: `{key}`: "),
+                    None => format!("{line}:{column}: "),
+                }
             });
             ConfigError::Parse {
                 path: origin.to_string(),

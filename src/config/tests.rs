@@ -62,7 +62,7 @@ fn unknown_key_is_named_with_its_line() {
         "[server]\ndomains = [\"a.example\"]\ndomain = \"x\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n",
     );
     assert!(
-        err.starts_with("test.toml:3:1: unknown field `domain`"),
+        err.starts_with("test.toml:3:1: `server.domain`: unknown field `domain`"),
         "{err}"
     );
 }
@@ -71,7 +71,10 @@ fn unknown_key_is_named_with_its_line() {
 fn wrong_type_is_named() {
     let err =
         error_of("[server]\ndomains = \"a.example\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n");
-    assert!(err.starts_with("test.toml:2:11: invalid type"), "{err}");
+    assert!(
+        err.starts_with("test.toml:2:11: `server.domains`: invalid type"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -195,4 +198,24 @@ fn shipped_configs_are_valid() {
         let config = Config::load(&root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert!(config.warnings.is_empty(), "{file}: {:?}", config.warnings);
     }
+}
+
+#[test]
+fn parse_errors_name_the_key_at_their_position() {
+    let text = "[server]\ndomains = [\"a.example\"]\n[upstream]\nurl = \"http://127.0.0.1:1\"\n[headers.x_frame_options]\nmode = 3\n";
+    let err = error_of(text);
+    assert!(
+        err.starts_with("test.toml:6:8: `headers.x_frame_options.mode`: invalid type: integer"),
+        "{err}"
+    );
+    let err = error_of(&format!("{MINIMAL}[limits]\nmax_body = \"lots\"\n"));
+    assert!(
+        err.contains("`limits.max_body`: `lots`: unknown size unit"),
+        "{err}"
+    );
+    let err = error_of(&format!("{MINIMAL}[serverr]\nx = 1\n"));
+    assert!(
+        err.contains("`serverr`: unknown field `serverr`, expected one of `server`"),
+        "{err}"
+    );
 }

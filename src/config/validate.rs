@@ -58,6 +58,30 @@ fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
     Some(text[..offset.min(text.len())].matches('\n').count() + 1)
 }
 
+/// The dotted key whose name or value covers byte `offset` of the TOML source: turns a parse error's
+/// position into the key it is about.
+pub(super) fn key_at(text: &str, offset: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    fn search(table: &DeTable, offset: usize, path: &mut Vec<String>) -> bool {
+        for (key, value) in table.iter() {
+            path.push(key.get_ref().to_string());
+            let here = key.span().contains(&offset) || value.span().contains(&offset);
+            let inside = match value.get_ref() {
+                DeValue::Table(inner) => search(inner, offset, path),
+                _ => false,
+            };
+            if inside || here {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    let root = DeTable::parse(text).ok()?;
+    let mut path = Vec::new();
+    search(root.get_ref(), offset, &mut path).then(|| path.join("."))
+}
+
 fn mode_of(
     ctx: &Ctx,
     key: &str,
