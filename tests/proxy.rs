@@ -652,3 +652,34 @@ async fn reload_with_a_new_name_gets_it_a_local_certificate() {
     assert_eq!(client.fetch(req).await.0.status(), StatusCode::OK);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn ipv6_listener_and_client_address() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "[server]\nhttps = \"[::1]:0\"\ndomains = [\"localhost\", \"::1\"]\n[tls]\ndir = \"{}\"\n[upstream]\nurl = \"http://{}\"\n",
+        dir.path().display(),
+        upstream.addr
+    );
+    let config = portcullis::config::Config::parse(&text, "ipv6", None).expect("valid");
+    let proxy = Proxy::start_with(config, dir).await;
+    assert!(proxy.https.is_ipv6());
+    // By IP (no SNI): the certificate covers ::1 and Host is the bracketed literal.
+    let mut client = Client::connect(proxy.https, "::1", &proxy.root, H2)
+        .await
+        .expect("connect over IPv6");
+    let req = http::Request::builder()
+        .uri(format!("https://[::1]:{}/echo", proxy.https.port()))
+        .body(full(""))
+        .expect("request");
+    let (response, body) = client.fetch(req).await;
+    assert_eq!(response.status(), StatusCode::OK, "{body}");
+    let headers = echoed_headers(&body);
+    assert_eq!(echoed(&headers, "x-forwarded-for"), ["::1"]);
+    assert_eq!(
+        echoed(&headers, "host"),
+        [format!("[::1]:{}", proxy.https.port())]
+    );
+    proxy.stop().await;
+}

@@ -111,7 +111,10 @@ where
                     .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             }),
             uri: req.uri().clone(),
-            client: req.extensions().get::<ConnInfo>().map(|c| c.peer.ip()),
+            client: req
+                .extensions()
+                .get::<ConnInfo>()
+                .map(|c| crate::config::canonical_ip(c.peer.ip())),
             start: Instant::now(),
         });
         AccessLogFuture {
