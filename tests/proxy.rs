@@ -683,3 +683,50 @@ async fn ipv6_listener_and_client_address() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn websocket_tunnels_count_against_the_cap_and_close_on_shutdown() {
+    let (_upstream, proxy) = Proxy::with_upstream("[limits]\nmax_connections = 2\n").await;
+    let mut client = proxy.client(H1).await;
+    let req = request("GET", "/ws", proxy.https.port())
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(full(""))
+        .expect("request");
+    let response = client.send(req).await.expect("response");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut io = TokioIo::new(hyper::upgrade::on(response).await.expect("upgrade"));
+    io.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    io.read_exact(&mut buf).await.expect("echo");
+
+    // The tunnel still holds its slot: one more connection fits, the next is closed at once.
+    let mut second = proxy.client(H2).await;
+    assert_eq!(
+        second.get("/echo", proxy.https.port()).await.0.status(),
+        StatusCode::OK
+    );
+    let mut third = tokio::net::TcpStream::connect(proxy.https)
+        .await
+        .expect("connect");
+    let mut probe = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut probe))
+        .await
+        .expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    drop(second);
+
+    // Shutdown does not wait out the grace period for the open WebSocket: it is closed.
+    let started = std::time::Instant::now();
+    proxy.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the tunnel was closed");
+}

@@ -203,7 +203,7 @@ impl Shared {
             ) {
                 (Some(client_upgrade), Some(_)) => {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
-                    tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                    tokio::spawn(tunnel(client_upgrade, upstream_upgrade, conn));
                 }
                 _ => {
                     return error_page(
@@ -302,7 +302,13 @@ fn error_chain(error: &dyn StdError) -> String {
 }
 
 /// Copies bytes both ways between the client and the upstream once both sides switched protocols.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// The tunnel keeps the connection's slot under the connection cap and ends when the server shuts down.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    conn: ConnInfo,
+) {
+    let mut shutdown = conn.shutdown.clone();
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -312,9 +318,12 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     };
     let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "websocket closed"),
-        Err(e) => tracing::debug!(error = %e, "websocket ended with an error"),
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+            Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "websocket closed"),
+            Err(e) => tracing::debug!(error = %e, "websocket ended with an error"),
+        },
+        _ = shutdown.wait_for(|stop| *stop) => tracing::debug!(peer = %conn.peer, "websocket closed for shutdown"),
     }
 }
 

@@ -118,7 +118,7 @@ pub async fn serve_tls(
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let runtime = shared.current.load_full();
     let stream = match tokio::time::timeout(
@@ -146,6 +146,8 @@ pub async fn serve_tls(
         peer,
         sni: session.server_name().map(Arc::from),
         tls: true,
+        slot: Arc::new(permit),
+        shutdown: shutdown.clone(),
     };
     serve_http(
         TokioIo::new(stream),
@@ -164,13 +166,15 @@ pub async fn serve_plain(
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let runtime = shared.current.load_full();
     let info = ConnInfo {
         peer,
         sni: None,
         tls: false,
+        slot: Arc::new(permit),
+        shutdown: shutdown.clone(),
     };
     serve_http(
         TokioIo::new(tcp),
