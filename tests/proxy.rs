@@ -730,3 +730,49 @@ async fn websocket_tunnels_count_against_the_cap_and_close_on_shutdown() {
     let closed = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the tunnel was closed");
 }
+
+#[tokio::test]
+async fn slow_readers_do_not_hold_the_upstream_for_buffered_responses() {
+    for (buffer, upstream_done) in [("64MiB", true), ("0", false)] {
+        let (upstream, proxy) =
+            Proxy::with_upstream(&format!("[limits]\nbuffer_response = \"{buffer}\"\n")).await;
+        let mut client = proxy.client(H2).await;
+        // Read the headers, then nothing: a client on a very slow link.
+        let response = client
+            .send(
+                request("GET", "/large-sized", proxy.https.port())
+                    .body(full(""))
+                    .expect("request"),
+            )
+            .await
+            .expect("headers");
+        assert_eq!(response.status(), StatusCode::OK);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while upstream
+            .bodies_sent
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let finished = upstream
+            .bodies_sent
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1;
+        assert_eq!(
+            finished, upstream_done,
+            "buffer_response = {buffer}: upstream finished = {finished}"
+        );
+        if upstream_done {
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .expect("body");
+            assert_eq!(body.to_bytes().len(), 32 * 1024 * 1024);
+        } else {
+            drop(response);
+        }
+        drop(client); // the slow reader gives up; nothing is left in flight
+        proxy.stop().await;
+    }
+}

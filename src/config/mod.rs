@@ -273,6 +273,9 @@ pub struct Limits {
     /// Request bodies with a declared length up to this are read whole before the upstream sees the
     /// request: a slow client then costs a Gunicorn worker nothing.
     pub buffer_body: u64,
+    /// Responses with a declared length up to this are read whole from the upstream before they are
+    /// sent on: a slow reader then costs a Gunicorn worker nothing.
+    pub buffer_response: u64,
     pub max_connections: usize,
     pub h2_max_concurrent_streams: u32,
     pub h2_max_pending_resets: usize,

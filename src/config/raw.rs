@@ -134,6 +134,7 @@ pub struct RawLimits {
     pub max_headers: Option<usize>,
     pub max_body: Option<ByteSize>,
     pub buffer_body: Option<ByteSize>,
+    pub buffer_response: Option<ByteSize>,
     pub max_connections: Option<usize>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub h2_max_pending_resets: Option<usize>,

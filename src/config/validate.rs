@@ -580,6 +580,7 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             .map(|b| b.0)
             .unwrap_or(DJANGO_DATA_UPLOAD_MAX_MEMORY_SIZE),
         buffer_body: l.buffer_body.map(|b| b.0).unwrap_or(65_536),
+        buffer_response: l.buffer_response.map(|b| b.0).unwrap_or(262_144),
         max_connections: l.max_connections.unwrap_or(10_000),
         h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128),
         h2_max_pending_resets: l.h2_max_pending_resets.unwrap_or(20),

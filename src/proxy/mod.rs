@@ -44,6 +44,8 @@ struct Shared {
     max_body: u64,
     /// Bodies declared up to this size are read whole before the upstream is contacted.
     buffer_body: u64,
+    /// Responses declared up to this size are read whole from the upstream before they are sent on.
+    buffer_response: u64,
     body_timeout: Duration,
 }
 
@@ -65,6 +67,7 @@ impl ProxyService {
                 response_timeout: config.upstream.response_timeout,
                 max_body: config.limits.max_body,
                 buffer_body: config.limits.buffer_body,
+                buffer_response: config.limits.buffer_response,
                 body_timeout: config.limits.body_timeout,
             }),
         }
@@ -109,7 +112,7 @@ impl Shared {
                 "request target is not a path",
             );
         };
-        let declared_length = match content_length(&req) {
+        let declared_length = match content_length(req.headers()) {
             Err(()) => {
                 return error_page(
                     StatusCode::BAD_REQUEST,
@@ -219,7 +222,34 @@ impl Shared {
         let (mut parts, body) = response.into_parts();
         parts.extensions = http::Extensions::new();
         parts.extensions.insert(UpstreamTiming(upstream_time));
-        Response::from_parts(parts, ProxyBody::from(body))
+        // A response of known, modest size is read whole at once: the upstream connection goes back to
+        // the pool and the Gunicorn worker is free, however slowly the client reads (what nginx's
+        // proxy_buffering does). Streaming responses (no Content-Length: SSE, downloads) pass through.
+        let body = match content_length(&parts.headers) {
+            Ok(Some(len)) if len <= self.buffer_response && !body.is_end_stream() => {
+                let left = self.response_timeout.saturating_sub(started.elapsed());
+                match tokio::time::timeout(left, body.collect()).await {
+                    Ok(Ok(collected)) => ProxyBody::full(collected.to_bytes()),
+                    Ok(Err(error)) => {
+                        tracing::warn!(error = %error_chain(&error), "upstream response body failed");
+                        return error_page(
+                            StatusCode::BAD_GATEWAY,
+                            Blame::Upstream,
+                            "upstream response body failed",
+                        );
+                    }
+                    Err(_) => {
+                        return error_page(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            Blame::Upstream,
+                            "upstream response body too slow",
+                        );
+                    }
+                }
+            }
+            _ => ProxyBody::from(body),
+        };
+        Response::from_parts(parts, body)
     }
 }
 
@@ -231,8 +261,8 @@ fn origin_form(uri: &Uri) -> Option<PathAndQuery> {
 
 /// The declared body length. hyper already refuses conflicting or duplicate lengths on HTTP/1.1; this also
 /// covers HTTP/2, where the field is informational but must still be a single number.
-fn content_length<B>(req: &Request<B>) -> Result<Option<u64>, ()> {
-    let mut values = req.headers().get_all(CONTENT_LENGTH).iter();
+fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
+    let mut values = headers.get_all(CONTENT_LENGTH).iter();
     let Some(first) = values.next() else {
         return Ok(None);
     };
@@ -333,19 +363,19 @@ mod tests {
 
     #[test]
     fn content_length_must_be_one_plain_number() {
-        let req = |values: &[&str]| {
-            let mut b = Request::builder();
+        let length = |values: &[&str]| {
+            let mut headers = http::HeaderMap::new();
             for v in values {
-                b = b.header(CONTENT_LENGTH, *v);
+                headers.append(CONTENT_LENGTH, v.parse().expect("value"));
             }
-            b.body(()).expect("request")
+            content_length(&headers)
         };
-        assert_eq!(content_length(&req(&[])), Ok(None));
-        assert_eq!(content_length(&req(&["42"])), Ok(Some(42)));
-        assert_eq!(content_length(&req(&["42", "42"])), Err(()));
-        assert_eq!(content_length(&req(&["+42"])), Err(()));
-        assert_eq!(content_length(&req(&["4 2"])), Err(()));
-        assert_eq!(content_length(&req(&["99999999999999999999999"])), Err(()));
+        assert_eq!(length(&[]), Ok(None));
+        assert_eq!(length(&["42"]), Ok(Some(42)));
+        assert_eq!(length(&["42", "42"]), Err(()));
+        assert_eq!(length(&["+42"]), Err(()));
+        assert_eq!(length(&["4 2"]), Err(()));
+        assert_eq!(length(&["99999999999999999999999"]), Err(()));
     }
 
     #[test]

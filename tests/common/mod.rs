@@ -36,6 +36,8 @@ pub fn full(data: impl Into<Bytes>) -> TestBody {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicUsize>,
+    /// Responses on `/large-sized` whose body the upstream finished writing.
+    pub bodies_sent: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -56,7 +58,9 @@ impl Upstream {
     pub fn serve(listener: TcpListener) -> Upstream {
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(AtomicUsize::new(0));
+        let bodies_sent = Arc::new(AtomicUsize::new(0));
         let counter = requests.clone();
+        let sent = bodies_sent.clone();
         let task = tokio::spawn(async move {
             // Connections live in this set: aborting the accept task kills them too, like a dead process.
             let mut connections = tokio::task::JoinSet::new();
@@ -64,12 +68,12 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let counter = counter.clone();
+                let (counter, sent) = (counter.clone(), sent.clone());
                 while connections.try_join_next().is_some() {}
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
-                        upstream_handler(req)
+                        upstream_handler(req, sent.clone())
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -81,6 +85,7 @@ impl Upstream {
         Upstream {
             addr,
             requests,
+            bodies_sent,
             task,
         }
     }
@@ -90,7 +95,10 @@ impl Upstream {
     }
 }
 
-async fn upstream_handler(mut req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+async fn upstream_handler(
+    mut req: Request<Incoming>,
+    bodies_sent: Arc<AtomicUsize>,
+) -> Result<Response<TestBody>, Infallible> {
     let path = req.uri().path().to_string();
     let response = match path.as_str() {
         "/slow" => {
@@ -129,6 +137,23 @@ async fn upstream_handler(mut req: Request<Incoming>) -> Result<Response<TestBod
             Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
                 chunks,
             ))))
+        }
+        "/large-sized" => {
+            // 32 MiB with a Content-Length; counts in `bodies_sent` once the last byte is handed over.
+            // (hyper stops polling at the declared length, so the last chunk itself does the counting).
+            let chunks = (0..512).map(move |i| {
+                if i == 511 {
+                    bodies_sent.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(
+                    vec![b'x'; 65536],
+                )))
+            });
+            let stream = futures_util::stream::iter(chunks);
+            Response::builder()
+                .header("content-length", (512 * 65536).to_string())
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .expect("response")
         }
         "/upload" => {
             let mut total = 0usize;
