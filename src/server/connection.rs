@@ -2,6 +2,7 @@
 //! the tower stack, until the client is done, the connection idles past `limits.idle_timeout` with no
 //! request in flight, or the server shuts down (then in-flight requests finish first).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,8 +21,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
-
-use std::convert::Infallible;
 
 use super::{Runtime, Shared};
 use crate::context::ConnInfo;
