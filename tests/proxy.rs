@@ -368,21 +368,7 @@ async fn bodies_stream_both_ways_and_oversized_uploads_get_413() {
 #[tokio::test]
 async fn websocket_upgrade_tunnels_both_ways() {
     let (_upstream, proxy) = Proxy::with_upstream("").await;
-    let mut client = proxy.client(H1).await;
-    let req = request("GET", "/ws", proxy.https.port())
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .body(full(""))
-        .expect("request");
-    let response = client.send(req).await.expect("response");
-    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    let upgraded = tokio::time::timeout(LIMIT, hyper::upgrade::on(response))
-        .await
-        .expect("in time")
-        .expect("upgrade");
-    let mut io = TokioIo::new(upgraded);
+    let mut io = open_websocket(&proxy).await;
     for message in [&b"hello"[..], b"second frame", &[0u8, 255, 10, 13]] {
         io.write_all(message).await.expect("write");
         let mut buf = vec![0u8; message.len()];
@@ -687,17 +673,7 @@ async fn ipv6_listener_and_client_address() {
 #[tokio::test]
 async fn websocket_tunnels_count_against_the_cap_and_close_on_shutdown() {
     let (_upstream, proxy) = Proxy::with_upstream("[limits]\nmax_connections = 2\n").await;
-    let mut client = proxy.client(H1).await;
-    let req = request("GET", "/ws", proxy.https.port())
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .body(full(""))
-        .expect("request");
-    let response = client.send(req).await.expect("response");
-    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    let mut io = TokioIo::new(hyper::upgrade::on(response).await.expect("upgrade"));
+    let mut io = open_websocket(&proxy).await;
     io.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 4];
     io.read_exact(&mut buf).await.expect("echo");
@@ -775,4 +751,23 @@ async fn slow_readers_do_not_hold_the_upstream_for_buffered_responses() {
         drop(client); // the slow reader gives up; nothing is left in flight
         proxy.stop().await;
     }
+}
+
+/// An HTTP/1.1 WebSocket handshake through the proxy to the upstream's echo; the upgraded stream.
+async fn open_websocket(proxy: &Proxy) -> TokioIo<hyper::upgrade::Upgraded> {
+    let mut client = proxy.client(H1).await;
+    let req = request("GET", "/ws", proxy.https.port())
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(full(""))
+        .expect("request");
+    let response = client.send(req).await.expect("response");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let upgraded = tokio::time::timeout(LIMIT, hyper::upgrade::on(response))
+        .await
+        .expect("in time")
+        .expect("upgrade");
+    TokioIo::new(upgraded)
 }
