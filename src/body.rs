@@ -179,3 +179,56 @@ impl Body for ProxyBody {
         }
     }
 }
+
+/// Something that rides along with a response body: told about each data frame and the end, and
+/// dropped with the body (when hyper has finished sending it or the client went away).
+pub trait BodyObserver {
+    fn on_data(&mut self, _len: usize) {}
+    fn on_end(&mut self) {}
+}
+
+pin_project! {
+    /// A body passed through unchanged, with an observer attached.
+    pub struct ObservedBody<B, O> {
+        #[pin]
+        inner: B,
+        observer: O,
+    }
+}
+
+impl<B, O> ObservedBody<B, O> {
+    pub fn new(inner: B, observer: O) -> Self {
+        ObservedBody { inner, observer }
+    }
+}
+
+impl<B: Body<Data = Bytes>, O: BodyObserver> Body for ObservedBody<B, O> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => this.observer.on_data(f.data_ref().map_or(0, Bytes::len)),
+            None => this.observer.on_end(),
+            Some(Err(_)) => {}
+        }
+        // hyper stops polling once the body says it has ended.
+        if this.inner.is_end_stream() {
+            this.observer.on_end();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

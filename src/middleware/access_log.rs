@@ -6,12 +6,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::body::{BodyObserver, ObservedBody};
 use crate::context::ConnInfo;
 use crate::response::ProxyFailure;
 
@@ -54,7 +54,8 @@ struct RequestFacts {
     start: Instant,
 }
 
-struct Entry {
+/// One access-log line in the making: filled in as the response goes out, written when it is dropped.
+pub struct Entry {
     request: RequestFacts,
     status: StatusCode,
     upstream: Option<Duration>,
@@ -151,46 +152,23 @@ where
             bytes: 0,
             finished: ended,
         });
-        Poll::Ready(Ok(response.map(|body| LoggedBody { inner: body, entry })))
+        Poll::Ready(Ok(response.map(|body| ObservedBody::new(body, entry))))
     }
 }
 
-pin_project! {
-    /// The response body, counting bytes; the log line is written when it is dropped.
-    pub struct LoggedBody<B> {
-        #[pin]
-        inner: B,
-        entry: Option<Entry>,
-    }
-}
+/// The response body, counting bytes; the log line is written when it is dropped.
+pub type LoggedBody<B> = ObservedBody<B, Option<Entry>>;
 
-impl<B: Body<Data = Bytes>> Body for LoggedBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        if let Some(entry) = this.entry.as_mut() {
-            match &frame {
-                Some(Ok(f)) => entry.bytes += f.data_ref().map_or(0, |d| d.len() as u64),
-                None => entry.finished = true,
-                Some(Err(_)) => {}
-            }
-            // hyper stops polling once the body says it has ended.
-            entry.finished |= this.inner.is_end_stream();
+impl BodyObserver for Option<Entry> {
+    fn on_data(&mut self, len: usize) {
+        if let Some(entry) = self {
+            entry.bytes += len as u64;
         }
-        Poll::Ready(frame)
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn on_end(&mut self) {
+        if let Some(entry) = self {
+            entry.finished = true;
+        }
     }
 }

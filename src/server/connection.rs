@@ -8,21 +8,21 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use super::{Runtime, Shared};
+use crate::body::{BodyObserver, ObservedBody};
 use crate::context::ConnInfo;
 use crate::response::{Blame, ProxyFailure};
 use crate::tls::ACME_TLS_ALPN;
@@ -74,7 +74,7 @@ impl Activity {
 }
 
 /// Held by a response body: the request counts as in flight until the body is finished or dropped.
-struct InFlight(Arc<Activity>);
+pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -83,33 +83,9 @@ impl Drop for InFlight {
     }
 }
 
-pin_project! {
-    pub struct TrackedBody<B> {
-        #[pin]
-        inner: B,
-        _in_flight: InFlight,
-    }
-}
+pub type TrackedBody<B> = ObservedBody<B, InFlight>;
 
-impl<B: Body<Data = Bytes>> Body for TrackedBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+impl BodyObserver for InFlight {}
 
 pub async fn serve_tls(
     tcp: TcpStream,
@@ -262,10 +238,7 @@ where
                     http::HeaderValue::from_static("close"),
                 );
             }
-            Ok(response.map(|inner| TrackedBody {
-                inner,
-                _in_flight: in_flight,
-            }))
+            Ok(response.map(|inner| ObservedBody::new(inner, in_flight)))
         }
     })
 }
