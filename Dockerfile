@@ -4,7 +4,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
-RUN cargo build --release --locked --bin portcullis
+RUN cargo build --release --locked --bin portcullis \
+ && strip target/release/portcullis  # the release profile keeps line tables for profiling; the image needs none
 
 FROM debian:bookworm-slim
 RUN apt-get update \
