@@ -359,14 +359,6 @@ async fn drain(
 }
 
 impl RunningServer {
-    pub fn resolver(&self) -> &Arc<CertResolver> {
-        &self.shared.resolver
-    }
-
-    pub fn http01_tokens(&self) -> &Arc<Http01Tokens> {
-        &self.shared.tokens
-    }
-
     pub fn config(&self) -> Arc<Config> {
         self.shared.current.load().config.clone()
     }

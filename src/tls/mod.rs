@@ -142,18 +142,6 @@ impl CertResolver {
         self.table.store(Arc::new(table));
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.table.load().by_name.is_empty()
-    }
-
-    pub fn current(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        self.table
-            .load()
-            .by_name
-            .get(&name.to_ascii_lowercase())
-            .cloned()
-    }
-
     pub fn set_challenge(&self, name: &str, key: Option<Arc<CertifiedKey>>) {
         let mut challenges = match self.challenges.write() {
             Ok(guard) => guard,
