@@ -64,12 +64,8 @@ impl Pebble {
         std::fs::write(dir.path().join("https-cert.pem"), leaf.pem()).expect("write");
         std::fs::write(dir.path().join("https-key.pem"), leaf_key.serialize_pem()).expect("write");
 
-        let (listen, management, dns, dns_management) = (
-            free_port().await,
-            free_port().await,
-            free_port().await,
-            free_port().await,
-        );
+        let (listen, management, dns, dns_management) =
+            (fixed_port(), fixed_port(), fixed_port(), fixed_port());
         let config = serde_json::json!({ "pebble": {
             "listenAddress": format!("127.0.0.1:{listen}"),
             "managementListenAddress": format!("127.0.0.1:{management}"),
@@ -252,7 +248,7 @@ impl Issued {
     }
 
     async fn launch(validity_secs: u64, challenge: &str, require_eab: bool) -> Issued {
-        let (https, http) = (free_port().await, free_port().await);
+        let (https, http) = (fixed_port(), fixed_port());
         let pebble = Pebble::start(http, https, validity_secs, require_eab).await;
         let upstream = Upstream::start().await;
         let state = tempfile::tempdir().expect("state");

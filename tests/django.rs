@@ -22,7 +22,8 @@ fn venv() -> PathBuf {
         "{}/bin/gunicorn is missing: run scripts/test.sh",
         venv.display()
     );
-    venv
+    // manage.py and gunicorn run from the app's directory, so a relative path must be made absolute.
+    std::path::absolute(&venv).expect("absolute venv path")
 }
 
 fn app_dir() -> PathBuf {
@@ -71,7 +72,7 @@ impl Django {
 
         let (bind_arg, upstream_url, probe): (String, String, Box<dyn Fn() -> bool>) = match bind {
             Bind::Tcp => {
-                let port = dead_address().await.port();
+                let port = fixed_port();
                 let addr = format!("127.0.0.1:{port}");
                 let probe_addr = addr.clone();
                 (

@@ -443,10 +443,7 @@ pub async fn raw_tls_exchange(addr: SocketAddr, root: &std::path::Path, payload:
 
 /// An address with nothing listening: connecting is refused.
 pub async fn dead_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    drop(listener);
-    addr
+    SocketAddr::from(([127, 0, 0, 1], fixed_port()))
 }
 
 /// A child process killed when the test ends, however it ends.
@@ -459,8 +456,35 @@ impl Drop for KillOnDrop {
     }
 }
 
-pub async fn free_port() -> u16 {
-    dead_address().await.port()
+/// A port for a server that must be named before it starts (pebble dials fixed ports; gunicorn takes
+/// `--bind`). Ports from `:0` come from the kernel's ephemeral range, where any outgoing connection (pebble
+/// dialling a validation, a client) can take one between our check and the server's bind: CI saw exactly
+/// that. So draw from below the ephemeral range, each port once per process, and check it is free.
+pub fn fixed_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|&low| low > FIRST + 1_000)
+        .unwrap_or(32_768);
+    let span = ephemeral_low - FIRST;
+    // Seeded by pid so test binaries run side by side (nextest) start far apart.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let candidate = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = u16::try_from(candidate).expect("below 65536");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{ephemeral_low}");
 }
 
 /// GET over HTTPS/1.1 with a given trust root; for test servers' management APIs.
