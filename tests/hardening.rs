@@ -538,9 +538,10 @@ async fn slow_small_post_is_refused_without_reaching_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_and_restarted_under_load() {
-    // The upstream's port is fixed so it can come back where the proxy expects it.
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    // The upstream's port is fixed so it can come back where the proxy expects it, and below the
+    // ephemeral range so none of the proxy's reconnects can take it (or connect to itself) meanwhile.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], fixed_port()));
+    let listener = TcpListener::bind(addr).await.expect("bind");
     let first = Upstream::serve(listener);
     let first_requests = first.requests.clone();
     let proxy = Proxy::start(&format!("http://{addr}"), "").await;
