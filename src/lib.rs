@@ -7,6 +7,7 @@ pub mod config;
 pub mod context;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
 pub mod middleware;
 pub mod proxy;
 pub mod response;

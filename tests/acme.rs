@@ -176,7 +176,7 @@ fn acme_config(
          [tls]\nsource = \"acme\"\ndir = \"{}\"\n\
          [acme]\ndirectory = \"{}\"\ndirectory_ca = \"{}\"\ncontact = [\"mailto:ops@portcullis.test\"]\nchallenge = \"{challenge}\"\n\
          retry_base_delay = \"1s\"\nretry_max_delay = \"8s\"\nrenew_check_interval = \"1s\"\n{}\
-         [upstream]\nurl = \"http://{}\"\n",
+         [upstream]\nurl = \"http://{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
         state.display(),
         pebble.directory_url,
         pebble.ca().display(),
@@ -323,6 +323,32 @@ async fn tls_alpn_01_issues_persists_and_restarts_without_a_new_order() {
         (1, 0),
         "{:?}",
         issued.status()
+    );
+    // The metrics say the same, and when the renewal is due (an hour's certificate: within the hour).
+    let metrics = issued.server.metrics_addr.expect("metrics listener");
+    let scrape = scrape_metrics(metrics).await;
+    let value = |name: &str| -> f64 {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("portcullis_{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{scrape}"))
+            .parse()
+            .expect("number")
+    };
+    assert_eq!(value("acme_orders_total"), 1.0);
+    assert_eq!(value("acme_certificates_issued_total"), 1.0);
+    assert_eq!(value("acme_failures_total"), 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let (renewal, expiry) = (
+        value("acme_next_renewal_timestamp_seconds"),
+        value("certificate_expiry_timestamp_seconds"),
+    );
+    assert!(
+        now < renewal && renewal < expiry && expiry <= now + 3600.0,
+        "{now} {renewal} {expiry}"
     );
     let Issued {
         server,

@@ -208,17 +208,10 @@ async fn plain_http_redirects_to_https_for_our_hosts_only() {
     let (upstream, proxy) = Proxy::with_upstream("").await;
     let http = proxy.http.expect("plain listener");
     let exchange = |host: &'static str, method: &'static str| async move {
-        let mut tcp = tokio::net::TcpStream::connect(http).await.expect("connect");
         let req = format!(
             "{method} /login/?next=/admin/ HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\nConnection: close\r\n\r\na=b"
         );
-        tcp.write_all(req.as_bytes()).await.expect("write");
-        let mut out = String::new();
-        tokio::time::timeout(LIMIT, tcp.read_to_string(&mut out))
-            .await
-            .expect("in time")
-            .expect("read");
-        out
+        plain_exchange(http, &req).await
     };
     let response = exchange("localhost:8080", "POST").await;
     assert!(response.starts_with("HTTP/1.1 308"), "{response}");
@@ -770,4 +763,127 @@ async fn open_websocket(proxy: &Proxy) -> TokioIo<hyper::upgrade::Upgraded> {
         .expect("in time")
         .expect("upgrade");
     TokioIo::new(upgraded)
+}
+
+#[tokio::test]
+async fn metrics_count_connections_responses_and_refusals() {
+    let (upstream, proxy) = Proxy::with_upstream("[metrics]\nlisten = \"127.0.0.1:0\"\n").await;
+    let metrics = proxy.server().metrics_addr.expect("metrics listener");
+    let port = proxy.https.port();
+    let mut client = proxy.client(H2).await;
+    for _ in 0..3 {
+        assert_eq!(client.get("/echo", port).await.0.status(), StatusCode::OK);
+    }
+    // Refused by the proxy, blamed on the client: a Host outside the allowlist.
+    let mut h1 = proxy.client(H1).await;
+    let (mut parts, body) = request("GET", "/", port)
+        .body(full(""))
+        .expect("request")
+        .into_parts();
+    parts
+        .headers
+        .insert("host", "evil.com".parse().expect("host"));
+    let (response, _) = h1.fetch(http::Request::from_parts(parts, body)).await;
+    assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
+    // A redirect on the plain listener, and a handshake that fails.
+    let http = proxy.http.expect("plain listener");
+    let redirect = plain_exchange(
+        http,
+        "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(redirect.starts_with("HTTP/1.1 308"), "{redirect}");
+    let mut garbage = tokio::net::TcpStream::connect(proxy.https)
+        .await
+        .expect("connect");
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, garbage.read_to_end(&mut sink)).await;
+
+    // The refused HTTP/1.1 connection and the garbage one close just after their answers: scrape until
+    // they are gone (bounded).
+    let deadline = std::time::Instant::now() + LIMIT;
+    let scrape = loop {
+        let scrape = scrape_metrics(metrics).await;
+        if scrape.contains("\nportcullis_connections_open 1\n")
+            || std::time::Instant::now() > deadline
+        {
+            break scrape;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    assert!(
+        scrape.contains("content-type: text/plain; version=0.0.4"),
+        "{scrape}"
+    );
+    let lines: Vec<&str> = scrape.lines().collect();
+    for line in [
+        "portcullis_responses_total{listener=\"https\",code=\"2xx\"} 3",
+        "portcullis_responses_total{listener=\"https\",code=\"4xx\"} 1",
+        "portcullis_responses_total{listener=\"http\",code=\"3xx\"} 1",
+        "portcullis_refusals_total{blame=\"client\"} 1",
+        "portcullis_refusals_total{blame=\"upstream\"} 0",
+        "portcullis_upstream_response_seconds_count 3",
+        "portcullis_tls_handshake_failures_total 1",
+        // Two TLS clients, the plain request and the garbage connection.
+        "portcullis_connections_accepted_total 4",
+        // Only the h2 client is still connected: a refused HTTP/1.1 request closes its connection, and
+        // the scrape is on its own listener.
+        "portcullis_connections_open 1",
+    ] {
+        assert!(lines.contains(&line), "missing {line:?} in\n{scrape}");
+    }
+    // The local CA's leaf: about 7 days from now.
+    let expiry: f64 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("portcullis_certificate_expiry_timestamp_seconds "))
+        .expect("certificate expiry")
+        .parse()
+        .expect("number");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        expiry > now + 86_400.0 && expiry < now + 8.0 * 86_400.0,
+        "{expiry} vs {now}"
+    );
+    assert_eq!(upstream.count(), 3);
+    let other = plain_exchange(
+        metrics,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+    drop((client, h1));
+    proxy.stop().await;
+
+    // An upstream that is down: 502s, blamed on the upstream.
+    let dead = dead_address().await;
+    let proxy = Proxy::start(
+        &format!("http://{dead}"),
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let metrics = proxy.server().metrics_addr.expect("metrics listener");
+    let mut client = proxy.client(H1).await;
+    assert_eq!(
+        client.get("/", proxy.https.port()).await.0.status(),
+        StatusCode::BAD_GATEWAY
+    );
+    let scrape = scrape_metrics(metrics).await;
+    assert!(
+        scrape.contains("\nportcullis_refusals_total{blame=\"upstream\"} 1\n"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("\nportcullis_responses_total{listener=\"https\",code=\"5xx\"} 1\n"),
+        "{scrape}"
+    );
+    drop(client);
+    proxy.stop().await;
 }

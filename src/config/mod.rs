@@ -49,6 +49,8 @@ pub struct Config {
     pub cookies: CookiePolicy,
     pub limits: Limits,
     pub log: LogConfig,
+    /// Where Prometheus metrics are served (`GET /metrics`); `None`: nowhere.
+    pub metrics: Option<SocketAddr>,
     /// Legal but probably unintended settings; `check` prints them and `run` logs them.
     pub warnings: Vec<String>,
 }
@@ -383,6 +385,10 @@ impl Config {
             "limits:   body {} bytes, headers {} bytes, {} connections\n",
             self.limits.max_body, self.limits.max_header_bytes, self.limits.max_connections
         ));
+        match self.metrics {
+            Some(addr) => out.push_str(&format!("metrics:  http://{addr}/metrics\n")),
+            None => out.push_str("metrics:  off\n"),
+        }
         out
     }
 }

@@ -21,6 +21,7 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub log: RawLog,
+    pub metrics: Option<RawMetrics>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +139,12 @@ pub struct RawLimits {
     pub max_connections: Option<usize>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub h2_max_pending_resets: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: String,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -219,3 +219,38 @@ fn parse_errors_name_the_key_at_their_position() {
         "{err}"
     );
 }
+
+#[test]
+fn metrics_listener_is_checked_and_warned_about_off_loopback() {
+    assert_eq!(parse(MINIMAL).expect("valid").metrics, None);
+    let config = parse(&format!(
+        "{MINIMAL}[metrics]\nlisten = \"127.0.0.1:9100\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        config.metrics,
+        Some("127.0.0.1:9100".parse().expect("addr"))
+    );
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    assert!(config.summary().contains("http://127.0.0.1:9100/metrics"));
+
+    let config = parse(&format!("{MINIMAL}[metrics]\nlisten = \"0.0.0.0:9100\"\n")).expect("valid");
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.contains("no authentication")),
+        "{:?}",
+        config.warnings
+    );
+
+    let err = error_of(&format!("{MINIMAL}[metrics]\nlisten = \"9100\"\n"));
+    assert!(err.starts_with("test.toml:7: `metrics.listen`"), "{err}");
+    let err = error_of(&format!("{MINIMAL}[metrics]\nlisten = \"0.0.0.0:443\"\n"));
+    assert!(err.contains("must differ from server.https"), "{err}");
+    let err = error_of(&format!("{MINIMAL}[metrics]\nport = 9100\n"));
+    assert!(
+        err.contains("`metrics.port`: unknown field `port`"),
+        "{err}"
+    );
+}

@@ -638,6 +638,27 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         access: raw.log.access.unwrap_or(true),
     };
 
+    // [metrics]
+    let metrics = match raw.metrics {
+        None => None,
+        Some(m) => {
+            let listen = parse_socket_addr(ctx, "metrics.listen", &m.listen)?;
+            if listen.port() != 0 && (listen == server.https || Some(listen) == server.http) {
+                return Err(ctx.invalid(
+                    "metrics.listen",
+                    "must differ from server.https and server.http",
+                ));
+            }
+            if !listen.ip().is_loopback() {
+                warnings.push(format!(
+                    "metrics.listen = \"{listen}\" is reachable from other hosts and has no \
+                     authentication; prefer 127.0.0.1 or a private network"
+                ));
+            }
+            Some(listen)
+        }
+    };
+
     Ok(Config {
         server,
         tls,
@@ -647,6 +668,7 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         cookies,
         limits,
         log,
+        metrics,
         warnings,
     })
 }

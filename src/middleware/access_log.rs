@@ -1,8 +1,10 @@
 //! One access-log line per request (method, host, path, status, bytes, duration, upstream duration,
 //! client), written when the response body is finished or abandoned, so `bytes` and `duration` are real.
+//! The same layer counts every response for the metrics, whether or not the log is on.
 
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -13,20 +15,27 @@ use tower::{Layer, Service};
 
 use crate::body::{BodyObserver, ObservedBody};
 use crate::context::ConnInfo;
+use crate::metrics::{Listener, Metrics};
 use crate::response::ProxyFailure;
 
 /// How long the upstream took to answer with headers; set by the proxy service on its responses.
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamTiming(pub Duration);
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct AccessLogLayer {
     enabled: bool,
+    metrics: Arc<Metrics>,
+    listener: Listener,
 }
 
 impl AccessLogLayer {
-    pub fn new(enabled: bool) -> Self {
-        AccessLogLayer { enabled }
+    pub fn new(enabled: bool, metrics: Arc<Metrics>, listener: Listener) -> Self {
+        AccessLogLayer {
+            enabled,
+            metrics,
+            listener,
+        }
     }
 }
 
@@ -36,6 +45,8 @@ impl<S> Layer<S> for AccessLogLayer {
         AccessLog {
             inner,
             enabled: self.enabled,
+            metrics: self.metrics.clone(),
+            listener: self.listener,
         }
     }
 }
@@ -44,6 +55,8 @@ impl<S> Layer<S> for AccessLogLayer {
 pub struct AccessLog<S> {
     inner: S,
     enabled: bool,
+    metrics: Arc<Metrics>,
+    listener: Listener,
 }
 
 struct RequestFacts {
@@ -121,6 +134,8 @@ where
         AccessLogFuture {
             inner: self.inner.call(req),
             facts,
+            metrics: self.metrics.clone(),
+            listener: self.listener,
         }
     }
 }
@@ -130,6 +145,8 @@ pin_project! {
         #[pin]
         inner: F,
         facts: Option<RequestFacts>,
+        metrics: Arc<Metrics>,
+        listener: Listener,
     }
 }
 
@@ -144,11 +161,19 @@ where
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
         let ended = response.body().is_end_stream();
+        let upstream = response.extensions().get::<UpstreamTiming>().map(|t| t.0);
+        let failure = response.extensions().get::<ProxyFailure>().copied();
+        this.metrics.count_response(
+            *this.listener,
+            response.status(),
+            failure.as_ref(),
+            upstream,
+        );
         let entry = this.facts.take().map(|request| Entry {
             request,
             status: response.status(),
-            upstream: response.extensions().get::<UpstreamTiming>().map(|t| t.0),
-            failure: response.extensions().get::<ProxyFailure>().copied(),
+            upstream,
+            failure,
             bytes: 0,
             finished: ended,
         });

@@ -21,6 +21,7 @@ use tower::ServiceBuilder;
 
 use crate::acme::{AcmeManager, AcmeStatus, Http01Tokens};
 use crate::config::{Config, ConfigError, Domains, Limits, TlsSource};
+use crate::metrics::{Gauges, Listener, Metrics};
 use crate::middleware::access_log::AccessLog;
 use crate::middleware::host::HostGuard;
 use crate::middleware::{
@@ -67,10 +68,19 @@ struct Runtime {
 
 impl Runtime {
     /// `https_port` is the port the HTTPS listener is bound to (the config may say 0).
-    fn build(config: Arc<Config>, tokens: Arc<Http01Tokens>, https_port: u16) -> Runtime {
+    fn build(
+        config: Arc<Config>,
+        tokens: Arc<Http01Tokens>,
+        https_port: u16,
+        metrics: &Arc<Metrics>,
+    ) -> Runtime {
         let public_https_port = config.server.public_https_port.unwrap_or(https_port);
         let https = ServiceBuilder::new()
-            .layer(AccessLogLayer::new(config.log.access))
+            .layer(AccessLogLayer::new(
+                config.log.access,
+                metrics.clone(),
+                Listener::Https,
+            ))
             .layer(RewriteHeadersLayer::new(SecurityHeaderPolicy::for_https(
                 &config.headers,
             )))
@@ -80,7 +90,11 @@ impl Runtime {
             .layer(HostGuardLayer::new(config.server.domains.clone()))
             .service(ProxyService::new(&config, public_https_port));
         let plain = ServiceBuilder::new()
-            .layer(AccessLogLayer::new(config.log.access))
+            .layer(AccessLogLayer::new(
+                config.log.access,
+                metrics.clone(),
+                Listener::Http,
+            ))
             .layer(RewriteHeadersLayer::new(
                 SecurityHeaderPolicy::for_plain_http(&config.headers),
             ))
@@ -127,6 +141,7 @@ struct Shared {
     tokens: Arc<Http01Tokens>,
     /// The served names, for the certificate source's background task (a reload may change them).
     domains: watch::Sender<Domains>,
+    metrics: Arc<Metrics>,
 }
 
 /// A started server. `shutdown` then `wait` stops it gracefully; dropping it also stops accepting and
@@ -134,6 +149,7 @@ struct Shared {
 pub struct RunningServer {
     pub https_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
     /// The local CA's root certificate, when `tls.source = "local"`.
     pub local_ca_root: Option<PathBuf>,
     /// What the ACME manager is doing, when `tls.source = "acme"`.
@@ -163,6 +179,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             source,
         })?;
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let metrics_listener = config.metrics.map(bind).transpose()?;
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let mut background = Vec::new();
     let (domains, domain_updates) = watch::channel(config.server.domains.clone());
@@ -171,18 +189,34 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 
     let tls_config =
         crate::tls::server_config(resolver.clone(), config.tls.source == TlsSource::Acme)?;
+    let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(Runtime::build(
             config.clone(),
             tokens.clone(),
             https_addr.port(),
+            &metrics,
         )),
         resolver,
         tokens,
         domains,
+        metrics,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+    if let Some(listener) = metrics_listener {
+        let (shared, permits, acme_status) = (shared.clone(), permits.clone(), acme_status.clone());
+        let max_connections = config.limits.max_connections;
+        let render = move || {
+            shared.metrics.render(&Gauges {
+                open_connections: max_connections - permits.available_permits(),
+                max_connections,
+                certificate_expiry: shared.resolver.not_after(),
+                acme: acme_status.as_ref().map(|status| status.snapshot()),
+            })
+        };
+        background.push(tokio::spawn(crate::metrics::serve(listener, render)));
+    }
 
     let mut loops = vec![tokio::spawn(accept_loop(
         https_listener,
@@ -203,10 +237,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let grace = config.server.shutdown_grace;
     let done = tokio::spawn(drain(loops, permits, config.limits.max_connections, grace));
 
-    tracing::info!(https = %https_addr, http = ?http_addr, upstream = %config.upstream.target.describe(), "portcullis is serving");
+    tracing::info!(https = %https_addr, http = ?http_addr, metrics = ?metrics_addr, upstream = %config.upstream.target.describe(), "portcullis is serving");
     Ok(RunningServer {
         https_addr,
         http_addr,
+        metrics_addr,
         local_ca_root,
         acme_status,
         shared,
@@ -311,8 +346,10 @@ async fn accept_loop(
         // Over the limit the connection is closed at once: cheaper than any work on it.
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "connection limit reached; closing");
+            shared.metrics.connection_refused();
             continue;
         };
+        shared.metrics.connection_accepted();
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let stop = shutdown.clone();
@@ -385,6 +422,9 @@ impl RunningServer {
         if new.limits.max_connections != old.limits.max_connections {
             needs_restart.push("limits.max_connections");
         }
+        if new.metrics != old.metrics {
+            needs_restart.push("metrics.listen");
+        }
         match &new.tls.source {
             TlsSource::Files { cert, key }
                 if old.tls.source == new.tls.source
@@ -413,6 +453,7 @@ impl RunningServer {
             Arc::new(new),
             self.shared.tokens.clone(),
             self.https_addr.port(),
+            &self.shared.metrics,
         );
         self.shared.current.store(Arc::new(runtime));
         tracing::info!("config reloaded");

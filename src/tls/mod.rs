@@ -106,6 +106,8 @@ struct CertTable {
     by_name: HashMap<String, Arc<CertifiedKey>>,
     /// Served to clients that send no SNI (they connected by IP address), only when an IP is a domain.
     without_sni: Option<Arc<CertifiedKey>>,
+    /// The installed certificate's expiry, for the metrics.
+    not_after: Option<SystemTime>,
 }
 
 /// Picks the certificate by SNI. A name outside the table gets none, so the handshake fails instead of
@@ -131,7 +133,10 @@ impl CertResolver {
     /// Serves `key` for exactly `names` from now on: a name no longer configured stops getting a
     /// certificate. One certificate covers every served name (one ACME order, one renewal).
     pub fn install<'a>(&self, names: impl IntoIterator<Item = &'a str>, key: Arc<CertifiedKey>) {
-        let mut table = CertTable::default();
+        let mut table = CertTable {
+            not_after: CertInfo::of(&key).ok().map(|info| info.not_after),
+            ..CertTable::default()
+        };
         for name in names {
             let name = name.to_ascii_lowercase();
             if name.parse::<std::net::IpAddr>().is_ok() {
@@ -140,6 +145,11 @@ impl CertResolver {
             table.by_name.insert(name, key.clone());
         }
         self.table.store(Arc::new(table));
+    }
+
+    /// When the served certificate expires; `None` before the first one is installed.
+    pub fn not_after(&self) -> Option<SystemTime> {
+        self.table.load().not_after
     }
 
     pub fn set_challenge(&self, name: &str, key: Option<Arc<CertifiedKey>>) {

@@ -441,6 +441,27 @@ pub async fn raw_tls_exchange(addr: SocketAddr, root: &std::path::Path, payload:
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// One plain-HTTP/1.1 exchange (the request should say `Connection: close`): the raw response text.
+pub async fn plain_exchange(addr: SocketAddr, request: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    tokio::time::timeout(LIMIT, tcp.read_to_string(&mut out))
+        .await
+        .expect("in time")
+        .expect("read");
+    out
+}
+
+/// The metrics listener's text, response head included.
+pub async fn scrape_metrics(addr: SocketAddr) -> String {
+    plain_exchange(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+}
+
 /// An address with nothing listening: connecting is refused.
 pub async fn dead_address() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], fixed_port()))

@@ -1,0 +1,347 @@
+//! Operational counters in the Prometheus text format (version 0.0.4), served on `[metrics] listen`: a
+//! separate listener for loopback or a private network, since it has no authentication. Counting is one
+//! relaxed atomic add per event; everything else is read when scraped.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::acme::AcmeState;
+use crate::response::{Blame, ProxyFailure};
+
+/// Which listener a response went out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Https,
+    Http,
+}
+
+impl Listener {
+    fn as_str(self) -> &'static str {
+        match self {
+            Listener::Https => "https",
+            Listener::Http => "http",
+        }
+    }
+}
+
+const LISTENERS: [Listener; 2] = [Listener::Https, Listener::Http];
+const BLAMES: [Blame; 3] = [Blame::Client, Blame::Upstream, Blame::Proxy];
+
+/// Counters for one running server; shared by its listeners and request stacks across reloads.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    connections_accepted: AtomicU64,
+    connections_refused: AtomicU64,
+    handshake_failures: AtomicU64,
+    /// By listener, then status class 1xx..5xx.
+    responses: [[AtomicU64; 5]; 2],
+    /// Responses the proxy wrote instead of the upstream, by who caused them.
+    failures: [AtomicU64; 3],
+    upstream_count: AtomicU64,
+    upstream_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn connection_accepted(&self) {
+        self.connections_accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn handshake_failed(&self) {
+        self.handshake_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_response(
+        &self,
+        listener: Listener,
+        status: StatusCode,
+        failure: Option<&ProxyFailure>,
+        upstream: Option<Duration>,
+    ) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.responses[listener as usize][class].fetch_add(1, Ordering::Relaxed);
+        if let Some(failure) = failure {
+            self.failures[failure.blame as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(took) = upstream {
+            self.upstream_count.fetch_add(1, Ordering::Relaxed);
+            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            self.upstream_micros.fetch_add(micros, Ordering::Relaxed);
+        }
+    }
+
+    /// The exposition text: these counters plus the gauges read at scrape time.
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::with_capacity(2048);
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP portcullis_{name} {help}");
+            let _ = writeln!(out, "# TYPE portcullis_{name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "portcullis_{name}{labels} {value}");
+            }
+        };
+        let one = |value: f64| vec![(String::new(), value)];
+        family(
+            "connections_accepted_total",
+            "counter",
+            "Connections accepted on the HTTPS and plain-HTTP listeners.",
+            &one(read(&self.connections_accepted) as f64),
+        );
+        family(
+            "connections_refused_total",
+            "counter",
+            "Connections closed at accept because limits.max_connections were open.",
+            &one(read(&self.connections_refused) as f64),
+        );
+        family(
+            "connections_open",
+            "gauge",
+            "Connections open now, WebSocket tunnels included.",
+            &one(gauges.open_connections as f64),
+        );
+        family(
+            "connections_max",
+            "gauge",
+            "limits.max_connections.",
+            &one(gauges.max_connections as f64),
+        );
+        family(
+            "tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed or timed out (limits.handshake_timeout).",
+            &one(read(&self.handshake_failures) as f64),
+        );
+        let mut by_class = Vec::new();
+        for listener in LISTENERS {
+            for (class, counter) in self.responses[listener as usize].iter().enumerate() {
+                by_class.push((
+                    format!(
+                        "{{listener=\"{}\",code=\"{}xx\"}}",
+                        listener.as_str(),
+                        class + 1
+                    ),
+                    read(counter) as f64,
+                ));
+            }
+        }
+        family(
+            "responses_total",
+            "counter",
+            "Responses sent, by listener and status class.",
+            &by_class,
+        );
+        let by_blame: Vec<_> = BLAMES
+            .iter()
+            .map(|&blame| {
+                (
+                    format!("{{blame=\"{}\"}}", blame.as_str()),
+                    read(&self.failures[blame as usize]) as f64,
+                )
+            })
+            .collect();
+        family(
+            "refusals_total",
+            "counter",
+            "Responses the proxy wrote instead of the upstream's: client (4xx it refused), upstream \
+             (502/504), proxy (500).",
+            &by_blame,
+        );
+        family(
+            "upstream_response_seconds",
+            "summary",
+            "Time from sending a request upstream to its response headers.",
+            &[
+                (
+                    "_sum".into(),
+                    read(&self.upstream_micros) as f64 / 1_000_000.0,
+                ),
+                ("_count".into(), read(&self.upstream_count) as f64),
+            ],
+        );
+        if let Some(expiry) = gauges.certificate_expiry {
+            family(
+                "certificate_expiry_timestamp_seconds",
+                "gauge",
+                "When the served certificate expires (Unix time).",
+                &one(unix_seconds(expiry)),
+            );
+        }
+        if let Some(acme) = &gauges.acme {
+            family(
+                "acme_orders_total",
+                "counter",
+                "ACME orders placed.",
+                &one(f64::from(acme.orders_placed)),
+            );
+            family(
+                "acme_certificates_issued_total",
+                "counter",
+                "Certificates issued by the ACME server and installed.",
+                &one(f64::from(acme.issued)),
+            );
+            family(
+                "acme_failures_total",
+                "counter",
+                "Failed ACME attempts (each is retried with backoff; the old certificate keeps serving).",
+                &one(f64::from(acme.failures)),
+            );
+            if let Some(next) = acme.next_renewal {
+                family(
+                    "acme_next_renewal_timestamp_seconds",
+                    "gauge",
+                    "When the next renewal (or retry) is due (Unix time).",
+                    &one(unix_seconds(next)),
+                );
+            }
+        }
+        out
+    }
+}
+
+fn unix_seconds(at: SystemTime) -> f64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as f64)
+        .unwrap_or(0.0)
+}
+
+/// What is read from the server at scrape time.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub open_connections: usize,
+    pub max_connections: usize,
+    pub certificate_expiry: Option<SystemTime>,
+    pub acme: Option<AcmeState>,
+}
+
+/// The metrics listener's one resource: `GET /metrics`.
+pub fn answer<B>(request: &Request<B>, render: impl FnOnce() -> String) -> Response<Full<Bytes>> {
+    let respond = |status: StatusCode, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response
+    };
+    if request.uri().path() != "/metrics" {
+        return respond(StatusCode::NOT_FOUND, "not found: try /metrics\n".into());
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = respond(StatusCode::METHOD_NOT_ALLOWED, String::new());
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    let mut response = respond(StatusCode::OK, render());
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves `/metrics` on `listener` until the task is aborted. Plain HTTP/1.1, a short header timeout.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let render = render.clone();
+                async move { Ok::<_, Infallible>(answer(&request, render)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_by_label_and_skips_absent_gauges() {
+        let metrics = Metrics::default();
+        metrics.connection_accepted();
+        metrics.count_response(
+            Listener::Https,
+            StatusCode::OK,
+            None,
+            Some(Duration::from_millis(1500)),
+        );
+        let failure = ProxyFailure {
+            blame: Blame::Upstream,
+            reason: "connect",
+        };
+        metrics.count_response(
+            Listener::Https,
+            StatusCode::BAD_GATEWAY,
+            Some(&failure),
+            None,
+        );
+        metrics.count_response(Listener::Http, StatusCode::PERMANENT_REDIRECT, None, None);
+        let text = metrics.render(&Gauges {
+            open_connections: 3,
+            max_connections: 10,
+            ..Gauges::default()
+        });
+        for line in [
+            "portcullis_connections_accepted_total 1",
+            "portcullis_connections_open 3",
+            "portcullis_responses_total{listener=\"https\",code=\"2xx\"} 1",
+            "portcullis_responses_total{listener=\"https\",code=\"5xx\"} 1",
+            "portcullis_responses_total{listener=\"http\",code=\"3xx\"} 1",
+            "portcullis_refusals_total{blame=\"upstream\"} 1",
+            "portcullis_refusals_total{blame=\"client\"} 0",
+            "portcullis_upstream_response_seconds_sum 1.5",
+            "portcullis_upstream_response_seconds_count 1",
+            "# TYPE portcullis_responses_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(!text.contains("certificate_expiry"));
+        assert!(!text.contains("acme_"));
+    }
+
+    #[test]
+    fn only_get_metrics_is_served() {
+        let get = |method: Method, path: &str| {
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(())
+                .expect("request");
+            answer(&request, || "x 1\n".into()).status()
+        };
+        assert_eq!(get(Method::GET, "/metrics"), StatusCode::OK);
+        assert_eq!(get(Method::HEAD, "/metrics"), StatusCode::OK);
+        assert_eq!(
+            get(Method::POST, "/metrics"),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(get(Method::GET, "/"), StatusCode::NOT_FOUND);
+    }
+}
