@@ -151,10 +151,10 @@ impl Metrics {
             })
             .collect();
         family(
-            "refusals_total",
+            "errors_total",
             "counter",
-            "Responses the proxy wrote instead of the upstream's: client (4xx it refused), upstream \
-             (502/504), proxy (500).",
+            "Error responses the proxy wrote itself instead of the upstream's, by cause: client (a \
+             4xx it refused), upstream (502/504), proxy (500).",
             &by_blame,
         );
         family(
@@ -311,8 +311,8 @@ mod tests {
             "portcullis_responses_total{listener=\"https\",code=\"2xx\"} 1",
             "portcullis_responses_total{listener=\"https\",code=\"5xx\"} 1",
             "portcullis_responses_total{listener=\"http\",code=\"3xx\"} 1",
-            "portcullis_refusals_total{blame=\"upstream\"} 1",
-            "portcullis_refusals_total{blame=\"client\"} 0",
+            "portcullis_errors_total{blame=\"upstream\"} 1",
+            "portcullis_errors_total{blame=\"client\"} 0",
             "portcullis_upstream_response_seconds_sum 1.5",
             "portcullis_upstream_response_seconds_count 1",
             "# TYPE portcullis_responses_total counter",

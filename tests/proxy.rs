@@ -766,7 +766,7 @@ async fn open_websocket(proxy: &Proxy) -> TokioIo<hyper::upgrade::Upgraded> {
 }
 
 #[tokio::test]
-async fn metrics_count_connections_responses_and_refusals() {
+async fn metrics_count_connections_responses_and_errors() {
     let (upstream, proxy) = Proxy::with_upstream("[metrics]\nlisten = \"127.0.0.1:0\"\n").await;
     let metrics = proxy.server().metrics_addr.expect("metrics listener");
     let port = proxy.https.port();
@@ -825,8 +825,8 @@ async fn metrics_count_connections_responses_and_refusals() {
         "portcullis_responses_total{listener=\"https\",code=\"2xx\"} 3",
         "portcullis_responses_total{listener=\"https\",code=\"4xx\"} 1",
         "portcullis_responses_total{listener=\"http\",code=\"3xx\"} 1",
-        "portcullis_refusals_total{blame=\"client\"} 1",
-        "portcullis_refusals_total{blame=\"upstream\"} 0",
+        "portcullis_errors_total{blame=\"client\"} 1",
+        "portcullis_errors_total{blame=\"upstream\"} 0",
         "portcullis_upstream_response_seconds_count 3",
         "portcullis_tls_handshake_failures_total 1",
         // Two TLS clients, the plain request and the garbage connection.
@@ -877,7 +877,7 @@ async fn metrics_count_connections_responses_and_refusals() {
     );
     let scrape = scrape_metrics(metrics).await;
     assert!(
-        scrape.contains("\nportcullis_refusals_total{blame=\"upstream\"} 1\n"),
+        scrape.contains("\nportcullis_errors_total{blame=\"upstream\"} 1\n"),
         "{scrape}"
     );
     assert!(
