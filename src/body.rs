@@ -1,5 +1,5 @@
 //! Body types on the request path: `RequestBody` guards what clients upload (size and time limits);
-//! `ProxyBody` carries either the upstream's streamed response or a small response of our own.
+//! `ProxyBody` carries the upstream's streamed response, a static file, or a small response of our own.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,6 +11,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
+use tower_http::services::fs::ServeFileSystemResponseBody;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a client's request body was cut off. Found again in the upstream client's error chain so the
 /// client gets the right status (413, 408) instead of a generic 502.
@@ -122,10 +125,12 @@ impl Body for RequestBody {
 }
 
 pin_project! {
-    /// A response body: the upstream's, streamed through, or a small one the proxy wrote itself.
+    /// A response body: the upstream's, streamed through, a file from a static folder, or a small one the
+    /// proxy wrote itself.
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         Upstream { #[pin] body: Incoming },
+        File { #[pin] body: ServeFileSystemResponseBody },
         Full { data: Option<Bytes> },
     }
 }
@@ -141,6 +146,10 @@ impl ProxyBody {
     pub fn empty() -> Self {
         ProxyBody::Full { data: None }
     }
+
+    pub fn file(body: ServeFileSystemResponseBody) -> Self {
+        ProxyBody::File { body }
+    }
 }
 
 impl From<Incoming> for ProxyBody {
@@ -151,14 +160,21 @@ impl From<Incoming> for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
+            ProxyBodyProj::Upstream { body } => {
+                let frame = ready!(body.poll_frame(cx));
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
+            ProxyBodyProj::File { body } => {
+                let frame = ready!(body.poll_frame(cx));
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
             ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
@@ -166,6 +182,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream { body } => body.is_end_stream(),
+            ProxyBody::File { body } => body.is_end_stream(),
             ProxyBody::Full { data } => data.is_none(),
         }
     }
@@ -173,6 +190,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body } => body.size_hint(),
+            ProxyBody::File { body } => body.size_hint(),
             ProxyBody::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

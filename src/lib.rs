@@ -12,4 +12,5 @@ pub mod middleware;
 pub mod proxy;
 pub mod response;
 pub mod server;
+pub mod static_files;
 pub mod tls;

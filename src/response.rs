@@ -31,7 +31,19 @@ pub struct ProxyFailure {
     pub reason: &'static str,
 }
 
+/// A failure's page, tagged with who caused it (the access log, the metrics, and for `Blame::Client` on
+/// HTTP/1.x, closing the connection).
 pub fn error_page(status: StatusCode, blame: Blame, reason: &'static str) -> Response<ProxyBody> {
+    let mut response = status_page(status);
+    response
+        .extensions_mut()
+        .insert(ProxyFailure { blame, reason });
+    response
+}
+
+/// A small HTML page for `status` with no internals: for answers that are not failures (a static file
+/// that does not exist is an ordinary 404, like Django's own).
+pub fn status_page(status: StatusCode) -> Response<ProxyBody> {
     let title = format!(
         "{} {}",
         status.as_u16(),
@@ -49,9 +61,6 @@ pub fn error_page(status: StatusCode, blame: Blame, reason: &'static str) -> Res
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-        .extensions_mut()
-        .insert(ProxyFailure { blame, reason });
     response
 }
 

@@ -33,6 +33,8 @@ fn app_dir() -> PathBuf {
 struct Django {
     _gunicorn: KillOnDrop,
     pub upstream_url: String,
+    /// STATIC_ROOT, filled by collectstatic.
+    pub static_root: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -42,11 +44,13 @@ enum Bind {
 }
 
 impl Django {
-    /// Migrates a fresh database, creates the `admin` superuser and starts Gunicorn.
+    /// Migrates a fresh database, creates the `admin` superuser, collects static files and starts
+    /// Gunicorn.
     async fn start(bind: Bind) -> Django {
         let venv = venv();
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("db.sqlite3");
+        let static_root = dir.path().join("static");
         let python = venv.join("bin/python");
         let manage = |args: &[&str]| {
             let status = Command::new(&python)
@@ -54,6 +58,7 @@ impl Django {
                 .args(args)
                 .current_dir(app_dir())
                 .env("DJANGO_DB_PATH", &db)
+                .env("DJANGO_STATIC_ROOT", &static_root)
                 .env("DJANGO_SUPERUSER_PASSWORD", "correct horse battery staple")
                 .stdout(Stdio::null())
                 .status()
@@ -61,6 +66,7 @@ impl Django {
             assert!(status.success(), "manage.py {args:?} failed");
         };
         manage(&["migrate", "--noinput"]);
+        manage(&["collectstatic", "--noinput"]);
         manage(&[
             "createsuperuser",
             "--noinput",
@@ -114,6 +120,7 @@ impl Django {
         Django {
             _gunicorn: gunicorn,
             upstream_url,
+            static_root,
             _dir: dir,
         }
     }
@@ -288,4 +295,42 @@ async fn django_admin_login_over_http1_and_http2() {
 async fn django_admin_login_over_a_unix_socket() {
     let django = Django::start(Bind::Unix).await;
     admin_login(&django.upstream_url, H2).await;
+}
+
+#[tokio::test]
+#[ignore = "needs Django and Gunicorn: run scripts/test.sh"]
+async fn django_static_files_are_served_by_the_proxy() {
+    let django = Django::start(Bind::Tcp).await;
+    let stylesheet = "/static/admin/css/base.css";
+    // Without a mount, Gunicorn (DEBUG = False) has no static files: the admin renders unstyled.
+    let proxy = Proxy::start(&django.upstream_url, "").await;
+    let mut client = proxy.client(H1).await;
+    let (response, _) = client.get(stylesheet, proxy.https.port()).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    proxy.stop().await;
+
+    // With STATIC_ROOT mounted at STATIC_URL, the proxy serves what collectstatic wrote.
+    let proxy = Proxy::start(
+        &django.upstream_url,
+        &format!(
+            "[[static]]\nurl = \"/static/\"\ndir = \"{}\"\n",
+            django.static_root.display()
+        ),
+    )
+    .await;
+    let port = proxy.https.port();
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        let (response, body) = client.get(stylesheet, port).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/css");
+        let on_disk = std::fs::read_to_string(django.static_root.join("admin/css/base.css"))
+            .expect("collected stylesheet");
+        assert_eq!(body, on_disk);
+        // The login page that links it still comes from Django.
+        let (response, body) = client.get("/admin/login/", port).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(body.contains(stylesheet), "{body}");
+    }
+    proxy.stop().await;
 }

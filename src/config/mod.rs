@@ -51,6 +51,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Where Prometheus metrics are served (`GET /metrics`); `None`: nowhere.
     pub metrics: Option<SocketAddr>,
+    /// Directories served at URL prefixes instead of the upstream, longest prefix first.
+    pub static_files: Vec<StaticMount>,
     /// Legal but probably unintended settings; `check` prints them and `run` logs them.
     pub warnings: Vec<String>,
 }
@@ -289,6 +291,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// A directory served under a URL prefix (Django's `STATIC_URL` → `STATIC_ROOT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticMount {
+    /// Starts and ends with `/`, e.g. `/static/`.
+    pub url: String,
+    pub dir: PathBuf,
+    pub cache_control: Option<HeaderValue>,
+}
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub format: LogFormat,
@@ -385,6 +396,13 @@ impl Config {
             "limits:   body {} bytes, headers {} bytes, {} connections\n",
             self.limits.max_body, self.limits.max_header_bytes, self.limits.max_connections
         ));
+        for mount in &self.static_files {
+            out.push_str(&format!(
+                "static:   {} → {}\n",
+                mount.url,
+                mount.dir.display()
+            ));
+        }
         match self.metrics {
             Some(addr) => out.push_str(&format!("metrics:  http://{addr}/metrics\n")),
             None => out.push_str("metrics:  off\n"),

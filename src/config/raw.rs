@@ -22,6 +22,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     pub metrics: Option<RawMetrics>,
+    #[serde(default, rename = "static")]
+    pub static_files: Vec<RawStatic>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +141,14 @@ pub struct RawLimits {
     pub max_connections: Option<usize>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub h2_max_pending_resets: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStatic {
+    pub url: String,
+    pub dir: String,
+    pub cache_control: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -254,3 +254,45 @@ fn metrics_listener_is_checked_and_warned_about_off_loopback() {
         "{err}"
     );
 }
+
+#[test]
+fn static_mounts_are_checked_and_named_by_index() {
+    let dir = std::env::temp_dir();
+    let dir = dir.display();
+    let config = parse(&format!(
+        "{MINIMAL}[[static]]\nurl = \"/static/\"\ndir = \"{dir}\"\n\
+         [[static]]\nurl = \"/static/admin/\"\ndir = \"{dir}\"\ncache_control = \"public, max-age=60\"\n"
+    ))
+    .expect("valid");
+    let urls: Vec<&str> = config.static_files.iter().map(|m| m.url.as_str()).collect();
+    assert_eq!(urls, ["/static/admin/", "/static/"], "longest prefix first");
+    assert!(config.summary().contains("static:   /static/ → "));
+
+    let err = error_of(&format!(
+        "{MINIMAL}[[static]]\nurl = \"/static/\"\ndir = \"{dir}\"\n[[static]]\nurl = \"/media/\"\ndir = \"/no/such/folder\"\n"
+    ));
+    assert!(
+        err.starts_with("test.toml:11: `static[1].dir`: `/no/such/folder` is not a folder"),
+        "{err}"
+    );
+    for url in ["/", "static/", "/static", "/st%61tic/", "/a/../b/"] {
+        let err = error_of(&format!(
+            "{MINIMAL}[[static]]\nurl = \"{url}\"\ndir = \"{dir}\"\n"
+        ));
+        assert!(
+            err.starts_with("test.toml:7: `static[0].url`"),
+            "{url}: {err}"
+        );
+    }
+    let err = error_of(&format!(
+        "{MINIMAL}[[static]]\nurl = \"/static/\"\ndir = \"{dir}\"\nroot = \"x\"\n"
+    ));
+    assert!(
+        err.contains("`static[0].root`: unknown field `root`"),
+        "{err}"
+    );
+    let err = error_of(&format!(
+        "{MINIMAL}[[static]]\nurl = \"/static/\"\ndir = \"{dir}\"\ncache_control = \"a\\nb\"\n"
+    ));
+    assert!(err.contains("`static[0].cache_control`"), "{err}");
+}

@@ -37,7 +37,8 @@ impl Ctx<'_> {
     }
 }
 
-/// Finds the 1-based line of a dotted key (`server.domains`) in the TOML source, for error messages.
+/// Finds the 1-based line of a dotted key (`server.domains`, `static[1].dir` for an array of tables) in
+/// the TOML source, for error messages.
 fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
     use toml::de::{DeTable, DeValue};
     let root = DeTable::parse(text).ok()?;
@@ -45,11 +46,25 @@ fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
     let mut span = None;
     // The deepest key that exists: a missing leaf (a default that failed) points at its table.
     for part in dotted.split('.') {
-        let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref() == part) else {
+        let (name, index) = match part.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref() == name) else {
             break;
         };
         span = Some(key.span());
-        match value.get_ref() {
+        let value = match (value.get_ref(), index) {
+            (DeValue::Array(items), Some(i)) => match items.get(i) {
+                Some(item) => {
+                    span = Some(item.span());
+                    item.get_ref()
+                }
+                None => break,
+            },
+            (value, _) => value,
+        };
+        match value {
             DeValue::Table(t) => table = t,
             _ => break,
         }
@@ -64,13 +79,27 @@ pub(super) fn key_at(text: &str, offset: usize) -> Option<String> {
     use toml::de::{DeTable, DeValue};
     fn search(table: &DeTable, offset: usize, path: &mut Vec<String>) -> bool {
         for (key, value) in table.iter() {
-            path.push(key.get_ref().to_string());
+            let name = key.get_ref().to_string();
+            path.push(name.clone());
             let here = key.span().contains(&offset) || value.span().contains(&offset);
             let inside = match value.get_ref() {
                 DeValue::Table(inner) => search(inner, offset, path),
+                // An array of tables (`[[static]]`): name the element, `static[1].dir`.
+                DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
+                    let DeValue::Table(inner) = item.get_ref() else {
+                        return false;
+                    };
+                    if let Some(last) = path.last_mut() {
+                        *last = format!("{name}[{i}]");
+                    }
+                    search(inner, offset, path) || item.span().contains(&offset)
+                }),
                 _ => false,
             };
             if inside || here {
+                if !inside && let Some(last) = path.last_mut() {
+                    *last = name;
+                }
                 return true;
             }
             path.pop();
@@ -659,6 +688,8 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         }
     };
 
+    let static_files = validate_static_files(raw.static_files, ctx)?;
+
     Ok(Config {
         server,
         tls,
@@ -669,8 +700,64 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         limits,
         log,
         metrics,
+        static_files,
         warnings,
     })
+}
+
+/// `[[static]]`: each prefix a plain path ending in `/`, each folder present now (a typo must not become
+/// a site without CSS at the first deploy), longest prefix first so `/static/admin/` wins over `/static/`.
+fn validate_static_files(
+    raw: Vec<raw::RawStatic>,
+    ctx: &Ctx,
+) -> Result<Vec<StaticMount>, ConfigError> {
+    let mut mounts: Vec<StaticMount> = Vec::new();
+    for (i, s) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("static[{i}].{field}");
+        let url = s.url;
+        let plain = url
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'%' && b != b'?' && b != b'#');
+        if !url.starts_with('/') || !url.ends_with('/') || url == "/" || !plain {
+            return Err(ctx.invalid(
+                &key("url"),
+                format!(
+                    "`{url}` must be a path prefix like \"/static/\": starting and ending with '/', not \
+                     \"/\" alone (that would hide the app), no '%', '?' or '#'"
+                ),
+            ));
+        }
+        if url
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+        {
+            return Err(ctx.invalid(&key("url"), "`.` and `..` segments are not allowed"));
+        }
+        if mounts.iter().any(|m| m.url == url) {
+            return Err(ctx.invalid(&key("url"), format!("`{url}` is already served")));
+        }
+        let dir = ctx.path(&s.dir);
+        if !dir.is_dir() {
+            return Err(ctx.invalid(
+                &key("dir"),
+                format!(
+                    "`{}` is not a folder (run collectstatic first, or fix the path)",
+                    dir.display()
+                ),
+            ));
+        }
+        let cache_control = s
+            .cache_control
+            .map(|v| header_value(ctx, &key("cache_control"), &v))
+            .transpose()?;
+        mounts.push(StaticMount {
+            url,
+            dir,
+            cache_control,
+        });
+    }
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.url.len()));
+    Ok(mounts)
 }
 
 fn validate_acme(

@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpStream, UnixStream};
 use tower::Service;
 
-use crate::body::RequestBody;
+use crate::body::{BoxError, RequestBody};
 use crate::config::{UpstreamConfig, UpstreamTarget};
 
 pub type UpstreamClient = Client<UpstreamConnector, RequestBody>;
@@ -56,8 +56,6 @@ pub enum UpstreamConnector {
         timeout: Duration,
     },
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Service<Uri> for UpstreamConnector {
     type Response = UpstreamStream;

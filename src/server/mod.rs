@@ -29,6 +29,7 @@ use crate::middleware::{
     SecurityHeaderPolicy,
 };
 use crate::proxy::ProxyService;
+use crate::static_files::{StaticFiles, StaticOrProxy};
 use crate::tls::local_ca::{self, LocalCa};
 use crate::tls::{CertResolver, TlsError};
 use plain::PlainHttpService;
@@ -52,7 +53,7 @@ pub enum ServerError {
 }
 
 type HttpsStack = AccessLog<
-    RewriteHeaders<RewriteHeaders<HostGuard<ProxyService>, CookieHardening>, SecurityHeaderPolicy>,
+    RewriteHeaders<RewriteHeaders<HostGuard<StaticOrProxy>, CookieHardening>, SecurityHeaderPolicy>,
 >;
 type PlainStack = AccessLog<RewriteHeaders<PlainHttpService, SecurityHeaderPolicy>>;
 
@@ -88,7 +89,10 @@ impl Runtime {
                 config.cookies.clone(),
             )))
             .layer(HostGuardLayer::new(config.server.domains.clone()))
-            .service(ProxyService::new(&config, public_https_port));
+            .service(StaticOrProxy::new(
+                StaticFiles::new(&config.static_files),
+                ProxyService::new(&config, public_https_port),
+            ));
         let plain = ServiceBuilder::new()
             .layer(AccessLogLayer::new(
                 config.log.access,

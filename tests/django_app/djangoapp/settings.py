@@ -55,5 +55,7 @@ DATABASES = {
     }
 }
 STATIC_URL = "static/"
+# collectstatic writes here; portcullis serves it at /static/ ([[static]]), as nginx would.
+STATIC_ROOT = os.environ.get("DJANGO_STATIC_ROOT", str(BASE_DIR / "staticfiles"))
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -1,0 +1,186 @@
+//! Files served from disk under URL prefixes (`[[static]]`): Django's `STATIC_ROOT` after `collectstatic`,
+//! served the way Django's deployment guide has nginx do it (`location /static/ { alias …; }`), so no
+//! Gunicorn worker spends time on a stylesheet. tower-http's `ServeDir` does the file work: path checks,
+//! `Content-Type`, conditional GET, `Range`, and precompressed `.br`/`.gz` siblings (WhiteNoise's
+//! compressed storage writes them).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{ALLOW, CACHE_CONTROL};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use tower::{Service, ServiceExt};
+use tower_http::services::ServeDir;
+
+use crate::body::ProxyBody;
+use crate::config::StaticMount;
+use crate::proxy::ProxyService;
+use crate::response::{Blame, error_page, status_page};
+
+struct Mount {
+    /// Starts and ends with `/`.
+    url: String,
+    files: ServeDir,
+    cache_control: Option<HeaderValue>,
+}
+
+/// The configured mounts, longest prefix first.
+pub struct StaticFiles(Vec<Mount>);
+
+impl StaticFiles {
+    pub fn new(mounts: &[StaticMount]) -> StaticFiles {
+        StaticFiles(
+            mounts
+                .iter()
+                .map(|m| Mount {
+                    url: m.url.clone(),
+                    // No directory listings, no index pages, no redirects: a static folder serves files.
+                    files: ServeDir::new(&m.dir)
+                        .append_index_html_on_directories(false)
+                        .redirect_to_trailing_slash(false)
+                        .precompressed_br()
+                        .precompressed_gzip(),
+                    cache_control: m.cache_control.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    fn mount_for(&self, path: &str) -> Option<&Mount> {
+        self.0.iter().find(|m| path.starts_with(&m.url))
+    }
+
+    /// Answers a request whose path is under a mount.
+    async fn serve(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(mount) = self.mount_for(req.uri().path()) else {
+            return status_page(StatusCode::NOT_FOUND);
+        };
+        let (mut parts, _body) = req.into_parts();
+        // The path inside the folder keeps its leading '/'; the query is irrelevant to a file.
+        let inside = &parts.uri.path()[mount.url.len() - 1..];
+        // Missing, hidden and malformed all look the same from outside: an ordinary 404.
+        if is_hidden(inside) {
+            return status_page(StatusCode::NOT_FOUND);
+        }
+        let Ok(uri) = inside.parse::<Uri>() else {
+            return status_page(StatusCode::NOT_FOUND);
+        };
+        parts.uri = uri;
+        let request = Request::from_parts(parts, Empty::<Bytes>::new());
+        let Ok(response) = mount.files.clone().oneshot(request).await;
+        match response.status() {
+            StatusCode::NOT_FOUND => status_page(StatusCode::NOT_FOUND),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                let mut refused = error_page(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    Blame::Client,
+                    "static files are GET/HEAD only",
+                );
+                refused
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+                refused
+            }
+            status if status.is_server_error() => error_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Blame::Proxy,
+                "static file unreadable",
+            ),
+            _ => {
+                let mut response = response.map(ProxyBody::file);
+                if let Some(value) = &mount.cache_control {
+                    response.headers_mut().insert(CACHE_CONTROL, value.clone());
+                }
+                response
+            }
+        }
+    }
+}
+
+/// A path segment starting with `.` (`.git`, `.env`, `..`), also percent-encoded: never served, even if
+/// collectstatic copied one into the folder.
+fn is_hidden(path: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    decoded
+        .split(['/', '\\'])
+        .any(|segment| segment.starts_with('.'))
+}
+
+/// The innermost service: static files where a mount matches, the upstream otherwise.
+#[derive(Clone)]
+pub struct StaticOrProxy {
+    files: Arc<StaticFiles>,
+    proxy: ProxyService,
+}
+
+impl StaticOrProxy {
+    pub fn new(files: StaticFiles, proxy: ProxyService) -> Self {
+        StaticOrProxy {
+            files: Arc::new(files),
+            proxy,
+        }
+    }
+}
+
+impl Service<Request<Incoming>> for StaticOrProxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        if self.files.mount_for(req.uri().path()).is_some() {
+            let files = self.files.clone();
+            return Box::pin(async move { Ok(files.serve(req).await) });
+        }
+        self.proxy.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_segments_are_found_encoded_or_not() {
+        for path in [
+            "/.env",
+            "/css/.git/config",
+            "/%2egit/config",
+            "/a/%2E%2E/b",
+            "/..",
+            "/a\\.b",
+        ] {
+            assert!(is_hidden(path), "{path}");
+        }
+        for path in ["/css/base.css", "/admin/js/core.js", "/a.b/c.d", "/"] {
+            assert!(!is_hidden(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let dir = std::env::temp_dir();
+        let mount = |url: &str| StaticMount {
+            url: url.into(),
+            dir: dir.clone(),
+            cache_control: None,
+        };
+        // The config sorts longest first; StaticFiles keeps that order.
+        let files = StaticFiles::new(&[mount("/static/admin/"), mount("/static/")]);
+        let url = |path| files.mount_for(path).map(|m| m.url.as_str());
+        assert_eq!(url("/static/admin/base.css"), Some("/static/admin/"));
+        assert_eq!(url("/static/app.css"), Some("/static/"));
+        assert_eq!(url("/static"), None);
+        assert_eq!(url("/media/x.png"), None);
+    }
+}

@@ -1,0 +1,176 @@
+//! `[[static]]`: a folder served at a URL prefix by the proxy itself (Django's STATIC_ROOT), through the
+//! same Host check and security headers as everything else, never reaching the upstream.
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+
+const H1: &[&[u8]] = &[b"http/1.1"];
+const H2: &[&[u8]] = &[b"h2", b"http/1.1"];
+const CACHE: &str = "public, max-age=31536000, immutable";
+
+/// A STATIC_ROOT as collectstatic (with WhiteNoise's compressed storage) leaves it, plus things that must
+/// never be served.
+fn static_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |path: &str, data: &[u8]| {
+        let path = dir.path().join(path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, data).expect("write");
+    };
+    write("css/app.css", b"body { color: #123; }\n");
+    write("css/app.css.gz", b"pretend-gzip");
+    write("admin/js/core.js", b"'use strict';\n");
+    write(".env", b"SECRET_KEY=leaked");
+    write("css/.git/config", b"[core]");
+    dir
+}
+
+async fn start(root: &std::path::Path) -> (Upstream, Proxy) {
+    Proxy::with_upstream(&format!(
+        "[[static]]\nurl = \"/static/\"\ndir = \"{}\"\ncache_control = \"{CACHE}\"\n",
+        root.display()
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn static_files_are_served_by_the_proxy_with_the_security_headers() {
+    let root = static_root();
+    let (upstream, proxy) = start(root.path()).await;
+    let port = proxy.https.port();
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        let (response, body) = client.get("/static/css/app.css", port).await;
+        assert_eq!(response.status(), StatusCode::OK, "{body}");
+        assert_eq!(body, "body { color: #123; }\n");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(header("content-type"), "text/css");
+        assert_eq!(header("cache-control"), CACHE);
+        assert_eq!(header("x-content-type-options"), "nosniff");
+        assert!(header("strict-transport-security").starts_with("max-age="));
+        assert!(!header("last-modified").is_empty());
+
+        let (response, body) = client.get("/static/admin/js/core.js", port).await;
+        assert_eq!(response.status(), StatusCode::OK, "{body}");
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .is_ok_and(|t| t.contains("javascript"))
+        );
+    }
+    assert_eq!(
+        upstream.count(),
+        0,
+        "no static request reached the upstream"
+    );
+
+    // Outside the prefix, requests go upstream as always.
+    let mut client = proxy.client(H2).await;
+    assert_eq!(
+        client.get("/staticfiles/app.css", port).await.0.status(),
+        StatusCode::OK
+    );
+    assert_eq!(client.get("/static", port).await.0.status(), StatusCode::OK);
+    assert_eq!(upstream.count(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn static_files_honour_conditional_range_head_and_precompressed_requests() {
+    let root = static_root();
+    let (_upstream, proxy) = start(root.path()).await;
+    let port = proxy.https.port();
+    let mut client = proxy.client(H2).await;
+    let get = |headers: &[(&str, &str)]| {
+        let mut req = request("GET", "/static/css/app.css", port);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.body(full("")).expect("request")
+    };
+
+    let (first, _) = client.fetch(get(&[])).await;
+    let modified = first.headers()["last-modified"]
+        .to_str()
+        .expect("date")
+        .to_string();
+    let (response, body) = client.fetch(get(&[("if-modified-since", &modified)])).await;
+    assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
+    assert!(body.is_empty());
+
+    let (response, body) = client.fetch(get(&[("range", "bytes=0-3")])).await;
+    assert_eq!(response.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(body, "body");
+
+    let (response, body) = client.fetch(get(&[("accept-encoding", "gzip")])).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(body, "pretend-gzip");
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    assert_eq!(response.headers()["vary"], "accept-encoding");
+
+    let head = request("HEAD", "/static/css/app.css", port)
+        .body(full(""))
+        .expect("request");
+    let (response, body) = client.fetch(head).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-length"], "22");
+    assert!(body.is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn static_files_refuse_hidden_missing_outside_and_unsafe_requests() {
+    let root = static_root();
+    let (upstream, proxy) = start(root.path()).await;
+    let port = proxy.https.port();
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        for path in [
+            "/static/.env",
+            "/static/%2eenv",
+            "/static/css/.git/config",
+            "/static/../Cargo.toml",
+            "/static/css/%2e%2e/%2e%2e/Cargo.toml",
+            "/static/css/",
+            "/static/css",
+            "/static/missing.css",
+        ] {
+            let (response, body) = client.get(path, port).await;
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}: {body}");
+            assert!(
+                !body.contains("SECRET") && !body.contains("[package]"),
+                "{path}"
+            );
+            // Our own error page, with the headers.
+            assert!(response.headers().contains_key("content-security-policy"));
+        }
+        let post = request("POST", "/static/css/app.css", port)
+            .body(full("x=1"))
+            .expect("request");
+        let (response, _) = client.fetch(post).await;
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()["allow"], "GET, HEAD");
+    }
+    // The Host check comes first: a foreign Host gets nothing from the folder either.
+    let mut client = proxy.client(H1).await;
+    let (mut parts, body) = request("GET", "/static/css/app.css", port)
+        .body(full(""))
+        .expect("request")
+        .into_parts();
+    parts
+        .headers
+        .insert("host", "evil.com".parse().expect("host"));
+    let (response, _) = client.fetch(http::Request::from_parts(parts, body)).await;
+    assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(upstream.count(), 0);
+    proxy.stop().await;
+}
