@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderValue};
 use portcullis::config::{Config, CookiePolicy, SameSite};
 use portcullis::middleware::cookies::harden_set_cookie;
 use portcullis::middleware::{CookieHardening, HeaderRewrite, SecurityHeaderPolicy};
-use portcullis::proxy::headers::{ForwardingPolicy, remove_hop_by_hop};
+use portcullis::proxy::headers::{ForwardingPolicy, join_cookie_fields, remove_hop_by_hop};
 use portcullis::server::plain::https_location;
 
 fn config() -> Config {
@@ -105,6 +105,7 @@ fn benches(c: &mut Criterion) {
             || request.clone(),
             |h| {
                 remove_hop_by_hop(h);
+                join_cookie_fields(h);
                 forwarding.set_forwarded_headers(black_box(h), peer, true);
             },
             criterion::BatchSize::SmallInput,

@@ -6,7 +6,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Version};
 use crate::config::{Config, CookiePolicy, Domains, SameSite};
 use crate::middleware::cookies::harden_set_cookie;
 use crate::middleware::host::{check_host, host_of};
-use crate::proxy::headers::{ForwardingPolicy, remove_hop_by_hop};
+use crate::proxy::headers::{ForwardingPolicy, join_cookie_fields, remove_hop_by_hop};
 use crate::server::plain::https_location;
 
 /// Hardening a Set-Cookie only appends, yields a valid header value, and is idempotent.
@@ -61,7 +61,20 @@ fn headers_from(data: &[u8]) -> HeaderMap {
 /// forwarded headers describe the real connection.
 pub fn request_headers(data: &[u8]) {
     let mut headers = headers_from(data);
+    let cookie_bytes = headers
+        .get_all("cookie")
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    let cookie_named_in_connection = headers.get_all("connection").iter().any(|v| {
+        v.as_bytes()
+            .to_ascii_lowercase()
+            .windows(6)
+            .any(|w| w == b"cookie")
+    });
     remove_hop_by_hop(&mut headers);
+    join_cookie_fields(&mut headers);
     ForwardingPolicy::default().set_forwarded_headers(
         &mut headers,
         std::net::Ipv4Addr::new(192, 0, 2, 7).into(),
@@ -77,6 +90,16 @@ pub fn request_headers(data: &[u8]) {
         "x-forwarded-ssl",
     ] {
         assert!(!headers.contains_key(name), "{name} survived");
+    }
+    // Cookie fields are joined into one (RFC 9113 §8.2.3), none lost or reordered.
+    let cookie_fields: Vec<&[u8]> = headers
+        .get_all("cookie")
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    assert!(cookie_fields.len() <= 1);
+    if !cookie_named_in_connection && !cookie_bytes.is_empty() {
+        assert_eq!(cookie_fields, [&cookie_bytes[..]]);
     }
     assert_eq!(headers.get_all("x-forwarded-for").iter().count(), 1);
     assert_eq!(headers["x-forwarded-for"], "192.0.2.7");

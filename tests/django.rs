@@ -269,13 +269,20 @@ async fn admin_login(upstream_url: &str, alpn: &[&[u8]]) {
         .map(str::to_string)
         .unwrap_or(csrftoken);
 
-    let req = request("GET", "/admin/", port)
-        .header(
+    // Browsers split cookies into one field each on HTTP/2 (RFC 9113 §8.2.3, for HPACK); the proxy must
+    // join them for Gunicorn, which would otherwise hand Django one comma-joined string.
+    let req = if client.is_h2() {
+        request("GET", "/admin/", port)
+            .header("cookie", format!("csrftoken={csrftoken}"))
+            .header("cookie", format!("sessionid={sessionid}"))
+    } else {
+        request("GET", "/admin/", port).header(
             "cookie",
             format!("csrftoken={csrftoken}; sessionid={sessionid}"),
         )
-        .body(full(""))
-        .expect("request");
+    }
+    .body(full(""))
+    .expect("request");
     let (response, page) = client.fetch(req).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert!(page.contains("Site administration"), "{page}");

@@ -887,3 +887,22 @@ async fn metrics_count_connections_responses_and_errors() {
     drop(client);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn http2_cookie_fields_reach_the_upstream_as_one() {
+    // Browsers send one `cookie` field per cookie on HTTP/2 (RFC 9113 §8.2.3).
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
+    let port = proxy.https.port();
+    let mut client = proxy.client(H2).await;
+    assert!(client.is_h2());
+    let req = request("GET", "/echo", port)
+        .header("cookie", "csrftoken=abc")
+        .header("cookie", "sessionid=xyz")
+        .body(full(""))
+        .expect("request");
+    let (response, body) = client.fetch(req).await;
+    assert_eq!(response.status(), StatusCode::OK, "{body}");
+    let headers = echoed_headers(&body);
+    assert_eq!(echoed(&headers, "cookie"), ["csrftoken=abc; sessionid=xyz"]);
+    proxy.stop().await;
+}

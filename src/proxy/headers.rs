@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{CONNECTION, HOST, UPGRADE};
+use http::header::{CONNECTION, COOKIE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Version};
 
 use crate::config::{IpNet, canonical_ip};
@@ -50,6 +50,28 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     remove_where(headers, |name| {
         HOP_BY_HOP.contains(&name.as_str()) || named.contains(name)
     });
+}
+
+/// Joins the `Cookie` fields into one, `; `-separated. Browsers send each cookie as its own field on
+/// HTTP/2 for HPACK's sake, and RFC 9113 §8.2.3 requires this join before an HTTP/1.1 hop: Gunicorn
+/// would otherwise join them with `, ` (RFC 9110 §5.3), which Django reads as one cookie's value, so the
+/// session cookie vanishes and every admin login loops back to the form. RFC 6265 §5.4 allows one
+/// `Cookie` field on HTTP/1.1 too, so the rule holds for any client.
+pub fn join_cookie_fields(headers: &mut HeaderMap) {
+    if headers.get_all(COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    // Bytes, not `str`: a field with obs-text must not be dropped from the join.
+    let mut joined = Vec::new();
+    for (i, value) in headers.get_all(COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, joined);
+    }
 }
 
 /// Fields named in `Connection` that are not hop-by-hop already (nor `Host`).
@@ -227,6 +249,22 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["accept", "host"]);
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_for_http1() {
+        let mut h = headers(&[
+            ("cookie", "csrftoken=abc"),
+            ("accept", "*/*"),
+            ("cookie", "sessionid=xyz; theme=dark"),
+        ]);
+        join_cookie_fields(&mut h);
+        let cookies: Vec<_> = h.get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["csrftoken=abc; sessionid=xyz; theme=dark"]);
+        // One field stays exactly as it was.
+        let mut one = headers(&[("cookie", "a=1;b=2")]);
+        join_cookie_fields(&mut one);
+        assert_eq!(one["cookie"], "a=1;b=2");
     }
 
     #[test]

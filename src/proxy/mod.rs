@@ -27,7 +27,9 @@ use crate::config::{Config, UpstreamTarget};
 use crate::context::ConnInfo;
 use crate::middleware::access_log::UpstreamTiming;
 use crate::response::{Blame, error_page};
-use headers::{ForwardingPolicy, keep_upgrade, remove_hop_by_hop, websocket_upgrade};
+use headers::{
+    ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
+};
 use upstream::{UpstreamClient, build_client};
 
 #[derive(Clone)]
@@ -135,6 +137,7 @@ impl Shared {
 
         let (mut parts, body) = req.into_parts();
         remove_hop_by_hop(&mut parts.headers);
+        join_cookie_fields(&mut parts.headers);
         self.forwarding
             .set_forwarded_headers(&mut parts.headers, conn.peer.ip(), conn.tls);
         if let Some(upgrade) = upgrade {
