@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test, including those against real external programs: curl, pebble (Let's Encrypt's test
-# ACME server) and a Django app under Gunicorn. Installs what is missing (Debian packages, and Django +
-# Gunicorn from PyPI into target/test-venv) and fails loudly if anything is still missing.
+# ACME server), a Django app under Gunicorn and Chromium. Installs what is missing (Debian packages,
+# Django + Gunicorn from PyPI into target/test-venv, playwright-core from npm into tests/browser) and
+# fails loudly if anything is still missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,9 @@ command -v curl >/dev/null || missing+=(curl)
 command -v pebble >/dev/null || missing+=(pebble)
 command -v openssl >/dev/null || missing+=(openssl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
   echo "installing from Debian: ${missing[*]}"
   if [ "$(id -u)" -ne 0 ]; then
@@ -28,7 +32,15 @@ if ! "$venv/bin/python" -c 'import django, gunicorn' 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'django>=5.2,<6' 'gunicorn>=23'
 fi
 
-for program in curl openssl pebble pebble-challtestsrv "$venv/bin/gunicorn"; do
+# playwright-core drives Debian's Chromium; it downloads no browser of its own.
+browser="$PWD/tests/browser"
+if [ ! -d "$browser/node_modules/playwright-core" ]; then
+  echo "installing playwright-core into $browser/node_modules"
+  npm ci --prefix "$browser" --no-audit --no-fund --silent
+fi
+
+for program in curl openssl pebble pebble-challtestsrv chromium node "$venv/bin/gunicorn" \
+  "$browser/node_modules/playwright-core/cli.js"; do
   if ! command -v "$program" >/dev/null; then
     echo "error: $program is still missing; the tests that need it would not run" >&2
     exit 1
@@ -36,6 +48,8 @@ for program in curl openssl pebble pebble-challtestsrv "$venv/bin/gunicorn"; do
 done
 
 export PORTCULLIS_TEST_VENV="$venv"
+export PORTCULLIS_TEST_NODE_MODULES="$browser/node_modules"
+export PORTCULLIS_TEST_CHROMIUM="$(command -v chromium)"
 # --include-ignored runs the tests that need the programs above; plain `cargo test` skips only those.
 log="target/test-output.log"
 mkdir -p target

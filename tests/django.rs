@@ -341,3 +341,84 @@ async fn django_static_files_are_served_by_the_proxy() {
     }
     proxy.stop().await;
 }
+
+/// Django's admin in a real browser (Debian's Chromium driven by playwright-core, `tests/browser/`)
+/// through the proxy with its default headers: log in, then the pages with the most JavaScript and
+/// widgets. Catches what hand-written clients cannot: how a browser splits cookies on HTTP/2, whether the
+/// default Content-Security-Policy blocks anything the admin needs, whether the stylesheets load.
+#[tokio::test]
+#[ignore = "needs Django, Gunicorn, Chromium and playwright-core: run scripts/test.sh"]
+async fn django_admin_works_in_a_real_browser() {
+    let node_modules = std::env::var_os("PORTCULLIS_TEST_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("PORTCULLIS_TEST_NODE_MODULES is not set: run scripts/test.sh, which installs playwright-core")
+        });
+    assert!(
+        node_modules.join("playwright-core").is_dir(),
+        "{}/playwright-core is missing: run scripts/test.sh",
+        node_modules.display()
+    );
+    let django = Django::start(Bind::Tcp).await;
+    let proxy = Proxy::start(
+        &django.upstream_url,
+        &format!(
+            "[[static]]\nurl = \"/static/\"\ndir = \"{}\"\n",
+            django.static_root.display()
+        ),
+    )
+    .await;
+    let base = format!("https://localhost:{}", proxy.https.port());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/django_admin.cjs");
+    let node_path = std::path::absolute(&node_modules).expect("absolute path");
+    // `timeout` bounds the browser; the blocking wait runs off the runtime so the proxy keeps serving.
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("timeout")
+            .args(["120", "node"])
+            .arg(script)
+            .args([base.as_str(), "correct horse battery staple"])
+            .env("NODE_PATH", node_path)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run node (scripts/test.sh installs it)")
+    })
+    .await
+    .expect("browser run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("browser report is not JSON ({e}): {stdout}"));
+    assert!(output.status.success(), "browser run failed: {report}");
+    for list in ["violations", "consoleErrors", "failed"] {
+        assert_eq!(
+            json_field(&report, list),
+            &serde_json::json!([]),
+            "{list}: {report}"
+        );
+    }
+    let titles: Vec<&str> = json_field(&report, "pages")
+        .as_array()
+        .expect("pages")
+        .iter()
+        .filter_map(|p| p.get("title")?.as_str())
+        .collect();
+    assert!(
+        titles
+            .iter()
+            .filter(|t| t.starts_with("Site administration"))
+            .count()
+            >= 2,
+        "the login did not stick: {titles:?}"
+    );
+    assert!(
+        titles.iter().any(|t| t.starts_with("Add group")),
+        "{titles:?}"
+    );
+    // Every page painted with the admin's stylesheet (its header is not the browser's transparent default).
+    for page in json_field(&report, "styled").as_array().expect("styled") {
+        let colour = json_field(page, "headerColour")
+            .as_str()
+            .unwrap_or_default();
+        assert!(colour.starts_with("rgb("), "unstyled: {page}");
+    }
+    proxy.stop().await;
+}
