@@ -695,3 +695,59 @@ async fn http2_rapid_reset_flood_is_cut_off() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn login_posts_beyond_the_budget_get_429_before_the_upstream() {
+    let (upstream, proxy) = Proxy::with_upstream(
+        "[[rate_limit]]\npath = \"/admin/login/\"\nrequests = 3\nper = \"1m\"\n",
+    )
+    .await;
+    let port = proxy.https.port();
+    let post = |path: &str| {
+        request("POST", path, port)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(full("username=admin&password=guess"))
+            .expect("request")
+    };
+    let mut client = proxy.client(H2).await;
+    for attempt in 0..3 {
+        let (response, _) = client.fetch(post("/admin/login/?next=/admin/")).await;
+        assert_eq!(response.status(), StatusCode::OK, "attempt {attempt}");
+    }
+    let (response, body) = client.fetch(post("/admin/login/")).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS, "{body}");
+    // Three per minute: the next token is 20 s away.
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=20).contains(&retry), "{retry}");
+    assert!(response.headers().contains_key("strict-transport-security"));
+    // Reading the form and other paths are not limited.
+    assert_eq!(
+        client.get("/admin/login/", port).await.0.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.fetch(post("/contact/")).await.0.status(),
+        StatusCode::OK
+    );
+    // Another client address has its own budget.
+    let mut other = Client::connect_from(
+        Some("127.0.0.2".parse().expect("ip")),
+        proxy.https,
+        "localhost",
+        &proxy.root,
+        H2,
+    )
+    .await
+    .expect("connect from 127.0.0.2");
+    assert_eq!(
+        other.fetch(post("/admin/login/")).await.0.status(),
+        StatusCode::OK
+    );
+    // The refused attempt never reached the upstream: 3 + 1 + 1 POSTs and one GET did.
+    assert_eq!(upstream.count(), 6);
+    proxy.stop().await;
+}

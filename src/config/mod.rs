@@ -53,6 +53,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Directories served at URL prefixes instead of the upstream, longest prefix first.
     pub static_files: Vec<StaticMount>,
+    /// Per-client request budgets for chosen paths (logins).
+    pub rate_limits: Vec<RateLimitRule>,
     /// Legal but probably unintended settings; `check` prints them and `run` logs them.
     pub warnings: Vec<String>,
 }
@@ -291,6 +293,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// At most `requests` requests per `per` from one client to paths starting with `path`, for `methods`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitRule {
+    pub path: String,
+    pub methods: Vec<http::Method>,
+    pub requests: u32,
+    pub per: Duration,
+}
+
 /// A directory served under a URL prefix (Django's `STATIC_URL` → `STATIC_ROOT`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticMount {
@@ -396,6 +407,16 @@ impl Config {
             "limits:   body {} bytes, headers {} bytes, {} connections\n",
             self.limits.max_body, self.limits.max_header_bytes, self.limits.max_connections
         ));
+        for rule in &self.rate_limits {
+            let methods: Vec<&str> = rule.methods.iter().map(http::Method::as_str).collect();
+            out.push_str(&format!(
+                "limit:    {} {}* at most {} per {} per client\n",
+                methods.join("/"),
+                rule.path,
+                rule.requests,
+                humantime::format_duration(rule.per)
+            ));
+        }
         for mount in &self.static_files {
             out.push_str(&format!(
                 "static:   {} → {}\n",

@@ -24,6 +24,8 @@ pub struct RawConfig {
     pub metrics: Option<RawMetrics>,
     #[serde(default, rename = "static")]
     pub static_files: Vec<RawStatic>,
+    #[serde(default)]
+    pub rate_limit: Vec<RawRateLimit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +143,15 @@ pub struct RawLimits {
     pub max_connections: Option<usize>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub h2_max_pending_resets: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub path: String,
+    pub methods: Option<Vec<String>>,
+    pub requests: u32,
+    pub per: HumanDuration,
 }
 
 #[derive(Debug, Deserialize)]

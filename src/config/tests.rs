@@ -296,3 +296,35 @@ fn static_mounts_are_checked_and_named_by_index() {
     ));
     assert!(err.contains("`static[0].cache_control`"), "{err}");
 }
+
+#[test]
+fn rate_limits_default_to_post_and_name_their_mistakes() {
+    let config = parse(&format!(
+        "{MINIMAL}[[rate_limit]]\npath = \"/admin/login/\"\nrequests = 10\nper = \"1m\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(config.rate_limits[0].methods, [http::Method::POST]);
+    assert_eq!(config.rate_limits[0].per, Duration::from_secs(60));
+    assert!(
+        config
+            .summary()
+            .contains("limit:    POST /admin/login/* at most 10 per 1m per client"),
+        "{}",
+        config.summary()
+    );
+    for (field, line, expected) in [
+        ("path = \"admin\"", "path", "must be a path"),
+        ("methods = [\"PO ST\"]", "methods", "is not a method"),
+        ("requests = 0", "requests", "must be 1..=1000000"),
+        ("per = \"500ms\"", "per", "at least 1s"),
+    ] {
+        let mut entry = vec!["path = \"/login/\"", "requests = 5", "per = \"1m\""];
+        entry.retain(|l| !l.starts_with(line));
+        entry.push(field);
+        let err = error_of(&format!("{MINIMAL}[[rate_limit]]\n{}\n", entry.join("\n")));
+        assert!(
+            err.contains(&format!("`rate_limit[0].{line}`")) && err.contains(expected),
+            "{field}: {err}"
+        );
+    }
+}

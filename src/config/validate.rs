@@ -689,6 +689,7 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
     };
 
     let static_files = validate_static_files(raw.static_files, ctx)?;
+    let rate_limits = validate_rate_limits(raw.rate_limit, ctx)?;
 
     Ok(Config {
         server,
@@ -701,8 +702,49 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         log,
         metrics,
         static_files,
+        rate_limits,
         warnings,
     })
+}
+
+/// `[[rate_limit]]`: a path prefix, methods (POST by default: a login form's GET is harmless), and a
+/// budget of at least one request per at least a second.
+fn validate_rate_limits(
+    raw: Vec<raw::RawRateLimit>,
+    ctx: &Ctx,
+) -> Result<Vec<RateLimitRule>, ConfigError> {
+    let mut rules = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("rate_limit[{i}].{field}");
+        if !r.path.starts_with('/') || r.path.contains(['?', '#', '%']) {
+            return Err(ctx.invalid(
+                &key("path"),
+                format!("`{}` must be a path like \"/admin/login/\"", r.path),
+            ));
+        }
+        let mut methods = Vec::new();
+        for m in r.methods.unwrap_or_else(|| vec!["POST".into()]) {
+            let method = http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| ctx.invalid(&key("methods"), format!("`{m}` is not a method")))?;
+            methods.push(method);
+        }
+        if methods.is_empty() {
+            return Err(ctx.invalid(&key("methods"), "list at least one method"));
+        }
+        if r.requests == 0 || r.requests > 1_000_000 {
+            return Err(ctx.invalid(&key("requests"), "must be 1..=1000000"));
+        }
+        if r.per.0 < Duration::from_secs(1) {
+            return Err(ctx.invalid(&key("per"), "must be at least 1s"));
+        }
+        rules.push(RateLimitRule {
+            path: r.path,
+            methods,
+            requests: r.requests,
+            per: r.per.0,
+        });
+    }
+    Ok(rules)
 }
 
 /// `[[static]]`: each prefix a plain path ending in `/`, each folder present now (a typo must not become

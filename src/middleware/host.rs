@@ -3,47 +3,24 @@
 //! behind `ALLOWED_HOSTS = ['*']`. It also leaves exactly one `Host` header (from `:authority` on HTTP/2)
 //! for the upstream, which speaks HTTP/1.1.
 
-use std::sync::Arc;
-use std::task::{Context, Poll};
-
-use futures_util::future::Either;
-use http::header::HOST;
-use http::uri::Authority;
-use http::{HeaderValue, Request, Response, StatusCode, Version};
-use tower::{Layer, Service};
-
+use super::RequestGate;
 use crate::body::ProxyBody;
 use crate::config::Domains;
 use crate::context::ConnInfo;
 use crate::response::{Blame, error_page};
+use http::header::HOST;
+use http::uri::Authority;
+use http::{HeaderValue, Request, Response, StatusCode, Version};
 
-#[derive(Clone)]
-pub struct HostGuardLayer {
-    domains: Arc<Domains>,
+/// The served names; as a `RequestGate`, refuses any request not for one of them.
+pub struct HostAllowlist {
+    domains: Domains,
 }
 
-impl HostGuardLayer {
+impl HostAllowlist {
     pub fn new(domains: Domains) -> Self {
-        HostGuardLayer {
-            domains: Arc::new(domains),
-        }
+        HostAllowlist { domains }
     }
-}
-
-impl<S> Layer<S> for HostGuardLayer {
-    type Service = HostGuard<S>;
-    fn layer(&self, inner: S) -> HostGuard<S> {
-        HostGuard {
-            inner,
-            domains: self.domains.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct HostGuard<S> {
-    inner: S,
-    domains: Arc<Domains>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,34 +110,20 @@ pub fn check_host<B>(
     Ok(())
 }
 
-impl<S, B> Service<Request<B>> for HostGuard<S>
-where
-    S: Service<Request<B>, Response = Response<ProxyBody>>,
-{
-    type Response = Response<ProxyBody>;
-    type Error = S::Error;
-    type Future = Either<std::future::Ready<Result<Response<ProxyBody>, S::Error>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+impl RequestGate for HostAllowlist {
+    fn admit<B>(&self, req: &mut Request<B>) -> Result<(), Box<Response<ProxyBody>>> {
         let sni = req
             .extensions()
             .get::<ConnInfo>()
             .and_then(|c| c.sni.clone());
-        match check_host(&mut req, &self.domains, sni.as_deref()) {
-            Ok(()) => Either::Right(self.inner.call(req)),
-            Err(rejection) => {
-                tracing::debug!(host = ?req.headers().get(HOST), uri = %req.uri(), sni = ?sni, "{}", rejection.reason());
-                Either::Left(std::future::ready(Ok(error_page(
-                    rejection.status(),
-                    Blame::Client,
-                    rejection.reason(),
-                ))))
-            }
-        }
+        check_host(req, &self.domains, sni.as_deref()).map_err(|rejection| {
+            tracing::debug!(host = ?req.headers().get(HOST), uri = %req.uri(), sni = ?sni, "{}", rejection.reason());
+            Box::new(error_page(
+                rejection.status(),
+                Blame::Client,
+                rejection.reason(),
+            ))
+        })
     }
 }
 

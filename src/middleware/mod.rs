@@ -1,23 +1,29 @@
 //! Tower middleware on the request path. Response rewrites (security headers, cookie hardening) share one
-//! layer type, `RewriteHeadersLayer`, parameterised by what they rewrite; the Host guard and access log
-//! are their own layers because they look at the request too.
+//! layer type, `RewriteHeadersLayer`, parameterised by what they rewrite; request checks that may answer
+//! instead of the app (the Host guard, login rate limits) share `GateLayer`; the access log is its own
+//! layer because it follows the response body.
 
 pub mod access_log;
 pub mod cookies;
 pub mod host;
+pub mod rate_limit;
 pub mod security_headers;
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use futures_util::future::Either;
 use http::{HeaderMap, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::body::ProxyBody;
+
 pub use access_log::AccessLogLayer;
 pub use cookies::CookieHardening;
-pub use host::HostGuardLayer;
+pub use host::HostAllowlist;
+pub use rate_limit::RateLimiter;
 pub use security_headers::SecurityHeaderPolicy;
 
 /// A rewrite of response headers, decided once per config and applied to every response.
@@ -103,5 +109,76 @@ where
         let mut response = ready!(this.inner.poll(cx))?;
         this.rewrite.rewrite(response.headers_mut());
         Poll::Ready(Ok(response))
+    }
+}
+
+/// A check before the inner service: let the request through (possibly adjusted), or answer it here
+/// (boxed: the refusal is the rare path).
+pub trait RequestGate: Send + Sync + 'static {
+    fn admit<B>(&self, req: &mut Request<B>) -> Result<(), Box<Response<ProxyBody>>>;
+}
+
+pub struct GateLayer<G> {
+    gate: Arc<G>,
+}
+
+impl<G> GateLayer<G> {
+    pub fn new(gate: G) -> Self {
+        GateLayer {
+            gate: Arc::new(gate),
+        }
+    }
+}
+
+impl<G> Clone for GateLayer<G> {
+    fn clone(&self) -> Self {
+        GateLayer {
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+impl<S, G> Layer<S> for GateLayer<G> {
+    type Service = Gated<S, G>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Gated {
+            inner,
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+pub struct Gated<S, G> {
+    inner: S,
+    gate: Arc<G>,
+}
+
+impl<S: Clone, G> Clone for Gated<S, G> {
+    fn clone(&self) -> Self {
+        Gated {
+            inner: self.inner.clone(),
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+impl<S, G, B> Service<Request<B>> for Gated<S, G>
+where
+    S: Service<Request<B>, Response = Response<ProxyBody>>,
+    G: RequestGate,
+{
+    type Response = Response<ProxyBody>;
+    type Error = S::Error;
+    type Future = Either<std::future::Ready<Result<Response<ProxyBody>, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        match self.gate.admit(&mut req) {
+            Ok(()) => Either::Right(self.inner.call(req)),
+            Err(answer) => Either::Left(std::future::ready(Ok(*answer))),
+        }
     }
 }

@@ -196,6 +196,18 @@ impl ForwardingPolicy {
         }
     }
 
+    /// The client behind this connection: the peer, or behind a trusted load balancer the rightmost
+    /// address it did not add itself (what `X-Real-IP` says).
+    pub fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        let peer = canonical_ip(peer);
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        join_values(headers, &X_FORWARDED_FOR)
+            .and_then(|chain| self.rightmost_untrusted(&chain))
+            .unwrap_or(peer)
+    }
+
     /// The client is the rightmost address not one of our trusted proxies: everything left of it could
     /// have been written by the client itself.
     fn rightmost_untrusted(&self, chain: &str) -> Option<IpAddr> {
@@ -304,6 +316,22 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "example.com");
         assert!(h.get("x-forwarded-ssl").is_none());
         assert!(h.get("forwarded").is_none());
+    }
+
+    #[test]
+    fn the_client_is_the_peer_unless_a_trusted_proxy_says_otherwise() {
+        let policy = ForwardingPolicy {
+            trusted_proxies: vec!["10.0.0.0/8".parse().expect("net")],
+            port: None,
+        };
+        let h = headers(&[("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.0.0.7")]);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(policy.client_ip(&h, ip("10.0.0.1")), ip("203.0.113.9"));
+        assert_eq!(policy.client_ip(&h, ip("192.0.2.1")), ip("192.0.2.1"));
+        assert_eq!(
+            policy.client_ip(&HeaderMap::new(), ip("10.0.0.1")),
+            ip("10.0.0.1")
+        );
     }
 
     #[test]

@@ -23,12 +23,12 @@ use crate::acme::{AcmeManager, AcmeStatus, Http01Tokens};
 use crate::config::{Config, ConfigError, Domains, Limits, TlsSource};
 use crate::metrics::{Gauges, Listener, Metrics};
 use crate::middleware::access_log::AccessLog;
-use crate::middleware::host::HostGuard;
 use crate::middleware::{
-    AccessLogLayer, CookieHardening, HostGuardLayer, RewriteHeaders, RewriteHeadersLayer,
-    SecurityHeaderPolicy,
+    AccessLogLayer, CookieHardening, GateLayer, Gated, HostAllowlist, RateLimiter, RewriteHeaders,
+    RewriteHeadersLayer, SecurityHeaderPolicy,
 };
 use crate::proxy::ProxyService;
+use crate::proxy::headers::ForwardingPolicy;
 use crate::static_files::{StaticFiles, StaticOrProxy};
 use crate::tls::local_ca::{self, LocalCa};
 use crate::tls::{CertResolver, TlsError};
@@ -53,7 +53,10 @@ pub enum ServerError {
 }
 
 type HttpsStack = AccessLog<
-    RewriteHeaders<RewriteHeaders<HostGuard<StaticOrProxy>, CookieHardening>, SecurityHeaderPolicy>,
+    RewriteHeaders<
+        RewriteHeaders<Gated<Gated<StaticOrProxy, RateLimiter>, HostAllowlist>, CookieHardening>,
+        SecurityHeaderPolicy,
+    >,
 >;
 type PlainStack = AccessLog<RewriteHeaders<PlainHttpService, SecurityHeaderPolicy>>;
 
@@ -88,7 +91,16 @@ impl Runtime {
             .layer(RewriteHeadersLayer::new(CookieHardening::new(
                 config.cookies.clone(),
             )))
-            .layer(HostGuardLayer::new(config.server.domains.clone()))
+            .layer(GateLayer::new(HostAllowlist::new(
+                config.server.domains.clone(),
+            )))
+            .layer(GateLayer::new(RateLimiter::new(
+                config.rate_limits.clone(),
+                ForwardingPolicy {
+                    trusted_proxies: config.server.trusted_proxies.clone(),
+                    port: None,
+                },
+            )))
             .service(StaticOrProxy::new(
                 StaticFiles::new(&config.static_files),
                 ProxyService::new(&config, public_https_port),

@@ -318,7 +318,25 @@ pub async fn tls_connect(
     root: &std::path::Path,
     alpn: &[&[u8]],
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
+    tls_connect_from(None, addr, sni, root, alpn).await
+}
+
+/// `tls_connect` from a chosen local address (another loopback address is another client).
+pub async fn tls_connect_from(
+    local: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    sni: &str,
+    root: &std::path::Path,
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = match local {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
     let connector = TlsConnector::from(client_tls_config(root, alpn));
     let name =
         ServerName::try_from(sni.to_string()).map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -345,7 +363,17 @@ impl Client {
         root: &std::path::Path,
         alpn: &[&[u8]],
     ) -> std::io::Result<Client> {
-        let tls = tls_connect(addr, sni, root, alpn).await?;
+        Client::connect_from(None, addr, sni, root, alpn).await
+    }
+
+    pub async fn connect_from(
+        local: Option<std::net::IpAddr>,
+        addr: SocketAddr,
+        sni: &str,
+        root: &std::path::Path,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<Client> {
+        let tls = tls_connect_from(local, addr, sni, root, alpn).await?;
         let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let io = TokioIo::new(tls);
         let sender = if negotiated.as_deref() == Some(b"h2") {

@@ -1,0 +1,253 @@
+//! Per-client request budgets for chosen paths (`[[rate_limit]]`), for the login forms Django does not
+//! throttle itself: a token bucket per client address, refilled continuously, checked before the request
+//! reaches Gunicorn. Over budget: 429 with `Retry-After` (RFC 6585 §4, RFC 9110 §10.2.3). IPv6 clients
+//! are keyed by their /64, which one host usually controls whole.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::header::RETRY_AFTER;
+use http::{HeaderValue, Request, Response, StatusCode};
+
+use super::RequestGate;
+use crate::body::ProxyBody;
+use crate::config::RateLimitRule;
+use crate::context::ConnInfo;
+use crate::proxy::headers::ForwardingPolicy;
+use crate::response::{Blame, error_page};
+
+/// Buckets kept before full ones (which carry no information) are dropped; past it, new clients go
+/// untracked rather than refused, so a flood of addresses cannot lock everyone out.
+const MAX_TRACKED: usize = 100_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// The rules and every client's buckets. Built per config: a reload starts with fresh budgets.
+pub struct RateLimiter {
+    rules: Vec<RateLimitRule>,
+    forwarding: ForwardingPolicy,
+    buckets: Mutex<Buckets>,
+}
+
+struct Buckets {
+    by_client: HashMap<(usize, IpAddr), Bucket>,
+    last_prune: Option<Instant>,
+}
+
+impl RateLimiter {
+    pub fn new(rules: Vec<RateLimitRule>, forwarding: ForwardingPolicy) -> Self {
+        RateLimiter {
+            rules,
+            forwarding,
+            buckets: Mutex::new(Buckets {
+                by_client: HashMap::new(),
+                last_prune: None,
+            }),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Takes one request from every matching rule's budget; `Err(wait)` when one is spent.
+    fn take_from_budgets<B>(&self, req: &Request<B>, now: Instant) -> Result<(), Duration> {
+        let path = req.uri().path();
+        let mut matching = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, rule)| path.starts_with(&rule.path) && rule.methods.contains(req.method()))
+            .peekable();
+        if matching.peek().is_none() {
+            return Ok(());
+        }
+        let Some(conn) = req.extensions().get::<ConnInfo>() else {
+            return Ok(());
+        };
+        let client = client_key(self.forwarding.client_ip(req.headers(), conn.peer.ip()));
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut verdict = Ok(());
+        for (index, _) in matching {
+            if let Err(wait) = buckets.take(&self.rules, index, client, now)
+                && verdict.is_ok()
+            {
+                verdict = Err(wait);
+            }
+        }
+        verdict
+    }
+}
+
+impl Buckets {
+    /// Takes a token from `rules[index]`'s bucket for `client`.
+    fn take(
+        &mut self,
+        rules: &[RateLimitRule],
+        index: usize,
+        client: IpAddr,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let Some(rule) = rules.get(index) else {
+            return Ok(());
+        };
+        let (capacity, per_second) = budget(rule);
+        if !self.by_client.contains_key(&(index, client)) && self.by_client.len() >= MAX_TRACKED {
+            self.prune(rules, now);
+            if self.by_client.len() >= MAX_TRACKED {
+                return Ok(());
+            }
+        }
+        let bucket = self.by_client.entry((index, client)).or_insert(Bucket {
+            tokens: capacity,
+            updated: now,
+        });
+        let refill = now.saturating_duration_since(bucket.updated).as_secs_f64() * per_second;
+        bucket.tokens = (bucket.tokens + refill).min(capacity);
+        bucket.updated = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / per_second))
+        }
+    }
+
+    /// Drops buckets that have refilled completely, at most once a second (it walks the whole map).
+    fn prune(&mut self, rules: &[RateLimitRule], now: Instant) {
+        if self
+            .last_prune
+            .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_prune = Some(now);
+        self.by_client.retain(|(index, _), b| {
+            let Some((capacity, per_second)) = rules.get(*index).map(budget) else {
+                return false;
+            };
+            b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * per_second
+                < capacity
+        });
+    }
+}
+
+/// A rule's bucket size and refill rate (tokens per second).
+fn budget(rule: &RateLimitRule) -> (f64, f64) {
+    let capacity = f64::from(rule.requests);
+    (capacity, capacity / rule.per.as_secs_f64())
+}
+
+/// IPv4 as is; IPv6 by its /64.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+    }
+}
+
+impl RequestGate for RateLimiter {
+    fn admit<B>(&self, req: &mut Request<B>) -> Result<(), Box<Response<ProxyBody>>> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        self.take_from_budgets(req, Instant::now()).map_err(|wait| {
+            let mut response = error_page(
+                StatusCode::TOO_MANY_REQUESTS,
+                Blame::Client,
+                "rate limit: too many requests from this client",
+            );
+            // Whole seconds, rounded up: retrying at the given time finds a token.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            Box::new(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    fn rule(requests: u32, per_secs: u64) -> RateLimitRule {
+        RateLimitRule {
+            path: "/admin/login/".into(),
+            methods: vec![Method::POST],
+            requests,
+            per: Duration::from_secs(per_secs),
+        }
+    }
+
+    fn buckets() -> Buckets {
+        Buckets {
+            by_client: HashMap::new(),
+            last_prune: None,
+        }
+    }
+
+    #[test]
+    fn a_budget_is_spent_then_refilled_over_time() {
+        let (rules, mut b, t0) = ([rule(3, 60), rule(3, 60)], buckets(), Instant::now());
+        let ip: IpAddr = "203.0.113.9".parse().expect("ip");
+        for _ in 0..3 {
+            assert_eq!(b.take(&rules, 0, ip, t0), Ok(()));
+        }
+        let wait = b.take(&rules, 0, ip, t0).expect_err("spent");
+        assert_eq!(wait, Duration::from_secs(20), "one token per 20 s");
+        // Another client and another rule have budgets of their own.
+        let other: IpAddr = "203.0.113.10".parse().expect("ip");
+        assert_eq!(b.take(&rules, 0, other, t0), Ok(()));
+        assert_eq!(b.take(&rules, 1, ip, t0), Ok(()));
+        // After 20 s exactly one more request fits.
+        let t1 = t0 + Duration::from_secs(20);
+        assert_eq!(b.take(&rules, 0, ip, t1), Ok(()));
+        assert!(b.take(&rules, 0, ip, t1).is_err());
+        // Refill never exceeds the budget.
+        let t2 = t1 + Duration::from_secs(3600);
+        for _ in 0..3 {
+            assert_eq!(b.take(&rules, 0, ip, t2), Ok(()));
+        }
+        assert!(b.take(&rules, 0, ip, t2).is_err());
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_slash_64() {
+        let a = client_key("2001:db8:1:2:aaaa::1".parse().expect("ip"));
+        let b = client_key("2001:db8:1:2:bbbb::2".parse().expect("ip"));
+        let c = client_key("2001:db8:1:3::1".parse().expect("ip"));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let v4: IpAddr = "192.0.2.1".parse().expect("ip");
+        assert_eq!(client_key(v4), v4);
+    }
+
+    #[test]
+    fn full_buckets_are_pruned_and_a_full_table_admits_untracked() {
+        let (rules, mut b, t0) = ([rule(2, 2)], buckets(), Instant::now());
+        for i in 0..MAX_TRACKED {
+            let ip = IpAddr::from(u32::try_from(i).expect("fits").to_be_bytes());
+            assert_eq!(b.take(&rules, 0, ip, t0), Ok(()));
+        }
+        let newcomer: IpAddr = "198.51.100.1".parse().expect("ip");
+        // Nobody has refilled yet: the newcomer is admitted without a bucket.
+        assert_eq!(b.take(&rules, 0, newcomer, t0), Ok(()));
+        assert_eq!(b.by_client.len(), MAX_TRACKED);
+        // A second later every bucket is full again and is dropped to make room.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(b.take(&rules, 0, newcomer, t1), Ok(()));
+        assert_eq!(b.by_client.len(), 1);
+    }
+}
