@@ -3,14 +3,15 @@
 //! behind `ALLOWED_HOSTS = ['*']`. It also leaves exactly one `Host` header (from `:authority` on HTTP/2)
 //! for the upstream, which speaks HTTP/1.1.
 
+use http::header::HOST;
+use http::uri::Authority;
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+
 use super::RequestGate;
 use crate::body::ProxyBody;
 use crate::config::Domains;
 use crate::context::ConnInfo;
 use crate::response::{Blame, error_page};
-use http::header::HOST;
-use http::uri::Authority;
-use http::{HeaderValue, Request, Response, StatusCode, Version};
 
 /// The served names; as a `RequestGate`, refuses any request not for one of them.
 pub struct HostAllowlist {
