@@ -36,6 +36,18 @@ HEADERS = {
     "cross-origin-opener-policy": "same-origin",
 }
 COOKIE_FLAGS = ("secure", "httponly", "samesite=lax")
+# The static-file mode: a 4 KiB stylesheet each contender serves from disk at /static/ (HAProxy serves no
+# files, so it sits that mode out).
+STATIC_FILE = "/static/app.css"
+
+
+def write_static_root(tmp: Path) -> Path:
+    root = tmp / "static"
+    root.mkdir(exist_ok=True)
+    rule = ".c{n} {{ color: #{n:06x}; margin: {n}px; padding: 0 {n}px; }}\n"
+    text = "".join(rule.format(n=n) for n in range(200))[:4096]
+    (root / "app.css").write_text(text)
+    return root
 
 
 def run(cmd, **kw):
@@ -100,6 +112,8 @@ def wait_port(port, timeout=15):
 
 
 class Contender:
+    serves_files = True
+
     def __init__(self, name, port, tmp):
         self.name, self.port, self.tmp, self.proc = name, port, tmp, None
 
@@ -141,6 +155,9 @@ key = "{key}"
 dir = "{self.tmp}/state"
 [upstream]
 url = "http://127.0.0.1:{UPSTREAM_PORT}"
+[[static]]
+url = "/static/"
+dir = "{self.tmp}/static"
 [limits]
 max_connections = 20000
 [log]
@@ -188,6 +205,10 @@ http {{
       proxy_cookie_flags ~ secure httponly samesite=lax;
 {adds}
     }}
+    location /static/ {{
+      alias {self.tmp}/static/;
+{adds}
+    }}
   }}
 }}
 """)
@@ -195,6 +216,8 @@ http {{
 
 
 class HAProxy(Contender):
+    serves_files = False
+
     def command(self, cert, key, pem):
         sets = "\n".join(f'  http-response set-header {k} "{v}"' for k, v in HEADERS.items())
         conf = self.tmp / "haproxy.cfg"
@@ -245,9 +268,15 @@ https://localhost:{self.port} {{
 {hdrs}
     -Server
   }}
-  reverse_proxy 127.0.0.1:{UPSTREAM_PORT} {{
-    header_down Set-Cookie "^(.*)$" "$1; Secure; HttpOnly; SameSite=Lax"
-    header_down -X-Powered-By
+  handle_path /static/* {{
+    root * {self.tmp}/static
+    file_server
+  }}
+  handle {{
+    reverse_proxy 127.0.0.1:{UPSTREAM_PORT} {{
+      header_down Set-Cookie "^(.*)$" "$1; Secure; HttpOnly; SameSite=Lax"
+      header_down -X-Powered-By
+    }}
   }}
 }}
 """)
@@ -262,14 +291,23 @@ def verify(contender):
     missing += [f"cookie {f}" for f in COOKIE_FLAGS if f not in cookie.replace(" ", "")]
     leaks = [h for h in ("x-powered-by",) if f"\n{h}:" in out]
     server = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("server:")), None)
-    return {"missing": missing, "leaks": leaks, "server_header": server, "h2": out.startswith("http/2")}
+    check = {"missing": missing, "leaks": leaks, "server_header": server, "h2": out.startswith("http/2")}
+    if contender.serves_files:
+        head = run(["curl", "-sk", "-D", "-", "-o", str(contender.tmp / "static-check.css"),
+                    f"https://localhost:{contender.port}{STATIC_FILE}"]).stdout.lower()
+        same = (contender.tmp / "static-check.css").read_text() == (contender.tmp / "static/app.css").read_text()
+        static_missing = [h for h in HEADERS if f"\n{h}:" not in head]
+        status = head.split()[1] if len(head.split()) > 1 else "?"
+        check["static"] = "ok" if status == "200" and same and not static_missing \
+            else f"FAILED (status/body/headers: {head.splitlines()[:1]}, {same}, {static_missing})"
+    return check
 
 
-def wrk(port, seconds, connections, close=False):
+def wrk(port, seconds, connections, close=False, path="/"):
     cmd = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if close:
         cmd += ["-H", "Connection: close"]
-    out = run(cmd + [f"https://localhost:{port}/" if port != UPSTREAM_PORT else f"http://127.0.0.1:{port}/"]).stdout
+    out = run(cmd + [f"https://localhost:{port}{path}" if port != UPSTREAM_PORT else f"http://127.0.0.1:{port}/"]).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
@@ -314,6 +352,8 @@ def measure(contender, mode, seconds, tmp):
     before = cpu_seconds(pid)
     if mode == "h1":
         result = wrk(contender.port, seconds, 64)
+    elif mode == "static-h1":
+        result = wrk(contender.port, seconds, 64, path=STATIC_FILE)
     elif mode == "h2":
         result = h2load(contender.port, seconds, tmp)
     else:
@@ -390,6 +430,7 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tmp = Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
     certs = {kind: make_cert(tmp, kind) for kind in ("ecdsa", "rsa")}
+    write_static_root(tmp)
     upstream = subprocess.Popen(["taskset", "-c", LOAD_CORE, str(ROOT / "target/release/examples/bench_upstream"), str(UPSTREAM_PORT)])
     wait_port(UPSTREAM_PORT)
     contenders = [Portcullis(19443, tmp), Nginx("nginx", 19444, tmp), HAProxy("haproxy", 19445, tmp),
@@ -397,7 +438,8 @@ def main():
     if args.only:
         keep = set(args.only.split(","))
         contenders = [c for c in contenders if c.name in keep or (c.name == "nginx")]
-    modes = [("h1", "ecdsa"), ("h2", "ecdsa"), ("handshake-ecdsa", "ecdsa"), ("handshake-rsa", "rsa")]
+    modes = [("h1", "ecdsa"), ("h2", "ecdsa"), ("static-h1", "ecdsa"), ("handshake-ecdsa", "ecdsa"),
+             ("handshake-rsa", "rsa")]
     results = {m: {c.name: [] for c in contenders} for m, _ in modes}
     checks = {}
     ceiling = []
@@ -413,6 +455,8 @@ def main():
             for mode, kind in modes:
                 order = contenders if rnd % 2 == 0 else list(reversed(contenders))
                 for c in order:
+                    if mode.startswith("static") and not c.serves_files:
+                        continue
                     cert, key = certs[kind]
                     c.start(cert, key, tmp / f"{kind}.pem")
                     try:
@@ -454,6 +498,8 @@ def report(results, checks, ceiling, args):
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         base = results[mode].get("nginx", [])
         for name, runs in results[mode].items():
+            if not runs:
+                continue
             ratio = lambda key: median([r[key] / b[key] for r, b in zip(runs, base) if b[key]])
             print(f"| {name} | {median([r['rps'] for r in runs]):.0f} | {ratio('rps'):.2f} | "
                   f"{median([r['p50_ms'] for r in runs]):.2f} | {median([r['p99_ms'] for r in runs]):.2f} | "
@@ -463,7 +509,7 @@ def report(results, checks, ceiling, args):
     print("Output checks (same headers and cookie flags on every contender):\n")
     for name, check in checks.items():
         print(f"- {name}: missing {check['missing'] or 'none'}; Server header: {check['server_header'] or 'none'}; "
-              f"HTTP/2: {check['h2']}")
+              f"HTTP/2: {check['h2']}; static file: {check.get('static', 'not served (no file server)')}")
 
 
 if __name__ == "__main__":

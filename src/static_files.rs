@@ -1,22 +1,27 @@
 //! Files served from disk under URL prefixes (`[[static]]`): Django's `STATIC_ROOT` after `collectstatic`,
 //! served the way Django's deployment guide has nginx do it (`location /static/ { alias …; }`), so no
-//! Gunicorn worker spends time on a stylesheet. tower-http's `ServeDir` does the file work: path checks,
+//! Gunicorn worker spends time on a stylesheet. tower-http's `ServeDir` does the HTTP work: path checks,
 //! `Content-Type`, conditional GET, `Range`, and precompressed `.br`/`.gz` siblings (WhiteNoise's
-//! compressed storage writes them).
+//! compressed storage writes them). Its file access goes through `DirectFs` (below), not `tokio::fs`.
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, Ready, ready};
+use std::io::{self, Cursor, Read};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::header::{ALLOW, CACHE_CONTROL};
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::Empty;
 use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 use tower::{Service, ServiceExt};
 use tower_http::services::ServeDir;
+use tower_http::services::fs::{Backend, DefaultServeDirFallback, File, TokioBackend, TokioFile};
 
 use crate::body::ProxyBody;
 use crate::config::StaticMount;
@@ -26,7 +31,7 @@ use crate::response::{Blame, error_page, status_page};
 struct Mount {
     /// Starts and ends with `/`.
     url: String,
-    files: ServeDir,
+    files: ServeDir<DefaultServeDirFallback, DirectFs>,
     cache_control: Option<HeaderValue>,
 }
 
@@ -41,7 +46,7 @@ impl StaticFiles {
                 .map(|m| Mount {
                     url: m.url.clone(),
                     // No directory listings, no index pages, no redirects: a static folder serves files.
-                    files: ServeDir::new(&m.dir)
+                    files: ServeDir::with_backend(&m.dir, DirectFs)
                         .append_index_html_on_directories(false)
                         .redirect_to_trailing_slash(false)
                         .precompressed_br()
@@ -143,6 +148,105 @@ impl Service<Request<Incoming>> for StaticOrProxy {
             return Box::pin(async move { Ok(files.serve(req).await) });
         }
         self.proxy.call(req)
+    }
+}
+
+/// Files up to this size are read whole when opened; larger ones stream through `tokio::fs`.
+const READ_WHOLE_UP_TO: u64 = 1024 * 1024;
+
+/// File access for `ServeDir` without a thread hop per system call. `tokio::fs` runs every `stat`,
+/// `open` and `read` on the blocking pool. That made a 4 KiB stylesheet cost 65 µs of CPU, against
+/// nginx's 14 µs (`benches/load.py`, static-h1). Static files are small and almost always in the page
+/// cache, so here they are read directly on the runtime thread, as nginx does without `aio`. Only
+/// files over `READ_WHOLE_UP_TO` stream from the blocking pool. Keep static folders on local disk: on a
+/// network filesystem, a slow `read` would stall the connections on this thread.
+#[derive(Debug, Clone, Copy)]
+pub struct DirectFs;
+
+pub enum DirectFile {
+    Whole {
+        data: Cursor<Bytes>,
+        metadata: std::fs::Metadata,
+    },
+    Streamed(TokioFile),
+}
+
+impl Backend for DirectFs {
+    type File = DirectFile;
+    type Metadata = std::fs::Metadata;
+    type OpenFuture = Either<
+        Ready<io::Result<DirectFile>>,
+        Pin<Box<dyn Future<Output = io::Result<DirectFile>> + Send>>,
+    >;
+    type MetadataFuture = Ready<io::Result<std::fs::Metadata>>;
+
+    fn open(&self, path: PathBuf) -> Self::OpenFuture {
+        let opened = std::fs::File::open(&path).and_then(|file| {
+            let metadata = file.metadata()?;
+            Ok((file, metadata))
+        });
+        match opened {
+            Ok((mut file, metadata)) if metadata.len() <= READ_WHOLE_UP_TO => {
+                let capacity = usize::try_from(metadata.len()).unwrap_or(0);
+                let mut data = Vec::with_capacity(capacity);
+                Either::Left(ready(file.read_to_end(&mut data).map(|_| {
+                    DirectFile::Whole {
+                        data: Cursor::new(Bytes::from(data)),
+                        metadata,
+                    }
+                })))
+            }
+            Ok(_) => Either::Right(Box::pin(async move {
+                TokioBackend.open(path).await.map(DirectFile::Streamed)
+            })),
+            Err(e) => Either::Left(ready(Err(e))),
+        }
+    }
+
+    fn metadata(&self, path: PathBuf) -> Self::MetadataFuture {
+        ready(std::fs::metadata(path))
+    }
+}
+
+impl File for DirectFile {
+    type Metadata = std::fs::Metadata;
+    type MetadataFuture<'a> =
+        Either<Ready<io::Result<std::fs::Metadata>>, <TokioFile as File>::MetadataFuture<'a>>;
+
+    fn metadata(&self) -> Self::MetadataFuture<'_> {
+        match self {
+            DirectFile::Whole { metadata, .. } => Either::Left(ready(Ok(metadata.clone()))),
+            DirectFile::Streamed(file) => Either::Right(file.metadata()),
+        }
+    }
+}
+
+impl AsyncRead for DirectFile {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            DirectFile::Whole { data, .. } => Pin::new(data).poll_read(cx, buf),
+            DirectFile::Streamed(file) => Pin::new(file).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncSeek for DirectFile {
+    fn start_seek(self: Pin<&mut Self>, position: io::SeekFrom) -> io::Result<()> {
+        match self.get_mut() {
+            DirectFile::Whole { data, .. } => Pin::new(data).start_seek(position),
+            DirectFile::Streamed(file) => Pin::new(file).start_seek(position),
+        }
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        match self.get_mut() {
+            DirectFile::Whole { data, .. } => Pin::new(data).poll_complete(cx),
+            DirectFile::Streamed(file) => Pin::new(file).poll_complete(cx),
+        }
     }
 }
 

@@ -174,3 +174,31 @@ async fn static_files_refuse_hidden_missing_outside_and_unsafe_requests() {
     assert_eq!(upstream.count(), 0);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn large_static_files_stream_whole_and_by_range() {
+    // Over the 1 MiB read-whole threshold: streamed from the blocking pool instead.
+    let root = static_root();
+    let big: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect();
+    std::fs::write(root.path().join("big.js"), &big).expect("write");
+    let (upstream, proxy) = start(root.path()).await;
+    let port = proxy.https.port();
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        let (response, body) = client.get("/static/big.js", port).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body.len(), big.len());
+        assert!(body.as_bytes() == big.as_slice(), "content differs");
+        let range = request("GET", "/static/big.js", port)
+            .header("range", "bytes=2097152-2097161")
+            .body(full(""))
+            .expect("request");
+        let (response, body) = client.fetch(range).await;
+        assert_eq!(response.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(body.as_bytes(), &big[2_097_152..2_097_162]);
+    }
+    assert_eq!(upstream.count(), 0);
+    proxy.stop().await;
+}
