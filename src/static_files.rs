@@ -181,10 +181,20 @@ impl Backend for DirectFs {
     type MetadataFuture = Ready<io::Result<std::fs::Metadata>>;
 
     fn open(&self, path: PathBuf) -> Self::OpenFuture {
-        let opened = std::fs::File::open(&path).and_then(|file| {
-            let metadata = file.metadata()?;
-            Ok((file, metadata))
-        });
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: opening a FIFO left in the folder must not block this thread waiting for a
+        // writer; anything but a regular file is then refused as absent.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .and_then(|file| {
+                let metadata = file.metadata()?;
+                if !metadata.is_file() {
+                    return Err(io::ErrorKind::NotFound.into());
+                }
+                Ok((file, metadata))
+            });
         match opened {
             Ok((mut file, metadata)) if metadata.len() <= READ_WHOLE_UP_TO => {
                 let capacity = usize::try_from(metadata.len()).unwrap_or(0);

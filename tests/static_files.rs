@@ -24,6 +24,14 @@ fn static_root() -> tempfile::TempDir {
     write("admin/js/core.js", b"'use strict';\n");
     write(".env", b"SECRET_KEY=leaked");
     write("css/.git/config", b"[core]");
+    // A FIFO nobody writes to: opening it for reading would block forever without O_NONBLOCK.
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(dir.path().join("css/stuck.css"))
+            .status()
+            .expect("mkfifo")
+            .success()
+    );
     dir
 }
 
@@ -132,6 +140,13 @@ async fn static_files_refuse_hidden_missing_outside_and_unsafe_requests() {
     let root = static_root();
     let (upstream, proxy) = start(root.path()).await;
     let port = proxy.https.port();
+    // Bounds the FIFO case even if it regresses: a writer appearing after LIMIT frees a stuck reader
+    // (and the request's time then fails the assertion below instead of hanging the test).
+    let fifo = root.path().join("css/stuck.css");
+    std::thread::spawn(move || {
+        std::thread::sleep(LIMIT);
+        let _ = std::fs::OpenOptions::new().write(true).open(fifo);
+    });
     for alpn in [H1, H2] {
         let mut client = proxy.client(alpn).await;
         for path in [
@@ -143,8 +158,11 @@ async fn static_files_refuse_hidden_missing_outside_and_unsafe_requests() {
             "/static/css/",
             "/static/css",
             "/static/missing.css",
+            "/static/css/stuck.css",
         ] {
+            let asked = std::time::Instant::now();
             let (response, body) = client.get(path, port).await;
+            assert!(asked.elapsed() < LIMIT / 2, "{path} blocked the proxy");
             assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}: {body}");
             assert!(
                 !body.contains("SECRET") && !body.contains("[package]"),
