@@ -44,6 +44,14 @@ enum Bind {
 }
 
 impl Django {
+    /// The `[[static]]` section serving this app's STATIC_ROOT at its STATIC_URL.
+    fn static_mount(&self) -> String {
+        format!(
+            "[[static]]\nurl = \"/static/\"\ndir = \"{}\"\n",
+            self.static_root.display()
+        )
+    }
+
     /// Migrates a fresh database, creates the `admin` superuser, collects static files and starts
     /// Gunicorn.
     async fn start(bind: Bind) -> Django {
@@ -193,13 +201,12 @@ async fn django_sees_https_and_the_real_host() {
     }
     // A poisoned Host never reaches Django.
     let mut client = proxy.client(H1).await;
-    let mut req = request("GET", "/whoami/", port)
-        .body(full(""))
-        .expect("request");
-    req.headers_mut()
-        .insert("host", "evil.com".parse().expect("host"));
     assert_eq!(
-        client.fetch(req).await.0.status(),
+        client
+            .fetch(foreign_host_get("/whoami/", port))
+            .await
+            .0
+            .status(),
         StatusCode::MISDIRECTED_REQUEST
     );
     proxy.stop().await;
@@ -317,14 +324,7 @@ async fn django_static_files_are_served_by_the_proxy() {
     proxy.stop().await;
 
     // With STATIC_ROOT mounted at STATIC_URL, the proxy serves what collectstatic wrote.
-    let proxy = Proxy::start(
-        &django.upstream_url,
-        &format!(
-            "[[static]]\nurl = \"/static/\"\ndir = \"{}\"\n",
-            django.static_root.display()
-        ),
-    )
-    .await;
+    let proxy = Proxy::start(&django.upstream_url, &django.static_mount()).await;
     let port = proxy.https.port();
     for alpn in [H1, H2] {
         let mut client = proxy.client(alpn).await;
@@ -360,14 +360,7 @@ async fn django_admin_works_in_a_real_browser() {
         node_modules.display()
     );
     let django = Django::start(Bind::Tcp).await;
-    let proxy = Proxy::start(
-        &django.upstream_url,
-        &format!(
-            "[[static]]\nurl = \"/static/\"\ndir = \"{}\"\n",
-            django.static_root.display()
-        ),
-    )
-    .await;
+    let proxy = Proxy::start(&django.upstream_url, &django.static_mount()).await;
     let base = format!("https://localhost:{}", proxy.https.port());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/django_admin.cjs");
     let node_path = std::path::absolute(&node_modules).expect("absolute path");

@@ -134,18 +134,7 @@ async fn security_headers_on_proxied_and_own_responses() {
 
     // A response the proxy makes itself (421 for a foreign Host) carries them too.
     let mut h1 = proxy.client(H1).await;
-    let req = request("GET", "/", port)
-        .header("host", "evil.com")
-        .body(full(""))
-        .expect("request");
-    let req = {
-        let (mut parts, body) = req.into_parts();
-        parts
-            .headers
-            .insert("host", "evil.com".parse().expect("host"));
-        http::Request::from_parts(parts, body)
-    };
-    let (response, body) = h1.fetch(req).await;
+    let (response, body) = h1.fetch(foreign_host_get("/", port)).await;
     assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
     assert!(response.headers().contains_key("strict-transport-security"));
     assert!(body.contains("421") && !body.contains("127.0.0.1"));
@@ -776,14 +765,7 @@ async fn metrics_count_connections_responses_and_errors() {
     }
     // Refused by the proxy, blamed on the client: a Host outside the allowlist.
     let mut h1 = proxy.client(H1).await;
-    let (mut parts, body) = request("GET", "/", port)
-        .body(full(""))
-        .expect("request")
-        .into_parts();
-    parts
-        .headers
-        .insert("host", "evil.com".parse().expect("host"));
-    let (response, _) = h1.fetch(http::Request::from_parts(parts, body)).await;
+    let (response, _) = h1.fetch(foreign_host_get("/", port)).await;
     assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
     // A redirect on the plain listener, and a handshake that fails.
     let http = proxy.http.expect("plain listener");

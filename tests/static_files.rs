@@ -180,14 +180,9 @@ async fn static_files_refuse_hidden_missing_outside_and_unsafe_requests() {
     }
     // The Host check comes first: a foreign Host gets nothing from the folder either.
     let mut client = proxy.client(H1).await;
-    let (mut parts, body) = request("GET", "/static/css/app.css", port)
-        .body(full(""))
-        .expect("request")
-        .into_parts();
-    parts
-        .headers
-        .insert("host", "evil.com".parse().expect("host"));
-    let (response, _) = client.fetch(http::Request::from_parts(parts, body)).await;
+    let (response, _) = client
+        .fetch(foreign_host_get("/static/css/app.css", port))
+        .await;
     assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
     assert_eq!(upstream.count(), 0);
     proxy.stop().await;

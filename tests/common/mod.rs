@@ -451,6 +451,14 @@ impl Client {
 
 /// A request builder with the right target form for the connection: HTTP/1.1 sends `Host`; for HTTP/2
 /// hyper derives `:authority` from an absolute URI.
+/// A GET like `request` builds, but for a host this proxy does not serve (Host replaced, not added).
+pub fn foreign_host_get(path: &str, port: u16) -> Request<TestBody> {
+    let mut req = request("GET", path, port).body(full("")).expect("request");
+    req.headers_mut()
+        .insert("host", http::HeaderValue::from_static("evil.com"));
+    req
+}
+
 pub fn request(method: &str, path: &str, port: u16) -> http::request::Builder {
     Request::builder()
         .method(method)
