@@ -1,10 +1,16 @@
-//! What the request path knows about the connection a request arrived on, set by the server as a request
-//! extension and read by the middleware (Host/SNI check, forwarded headers, access log).
+//! Facts about a request that every layer may read, set once where they become known: the connection it
+//! arrived on (`ConnInfo`, set by the server), who the client really is behind trusted load balancers
+//! (`TrustedProxies`), and how long the upstream took (`UpstreamTiming`, set by the proxy service).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
+use http::{HeaderMap, HeaderName};
+use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, watch};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -19,4 +25,90 @@ pub struct ConnInfo {
     /// Turns true when the server shuts down; long-lived tunnels close on it instead of holding up the
     /// drain for the whole grace period.
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// How long the upstream took to answer with headers; set by the proxy service on its responses and read
+/// by the access log and the metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTiming(pub Duration);
+
+/// The load balancers (`server.trusted_proxies`) whose `X-Forwarded-For` we believe.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Arc<[IpNet]>);
+
+impl TrustedProxies {
+    pub fn new(nets: Vec<IpNet>) -> Self {
+        TrustedProxies(nets.into())
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client behind this connection: the peer, or behind a trusted load balancer the rightmost
+    /// address it did not add itself (what `X-Real-IP` says).
+    pub fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        let peer = canonical_ip(peer);
+        if !self.contains(peer) {
+            return peer;
+        }
+        forwarded_chain(headers)
+            .and_then(|chain| self.rightmost_untrusted(&chain))
+            .unwrap_or(peer)
+    }
+
+    /// The client is the rightmost address not one of our trusted proxies: everything left of it could
+    /// have been written by the client itself.
+    pub fn rightmost_untrusted(&self, chain: &str) -> Option<IpAddr> {
+        for entry in chain.rsplit(',') {
+            let ip: IpAddr = entry.trim().parse().ok()?;
+            if !self.contains(ip) {
+                return Some(canonical_ip(ip));
+            }
+        }
+        None
+    }
+}
+
+/// Every `X-Forwarded-For` field joined into one chain, oldest hop first.
+pub fn forwarded_chain(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// IPv4-mapped IPv6 addresses (from dual-stack sockets) compare as the IPv4 address they carry.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_the_peer_unless_a_trusted_proxy_says_otherwise() {
+        let trusted = TrustedProxies::new(vec!["10.0.0.0/8".parse().expect("net")]);
+        let mut h = HeaderMap::new();
+        h.insert(
+            &X_FORWARDED_FOR,
+            "6.6.6.6, 203.0.113.9, 10.0.0.7".parse().expect("value"),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(trusted.client_ip(&h, ip("10.0.0.1")), ip("203.0.113.9"));
+        assert_eq!(trusted.client_ip(&h, ip("192.0.2.1")), ip("192.0.2.1"));
+        assert_eq!(
+            trusted.client_ip(&HeaderMap::new(), ip("10.0.0.1")),
+            ip("10.0.0.1")
+        );
+        // A dual-stack socket's IPv4-mapped peer is the IPv4 address.
+        assert!(trusted.contains(ip("::ffff:10.1.2.3")));
+    }
 }

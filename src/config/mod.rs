@@ -8,10 +8,10 @@ mod validate;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
+pub use ipnet::IpNet;
 
 use raw::RawConfig;
 use validate::{Ctx, validate};
@@ -94,66 +94,6 @@ impl Domains {
 
     pub fn has_ip(&self) -> bool {
         self.0.iter().any(|d| d.parse::<IpAddr>().is_ok())
-    }
-}
-
-/// An address range in CIDR notation (or a single address) for `trusted_proxies`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    network: IpAddr,
-    prefix: u8,
-}
-
-impl IpNet {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical_ip(ip);
-        match (self.network, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl FromStr for IpNet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let network: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or CIDR range (e.g. 10.0.0.0/8)"))?;
-        let network = canonical_ip(network);
-        let max = if network.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
-        };
-        Ok(IpNet { network, prefix })
-    }
-}
-
-/// IPv4-mapped IPv6 addresses (from dual-stack sockets) compare as the IPv4 address they carry.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
     }
 }
 

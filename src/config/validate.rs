@@ -371,6 +371,15 @@ fn validate_domain(ctx: &Ctx, name: &str) -> Result<String, ConfigError> {
     Ok(lower)
 }
 
+/// A CIDR range, or one address as a range of one (`10.0.0.0/8`, `::1`).
+pub(super) fn parse_ip_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    s.parse::<IpNet>()
+        .map_err(|_| format!("`{s}` is not an IP address or CIDR range (e.g. 10.0.0.0/8)"))
+}
+
 fn parse_socket_addr(ctx: &Ctx, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
         ctx.invalid(
@@ -432,10 +441,8 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
     };
     let mut trusted_proxies = Vec::new();
     for p in s.trusted_proxies.unwrap_or_default() {
-        trusted_proxies.push(
-            p.parse::<IpNet>()
-                .map_err(|m| ctx.invalid("server.trusted_proxies", m))?,
-        );
+        trusted_proxies
+            .push(parse_ip_net(&p).map_err(|m| ctx.invalid("server.trusted_proxies", m))?);
     }
     let server = ServerConfig {
         https,

@@ -1,12 +1,12 @@
 //! Tower middleware on the request path. Response rewrites (security headers, cookie hardening) share one
 //! layer type, `RewriteHeadersLayer`, parameterised by what they rewrite; request checks that may answer
-//! instead of the app (the Host guard, login rate limits) share `GateLayer`; the access log is its own
+//! instead of the app (the Host guard, login rate limits) share `GateLayer`; `RecordResponse` (metrics and the access log) is its own
 //! layer because it follows the response body.
 
-pub mod access_log;
 pub mod cookies;
 pub mod host;
 pub mod rate_limit;
+pub mod record;
 pub mod security_headers;
 
 use std::pin::Pin;
@@ -20,10 +20,10 @@ use tower::{Layer, Service};
 
 use crate::body::ProxyBody;
 
-pub use access_log::AccessLogLayer;
 pub use cookies::CookieHardening;
 pub use host::HostAllowlist;
 pub use rate_limit::RateLimiter;
+pub use record::RecordResponseLayer;
 pub use security_headers::SecurityHeaderPolicy;
 
 /// A rewrite of response headers, decided once per config and applied to every response.

@@ -14,8 +14,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use super::RequestGate;
 use crate::body::ProxyBody;
 use crate::config::RateLimitRule;
-use crate::context::ConnInfo;
-use crate::proxy::headers::ForwardingPolicy;
+use crate::context::{ConnInfo, TrustedProxies};
 use crate::response::{Blame, error_page};
 
 /// Buckets kept before full ones (which carry no information) are dropped; past it, new clients go
@@ -31,7 +30,7 @@ struct Bucket {
 /// The rules and every client's buckets. Built per config: a reload starts with fresh budgets.
 pub struct RateLimiter {
     rules: Vec<RateLimitRule>,
-    forwarding: ForwardingPolicy,
+    trusted_proxies: TrustedProxies,
     buckets: Mutex<Buckets>,
 }
 
@@ -41,10 +40,10 @@ struct Buckets {
 }
 
 impl RateLimiter {
-    pub fn new(rules: Vec<RateLimitRule>, forwarding: ForwardingPolicy) -> Self {
+    pub fn new(rules: Vec<RateLimitRule>, trusted_proxies: TrustedProxies) -> Self {
         RateLimiter {
             rules,
-            forwarding,
+            trusted_proxies,
             buckets: Mutex::new(Buckets {
                 by_client: HashMap::new(),
                 last_prune: None,
@@ -71,7 +70,10 @@ impl RateLimiter {
         let Some(conn) = req.extensions().get::<ConnInfo>() else {
             return Ok(());
         };
-        let client = client_key(self.forwarding.client_ip(req.headers(), conn.peer.ip()));
+        let client = client_key(
+            self.trusted_proxies
+                .client_ip(req.headers(), conn.peer.ip()),
+        );
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let mut verdict = Ok(());
         for (index, _) in matching {

@@ -7,9 +7,8 @@ use std::net::IpAddr;
 use http::header::{CONNECTION, COOKIE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Version};
 
-use crate::config::{IpNet, canonical_ip};
+use crate::context::{TrustedProxies, X_FORWARDED_FOR, canonical_ip, forwarded_chain};
 
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
@@ -143,25 +142,21 @@ pub fn keep_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
     headers.insert(UPGRADE, upgrade);
 }
 
-/// Who may tell us about the client in front of them.
+/// What the forwarded headers say: who may tell us about the client in front of them, and our port.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardingPolicy {
-    pub trusted_proxies: Vec<IpNet>,
+    pub trusted_proxies: TrustedProxies,
     /// The public HTTPS port, sent as `X-Forwarded-Port` (Django's `USE_X_FORWARDED_PORT`).
     pub port: Option<HeaderValue>,
 }
 
 impl ForwardingPolicy {
-    fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.trusted_proxies.iter().any(|net| net.contains(ip))
-    }
-
     /// Replaces every connection claim with what this connection shows: the scheme we terminated, the
     /// host we validated, and the client address (appended to a trusted load balancer's chain).
     pub fn set_forwarded_headers(&self, headers: &mut HeaderMap, peer: IpAddr, https: bool) {
         let peer = canonical_ip(peer);
-        let previous = if self.is_trusted(peer) {
-            join_values(headers, &X_FORWARDED_FOR)
+        let previous = if self.trusted_proxies.contains(peer) {
+            forwarded_chain(headers)
         } else {
             None
         };
@@ -173,7 +168,10 @@ impl ForwardingPolicy {
         };
         match previous {
             Some(previous) => {
-                let real_client = self.rightmost_untrusted(&previous).unwrap_or(peer);
+                let real_client = self
+                    .trusted_proxies
+                    .rightmost_untrusted(&previous)
+                    .unwrap_or(peer);
                 if let Ok(chain) = HeaderValue::from_str(&format!("{previous}, {peer}")) {
                     headers.insert(X_FORWARDED_FOR.clone(), chain);
                 }
@@ -195,39 +193,6 @@ impl ForwardingPolicy {
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
     }
-
-    /// The client behind this connection: the peer, or behind a trusted load balancer the rightmost
-    /// address it did not add itself (what `X-Real-IP` says).
-    pub fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
-        let peer = canonical_ip(peer);
-        if !self.is_trusted(peer) {
-            return peer;
-        }
-        join_values(headers, &X_FORWARDED_FOR)
-            .and_then(|chain| self.rightmost_untrusted(&chain))
-            .unwrap_or(peer)
-    }
-
-    /// The client is the rightmost address not one of our trusted proxies: everything left of it could
-    /// have been written by the client itself.
-    fn rightmost_untrusted(&self, chain: &str) -> Option<IpAddr> {
-        for entry in chain.rsplit(',') {
-            let ip: IpAddr = entry.trim().parse().ok()?;
-            if !self.is_trusted(ip) {
-                return Some(canonical_ip(ip));
-            }
-        }
-        None
-    }
-}
-
-fn join_values(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let values: Vec<&str> = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.join(", "))
 }
 
 #[cfg(test)]
@@ -319,25 +284,9 @@ mod tests {
     }
 
     #[test]
-    fn the_client_is_the_peer_unless_a_trusted_proxy_says_otherwise() {
-        let policy = ForwardingPolicy {
-            trusted_proxies: vec!["10.0.0.0/8".parse().expect("net")],
-            port: None,
-        };
-        let h = headers(&[("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.0.0.7")]);
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        assert_eq!(policy.client_ip(&h, ip("10.0.0.1")), ip("203.0.113.9"));
-        assert_eq!(policy.client_ip(&h, ip("192.0.2.1")), ip("192.0.2.1"));
-        assert_eq!(
-            policy.client_ip(&HeaderMap::new(), ip("10.0.0.1")),
-            ip("10.0.0.1")
-        );
-    }
-
-    #[test]
     fn trusted_load_balancer_chain_is_appended() {
         let policy = ForwardingPolicy {
-            trusted_proxies: vec!["10.0.0.0/8".parse().expect("net")],
+            trusted_proxies: TrustedProxies::new(vec!["10.0.0.0/8".parse().expect("net")]),
             port: None,
         };
         let mut h = headers(&[

@@ -24,8 +24,7 @@ use tower::Service;
 
 use crate::body::{BodyError, ProxyBody, RequestBody};
 use crate::config::{Config, UpstreamTarget};
-use crate::context::ConnInfo;
-use crate::middleware::access_log::UpstreamTiming;
+use crate::context::{ConnInfo, TrustedProxies, UpstreamTiming};
 use crate::response::{Blame, error_page};
 use headers::{
     ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
@@ -63,7 +62,7 @@ impl ProxyService {
                 client: build_client(&config.upstream),
                 authority,
                 forwarding: ForwardingPolicy {
-                    trusted_proxies: config.server.trusted_proxies.clone(),
+                    trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
                     port: Some(http::HeaderValue::from(public_https_port)),
                 },
                 response_timeout: config.upstream.response_timeout,

@@ -2,8 +2,10 @@
 //! request, graceful shutdown and live reload. Everything a request needs is in one `Runtime`, swapped
 //! atomically on reload so a bad config never replaces a good one and no connection is dropped.
 
+mod certificates;
 mod connection;
 pub mod plain;
+mod stack;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,28 +13,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceBuilder;
 
-use crate::acme::{AcmeManager, AcmeStatus, Http01Tokens};
-use crate::config::{Config, ConfigError, Domains, Limits, TlsSource};
-use crate::metrics::{Gauges, Listener, Metrics};
-use crate::middleware::access_log::AccessLog;
-use crate::middleware::{
-    AccessLogLayer, CookieHardening, GateLayer, Gated, HostAllowlist, RateLimiter, RewriteHeaders,
-    RewriteHeadersLayer, SecurityHeaderPolicy,
-};
-use crate::proxy::ProxyService;
-use crate::proxy::headers::ForwardingPolicy;
-use crate::static_files::{StaticFiles, StaticOrProxy};
-use crate::tls::local_ca::{self, LocalCa};
+use crate::acme::{AcmeStatus, Http01Tokens};
+use crate::config::{Config, ConfigError, Domains, TlsSource};
+use crate::metrics::{Gauges, Metrics};
 use crate::tls::{CertResolver, TlsError};
-use plain::PlainHttpService;
+use certificates::provision_certificates;
+use stack::Runtime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -50,105 +41,6 @@ pub enum ServerError {
     Acme(String),
     #[error("signal handling: {0}")]
     Signal(#[source] std::io::Error),
-}
-
-type HttpsStack = AccessLog<
-    RewriteHeaders<
-        RewriteHeaders<Gated<Gated<StaticOrProxy, RateLimiter>, HostAllowlist>, CookieHardening>,
-        SecurityHeaderPolicy,
-    >,
->;
-type PlainStack = AccessLog<RewriteHeaders<PlainHttpService, SecurityHeaderPolicy>>;
-
-/// Everything the request path reads, built from one validated config.
-struct Runtime {
-    config: Arc<Config>,
-    https: HttpsStack,
-    plain: PlainStack,
-    builder: auto::Builder<TokioExecutor>,
-    /// Plain HTTP is HTTP/1.1 only: no cleartext HTTP/2 (h2c) is offered to anyone.
-    plain_builder: auto::Builder<TokioExecutor>,
-}
-
-impl Runtime {
-    /// `https_port` is the port the HTTPS listener is bound to (the config may say 0).
-    fn build(
-        config: Arc<Config>,
-        tokens: Arc<Http01Tokens>,
-        https_port: u16,
-        metrics: &Arc<Metrics>,
-    ) -> Runtime {
-        let public_https_port = config.server.public_https_port.unwrap_or(https_port);
-        let https = ServiceBuilder::new()
-            .layer(AccessLogLayer::new(
-                config.log.access,
-                metrics.clone(),
-                Listener::Https,
-            ))
-            .layer(RewriteHeadersLayer::new(SecurityHeaderPolicy::for_https(
-                &config.headers,
-            )))
-            .layer(RewriteHeadersLayer::new(CookieHardening::new(
-                config.cookies.clone(),
-            )))
-            .layer(GateLayer::new(HostAllowlist::new(
-                config.server.domains.clone(),
-            )))
-            .layer(GateLayer::new(RateLimiter::new(
-                config.rate_limits.clone(),
-                ForwardingPolicy {
-                    trusted_proxies: config.server.trusted_proxies.clone(),
-                    port: None,
-                },
-            )))
-            .service(StaticOrProxy::new(
-                StaticFiles::new(&config.static_files),
-                ProxyService::new(&config, public_https_port),
-            ));
-        let plain = ServiceBuilder::new()
-            .layer(AccessLogLayer::new(
-                config.log.access,
-                metrics.clone(),
-                Listener::Http,
-            ))
-            .layer(RewriteHeadersLayer::new(
-                SecurityHeaderPolicy::for_plain_http(&config.headers),
-            ))
-            .service(PlainHttpService::new(
-                config.server.domains.clone(),
-                public_https_port,
-                config.server.health_path.clone(),
-                tokens,
-            ));
-        Runtime {
-            builder: connection_builder(&config.limits),
-            plain_builder: connection_builder(&config.limits).http1_only(),
-            https,
-            plain,
-            config,
-        }
-    }
-}
-
-fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Also bounds how long an idle keep-alive connection may wait before its next request.
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
-        .max_local_error_reset_streams(limits.h2_max_pending_resets)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
 }
 
 struct Shared {
@@ -283,60 +175,6 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::from_std(socket.into()).map_err(bind_error)
 }
 
-/// Gets the first certificate in place (or starts getting it) and spawns its renewal.
-fn provision_certificates(
-    config: &Config,
-    resolver: &Arc<CertResolver>,
-    tokens: &Arc<Http01Tokens>,
-    domain_updates: watch::Receiver<Domains>,
-    background: &mut Vec<JoinHandle<()>>,
-) -> Result<(Option<PathBuf>, Option<Arc<AcmeStatus>>), ServerError> {
-    let domains = &config.server.domains;
-    match &config.tls.source {
-        TlsSource::Local => {
-            let ca = Arc::new(LocalCa::open(&config.tls.dir)?);
-            let next = ca.issue_and_install(domains, resolver)?;
-            let root = ca.root_path.clone();
-            let root_abs = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
-            tracing::info!(
-                root = %root_abs.display(),
-                "local CA: trust this root to browse without warnings \
-                 (curl --cacert {0}; Firefox/Chrome: import it as an authority; Debian: copy it to \
-                 /usr/local/share/ca-certificates/portcullis.crt and run update-ca-certificates)",
-                root_abs.display()
-            );
-            background.push(tokio::spawn(local_ca::renew_forever(
-                ca,
-                domain_updates,
-                resolver.clone(),
-                next,
-            )));
-            Ok((Some(root), None))
-        }
-        TlsSource::Files { cert, key } => {
-            let info = crate::tls::install_files(resolver, domains, cert, key)?;
-            tracing::info!(cert = %cert.display(), names = ?info.names, "serving certificate from files");
-            Ok((None, None))
-        }
-        TlsSource::Acme => {
-            let acme = config.acme.clone().ok_or_else(|| {
-                ServerError::Acme("tls.source = \"acme\" without [acme] settings".into())
-            })?;
-            let manager = AcmeManager::new(
-                acme,
-                domain_updates,
-                &config.tls.dir,
-                resolver.clone(),
-                tokens.clone(),
-                config.server.http.is_some(),
-            );
-            let status = manager.status();
-            background.push(tokio::spawn(manager.run()));
-            Ok((None, Some(status)))
-        }
-    }
-}
-
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -466,7 +304,7 @@ impl RunningServer {
             tracing::warn!(keys = ?needs_restart, "these settings change only on restart; the rest is applied");
         }
         let runtime = Runtime::build(
-            Arc::new(new),
+            Arc::new(keep_restart_only_settings(new, &old)),
             self.shared.tokens.clone(),
             self.https_addr.port(),
             &self.shared.metrics,
@@ -488,6 +326,23 @@ impl RunningServer {
             task.abort();
         }
     }
+}
+
+/// The new config with the settings that only a restart changes put back as they run, so `config()`
+/// reports what is in effect and the next reload compares against it.
+fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
+    new.server.https = running.server.https;
+    new.server.http = running.server.http;
+    new.server.workers = running.server.workers;
+    new.limits.max_connections = running.limits.max_connections;
+    new.metrics = running.metrics;
+    if new.tls.source != running.tls.source || new.tls.dir != running.tls.dir {
+        new.tls = running.tls.clone();
+    }
+    if running.tls.source == TlsSource::Acme {
+        new.acme = running.acme.clone();
+    }
+    new
 }
 
 /// Runs until SIGTERM or SIGINT, reloading `config_path` on SIGHUP. A config that fails to load or apply

@@ -1,6 +1,7 @@
-//! One access-log line per request (method, host, path, status, bytes, duration, upstream duration,
-//! client), written when the response body is finished or abandoned, so `bytes` and `duration` are real.
-//! The same layer counts every response for the metrics, whether or not the log is on.
+//! Records every response, for two readers: the metrics count it (status class, blame, upstream time)
+//! whether or not the access log is on, and the access log writes one line per request (method, host,
+//! path, status, bytes, duration, upstream duration, client) when the response body is finished or
+//! abandoned, so `bytes` and `duration` are real. One layer, because both read the same facts once.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -14,24 +15,20 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::{BodyObserver, ObservedBody};
-use crate::context::ConnInfo;
+use crate::context::{ConnInfo, UpstreamTiming, canonical_ip};
 use crate::metrics::{Listener, Metrics};
 use crate::response::ProxyFailure;
 
-/// How long the upstream took to answer with headers; set by the proxy service on its responses.
-#[derive(Debug, Clone, Copy)]
-pub struct UpstreamTiming(pub Duration);
-
 #[derive(Clone)]
-pub struct AccessLogLayer {
+pub struct RecordResponseLayer {
     enabled: bool,
     metrics: Arc<Metrics>,
     listener: Listener,
 }
 
-impl AccessLogLayer {
+impl RecordResponseLayer {
     pub fn new(enabled: bool, metrics: Arc<Metrics>, listener: Listener) -> Self {
-        AccessLogLayer {
+        RecordResponseLayer {
             enabled,
             metrics,
             listener,
@@ -39,10 +36,10 @@ impl AccessLogLayer {
     }
 }
 
-impl<S> Layer<S> for AccessLogLayer {
-    type Service = AccessLog<S>;
-    fn layer(&self, inner: S) -> AccessLog<S> {
-        AccessLog {
+impl<S> Layer<S> for RecordResponseLayer {
+    type Service = RecordResponse<S>;
+    fn layer(&self, inner: S) -> RecordResponse<S> {
+        RecordResponse {
             inner,
             enabled: self.enabled,
             metrics: self.metrics.clone(),
@@ -52,7 +49,7 @@ impl<S> Layer<S> for AccessLogLayer {
 }
 
 #[derive(Clone)]
-pub struct AccessLog<S> {
+pub struct RecordResponse<S> {
     inner: S,
     enabled: bool,
     metrics: Arc<Metrics>,
@@ -102,14 +99,14 @@ impl Drop for Entry {
     }
 }
 
-impl<S, B, ResBody> Service<Request<B>> for AccessLog<S>
+impl<S, B, ResBody> Service<Request<B>> for RecordResponse<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     ResBody: Body,
 {
     type Response = Response<LoggedBody<ResBody>>;
     type Error = S::Error;
-    type Future = AccessLogFuture<S::Future>;
+    type Future = RecordResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -128,10 +125,10 @@ where
             client: req
                 .extensions()
                 .get::<ConnInfo>()
-                .map(|c| crate::config::canonical_ip(c.peer.ip())),
+                .map(|c| canonical_ip(c.peer.ip())),
             start: Instant::now(),
         });
-        AccessLogFuture {
+        RecordResponseFuture {
             inner: self.inner.call(req),
             facts,
             metrics: self.metrics.clone(),
@@ -141,7 +138,7 @@ where
 }
 
 pin_project! {
-    pub struct AccessLogFuture<F> {
+    pub struct RecordResponseFuture<F> {
         #[pin]
         inner: F,
         facts: Option<RequestFacts>,
@@ -150,7 +147,7 @@ pin_project! {
     }
 }
 
-impl<F, ResBody, E> Future for AccessLogFuture<F>
+impl<F, ResBody, E> Future for RecordResponseFuture<F>
 where
     F: Future<Output = Result<Response<ResBody>, E>>,
     ResBody: Body,
