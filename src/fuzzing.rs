@@ -5,7 +5,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Version};
 
 use crate::config::{Config, CookiePolicy, Domains, SameSite};
 use crate::middleware::cookies::harden_set_cookie;
-use crate::middleware::host::{check_host, host_of};
+use crate::middleware::host::{HostPorts, check_host, host_of};
 use crate::proxy::headers::{ForwardingPolicy, join_cookie_fields, remove_hop_by_hop};
 use crate::server::plain::https_location;
 
@@ -130,14 +130,26 @@ pub fn host_and_redirect(data: &[u8]) {
     };
     req.headers_mut()
         .insert(http::header::HOST, host_value.clone());
-    if check_host(&mut req, &domains, None).is_err() {
+    let ports = HostPorts {
+        default: 443,
+        public: 8443,
+    };
+    if check_host(&mut req, &domains, ports, None).is_err() {
         return;
     }
-    let authority: http::uri::Authority = host_value
+    let authority: http::uri::Authority = req.headers()[http::header::HOST]
         .to_str()
         .ok()
         .and_then(|h| h.parse().ok())
-        .expect("an accepted Host is an authority");
+        .expect("the forwarded Host is an authority");
+    assert!(
+        authority.port_u16().is_none_or(|port| port == 8443),
+        "forwarded a port clients do not use: {authority}"
+    );
+    assert!(
+        !authority.as_str().contains('@'),
+        "forwarded userinfo: {authority}"
+    );
     let name = host_of(&authority);
     assert!(domains.contains(name), "accepted a foreign host {name:?}");
     let Ok(path) = std::str::from_utf8(path) else {

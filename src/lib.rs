@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod proxy;
 pub mod response;
+pub mod route_path;
 pub mod server;
 pub mod static_files;
 pub mod tls;

@@ -27,6 +27,7 @@ use crate::body::ProxyBody;
 use crate::config::StaticMount;
 use crate::proxy::ProxyService;
 use crate::response::{Blame, error_page, status_page};
+use crate::route_path::route_path;
 
 struct Mount {
     /// Starts and ends with `/`.
@@ -63,17 +64,20 @@ impl StaticFiles {
 
     /// Answers a request whose path is under a mount.
     async fn serve(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let Some(mount) = self.mount_for(req.uri().path()) else {
+        let path = route_path(req.uri().path()).into_owned();
+        let Some(mount) = self.mount_for(&path) else {
             return status_page(StatusCode::NOT_FOUND);
         };
         let (mut parts, _body) = req.into_parts();
         // The path inside the folder keeps its leading '/'; the query is irrelevant to a file.
-        let inside = &parts.uri.path()[mount.url.len() - 1..];
+        let inside = &path[mount.url.len() - 1..];
         // Missing, hidden and malformed all look the same from outside: an ordinary 404.
         if is_hidden(inside) {
             return status_page(StatusCode::NOT_FOUND);
         }
-        let Ok(uri) = inside.parse::<Uri>() else {
+        // `inside` is decoded; ServeDir decodes its URI path again, so it gets it encoded once more.
+        let encoded = percent_encoding::utf8_percent_encode(inside, PATH_INSIDE).to_string();
+        let Ok(uri) = encoded.parse::<Uri>() else {
             return status_page(StatusCode::NOT_FOUND);
         };
         parts.uri = uri;
@@ -108,12 +112,18 @@ impl StaticFiles {
     }
 }
 
-/// A path segment starting with `.` (`.git`, `.env`, `..`), also percent-encoded: never served, even if
-/// collectstatic copied one into the folder.
+/// Everything but the unreserved characters and `/` is escaped on the way to `ServeDir`.
+const PATH_INSIDE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A segment of a `route_path`-normalised path starting with `.` (`.git`, `.env`): never served, even
+/// if collectstatic copied one into the folder.
 fn is_hidden(path: &str) -> bool {
-    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-    decoded
-        .split(['/', '\\'])
+    path.split(['/', '\\'])
         .any(|segment| segment.starts_with('.'))
 }
 
@@ -143,7 +153,11 @@ impl Service<Request<Incoming>> for StaticOrProxy {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        if self.files.mount_for(req.uri().path()).is_some() {
+        if self
+            .files
+            .mount_for(&route_path(req.uri().path()))
+            .is_some()
+        {
             let files = self.files.clone();
             return Box::pin(async move { Ok(files.serve(req).await) });
         }
@@ -266,15 +280,8 @@ mod tests {
 
     #[test]
     fn hidden_segments_are_found_encoded_or_not() {
-        for path in [
-            "/.env",
-            "/css/.git/config",
-            "/%2egit/config",
-            "/a/%2E%2E/b",
-            "/..",
-            "/a\\.b",
-        ] {
-            assert!(is_hidden(path), "{path}");
+        for path in ["/.env", "/css/.git/config", "/%2egit/config", "/a\\.b"] {
+            assert!(is_hidden(&route_path(path)), "{path}");
         }
         for path in ["/css/base.css", "/admin/js/core.js", "/a.b/c.d", "/"] {
             assert!(!is_hidden(path), "{path}");

@@ -342,6 +342,86 @@ async fn django_static_files_are_served_by_the_proxy() {
     proxy.stop().await;
 }
 
+/// The login budget against the real app: every spelling of the login path that Django routes to the
+/// login view (Gunicorn percent-decodes the target) spends the same budget, and once it is spent none of
+/// them reaches Gunicorn. Spellings Django does not route (it 404s them) are harmless either way.
+#[tokio::test]
+#[ignore = "needs Django and Gunicorn: run scripts/test.sh"]
+async fn django_login_budget_holds_for_every_spelling_of_the_path() {
+    let django = Django::start(Bind::Tcp).await;
+    let spellings = [
+        "/admin/login/",
+        "/admin/%6Cogin/",
+        "/%61dmin/login/",
+        "/admin/login%2F",
+        "/%61%64%6D%69%6E%2F%6C%6F%67%69%6E%2F",
+        "/admin//login/",
+        "/admin/./login/",
+        "/admin/x/../login/",
+    ];
+    let post = |path: &str, port: u16| {
+        request("POST", path, port)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(full("username=admin&password=guess"))
+            .expect("request")
+    };
+    // Unthrottled, Django shows which spellings reach a view: the login view refuses a POST without a
+    // CSRF token with 403 (the check runs only once a URL resolved); an unrouted path is a 404.
+    let proxy = Proxy::start(&django.upstream_url, "").await;
+    let port = proxy.https.port();
+    let mut client = proxy.client(H1).await;
+    let mut routed = Vec::new();
+    for path in spellings {
+        let (response, body) = client.fetch(post(path, port)).await;
+        match response.status() {
+            StatusCode::FORBIDDEN => routed.push(path),
+            StatusCode::NOT_FOUND => {}
+            other => panic!("{path}: unexpected {other}: {body}"),
+        }
+    }
+    proxy.stop().await;
+    for path in [
+        "/admin/login/",
+        "/admin/%6Cogin/",
+        "/%61dmin/login/",
+        "/admin/login%2F",
+    ] {
+        assert!(
+            routed.contains(&path),
+            "Django no longer routes {path}: {routed:?}"
+        );
+    }
+
+    let proxy = Proxy::start(
+        &django.upstream_url,
+        "[[rate_limit]]\npath = \"/admin/login/\"\nrequests = 2\nper = \"1h\"\n",
+    )
+    .await;
+    let port = proxy.https.port();
+    for alpn in [H1, H2] {
+        for (i, path) in spellings.iter().enumerate() {
+            // A connection per request: HTTP/1.1 closes after a refusal.
+            let mut client = proxy.client(alpn).await;
+            let (response, body) = client.fetch(post(path, port)).await;
+            if alpn == H1 && i < 2 {
+                assert_eq!(
+                    response.status(),
+                    StatusCode::FORBIDDEN,
+                    "{path}: Django answered"
+                );
+            } else {
+                assert_eq!(
+                    response.status(),
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "{path}: {body}"
+                );
+                assert!(response.headers().contains_key("retry-after"));
+            }
+        }
+    }
+    proxy.stop().await;
+}
+
 /// Django's admin in a real browser (Debian's Chromium driven by playwright-core, `tests/browser/`)
 /// through the proxy with its default headers: log in, then the pages with the most JavaScript and
 /// widgets. Catches what hand-written clients cannot: how a browser splits cookies on HTTP/2, whether the

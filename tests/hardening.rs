@@ -724,6 +724,35 @@ async fn login_posts_beyond_the_budget_get_429_before_the_upstream() {
         .expect("seconds");
     assert!((1..=20).contains(&retry), "{retry}");
     assert!(response.headers().contains_key("strict-transport-security"));
+    // Every spelling Gunicorn decodes to the login path spends the same budget, over either protocol.
+    let spellings = [
+        "/admin/%6Cogin/",
+        "/%61dmin/login/",
+        "/admin/login%2F",
+        "/admin//login/",
+        "//admin/login/",
+        "/admin/./login/",
+        "/admin/x/../login/",
+        "/admin%2flogin/",
+    ];
+    for path in spellings {
+        let (response, _) = client.fetch(post(path)).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "h2 {path}"
+        );
+        let raw = raw_tls_exchange(
+            proxy.https,
+            &proxy.root,
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Length: 3\r\n\r\nx=1"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&raw), Some(429), "h1 {path}: {raw}");
+    }
     // Reading the form and other paths are not limited.
     assert_eq!(
         client.get("/admin/login/", port).await.0.status(),
@@ -749,5 +778,61 @@ async fn login_posts_beyond_the_budget_get_429_before_the_upstream() {
     );
     // The refused attempt never reached the upstream: 3 + 1 + 1 POSTs and one GET did.
     assert_eq!(upstream.count(), 6);
+    proxy.stop().await;
+}
+
+/// Item: a TLS connection that completes its handshake and then sends no complete request head is cut at
+/// `header_read_timeout`, whatever ALPN chose and however much of the HTTP/2 preface it sent. (Before,
+/// hyper-util's auto builder waited for the preface before any timer ran: 60 s, the idle timeout.)
+#[tokio::test]
+async fn silent_tls_connections_are_cut_at_the_header_timeout() {
+    let (upstream, proxy) =
+        Proxy::with_upstream("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"60s\"\n")
+            .await;
+    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    let mut full_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    full_preface.extend_from_slice(&settings);
+    let cases: [(&str, &[&[u8]], &[u8]); 6] = [
+        ("h2, nothing", &[b"h2"], b""),
+        ("h2, half a preface", &[b"h2"], b"PRI * HTTP/2.0\r\n"),
+        (
+            "h2, preface and SETTINGS, no request",
+            &[b"h2"],
+            &full_preface,
+        ),
+        ("http/1.1, nothing", H1, b""),
+        (
+            "http/1.1, half a head",
+            H1,
+            b"GET / HTTP/1.1\r\nHost: local",
+        ),
+        ("no ALPN, nothing", &[], b""),
+    ];
+    let mut waits = Vec::new();
+    let (https, root) = (proxy.https, &proxy.root);
+    for (name, alpn, sent) in cases {
+        waits.push(async move {
+            let mut tls = tls_connect(https, "localhost", root, alpn)
+                .await
+                .expect("connect");
+            tls.write_all(sent).await.expect("write");
+            let mut sink = Vec::new();
+            // Well inside the 60 s idle timeout: only the header timeout can have closed it.
+            let closed = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut sink))
+                .await
+                .is_ok();
+            (name, closed)
+        });
+    }
+    for (name, closed) in futures_util::future::join_all(waits).await {
+        assert!(closed, "{name}: still open after 15 s");
+    }
+    // An honest client is unaffected, over either protocol.
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        let (response, _) = client.get("/echo", proxy.https.port()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(upstream.count(), 2);
     proxy.stop().await;
 }

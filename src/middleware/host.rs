@@ -1,11 +1,12 @@
-//! The Host guard: a request reaches Django only if it names one of `server.domains`, names it once, and
-//! names the same host the TLS connection was opened for. This is what stops password-reset poisoning
-//! behind `ALLOWED_HOSTS = ['*']`. It also leaves exactly one `Host` header (from `:authority` on HTTP/2)
-//! for the upstream, which speaks HTTP/1.1.
+//! The Host guard: a request reaches Django only if it names one of `server.domains`, names it once, on a
+//! port clients really use, and names the same host the TLS connection was opened for. This is what stops
+//! password-reset poisoning behind `ALLOWED_HOSTS = ['*']`: Django builds absolute URLs from `Host`, port
+//! included. It leaves exactly one `Host` header for the upstream (which speaks HTTP/1.1), in one normal
+//! form: the host lowercased without a trailing dot, the port only when it is not the scheme's default.
 
 use http::header::HOST;
 use http::uri::Authority;
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Request, Response, StatusCode};
 
 use super::RequestGate;
 use crate::body::ProxyBody;
@@ -13,23 +14,41 @@ use crate::config::Domains;
 use crate::context::ConnInfo;
 use crate::response::{Blame, error_page};
 
-/// The served names; as a `RequestGate`, refuses any request not for one of them.
+/// The ports a Host may name on one listener: the scheme's default (443, or 80 on the plain listener)
+/// and the one clients reach us on (`public_https_port`, or the bound port). No port at all is fine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostPorts {
+    pub default: u16,
+    pub public: u16,
+}
+
+impl HostPorts {
+    fn allows(self, port: u16) -> bool {
+        port == self.default || port == self.public
+    }
+}
+
+/// The served names and ports; as a `RequestGate`, refuses any request not for one of them.
 pub struct HostAllowlist {
     domains: Domains,
+    ports: HostPorts,
 }
 
 impl HostAllowlist {
-    pub fn new(domains: Domains) -> Self {
-        HostAllowlist { domains }
+    pub fn new(domains: Domains, ports: HostPorts) -> Self {
+        HostAllowlist { domains, ports }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostRejection {
-    /// No Host, several, or one that is not a valid authority (RFC 9112 §3.2: 400).
+    /// No Host, several, one that is not a valid authority, userinfo, or a port that is not a number
+    /// (RFC 9112 §3.2: 400).
     Malformed,
     /// The absolute-form target or `:authority` names another host than `Host` (RFC 9112 §3.2.2).
     Conflicting,
+    /// A port no client of ours uses: Django would put it in every absolute URL it builds.
+    ForeignPort,
     /// Not one of ours, or not the name this TLS connection was opened for (RFC 9110 §15.5.20: 421).
     Misdirected,
 }
@@ -37,7 +56,9 @@ pub enum HostRejection {
 impl HostRejection {
     pub fn status(self) -> StatusCode {
         match self {
-            HostRejection::Malformed | HostRejection::Conflicting => StatusCode::BAD_REQUEST,
+            HostRejection::Malformed | HostRejection::Conflicting | HostRejection::ForeignPort => {
+                StatusCode::BAD_REQUEST
+            }
             HostRejection::Misdirected => StatusCode::MISDIRECTED_REQUEST,
         }
     }
@@ -46,6 +67,7 @@ impl HostRejection {
         match self {
             HostRejection::Malformed => "missing, duplicate or malformed Host",
             HostRejection::Conflicting => "request target and Host disagree",
+            HostRejection::ForeignPort => "Host names a port this site is not served on",
             HostRejection::Misdirected => "host not served here or not the TLS server name",
         }
     }
@@ -59,17 +81,38 @@ pub fn host_of(authority: &Authority) -> &str {
         .unwrap_or(host)
 }
 
-fn parse_authority(value: &HeaderValue) -> Option<Authority> {
-    let authority = Authority::try_from(value.as_bytes()).ok()?;
-    // userinfo has no place in Host (RFC 9110 §7.2); `Authority` would accept it.
-    (!authority.as_str().contains('@') && !authority.host().is_empty()).then_some(authority)
+/// A Host value or request-target authority, refusing userinfo: it has no place in either (RFC 9110
+/// §4.2.4, §7.2; RFC 9113 §8.3.1 for `:authority`), and `Authority` would accept it.
+fn parse_authority(bytes: &[u8]) -> Option<Authority> {
+    if bytes.contains(&b'@') {
+        return None;
+    }
+    let authority = Authority::try_from(bytes).ok()?;
+    (!authority.host().is_empty()).then_some(authority)
 }
 
-/// Checks the request's host against the allowlist and the connection; on success the request carries
-/// exactly one `Host` header naming it.
+/// The port an authority names: `Ok(None)` for none (or an empty one, which RFC 3986 §3.2.3 allows),
+/// `Err` for anything but a number. `Authority::port` would read `app.test:abc` as no port at all.
+fn port_of(authority: &Authority) -> Result<Option<u16>, HostRejection> {
+    let after_host = &authority.as_str()[authority.host().len()..];
+    match after_host.strip_prefix(':') {
+        None if after_host.is_empty() => Ok(None),
+        None => Err(HostRejection::Malformed),
+        Some("") => Ok(None),
+        Some(digits) if digits.len() <= 5 && digits.bytes().all(|b| b.is_ascii_digit()) => digits
+            .parse()
+            .map(Some)
+            .map_err(|_| HostRejection::Malformed),
+        Some(_) => Err(HostRejection::Malformed),
+    }
+}
+
+/// Checks the request's host against the allowlist, the listener's ports and the connection; on success
+/// the request carries exactly one `Host` header, in normal form.
 pub fn check_host<B>(
     req: &mut Request<B>,
     domains: &Domains,
+    ports: HostPorts,
     sni: Option<&str>,
 ) -> Result<(), HostRejection> {
     let mut hosts = req.headers().get_all(HOST).iter();
@@ -78,10 +121,15 @@ pub fn check_host<B>(
         return Err(HostRejection::Malformed);
     }
     let header_authority = match host_header {
-        Some(value) => Some(parse_authority(value).ok_or(HostRejection::Malformed)?),
+        Some(value) => Some(parse_authority(value.as_bytes()).ok_or(HostRejection::Malformed)?),
         None => None,
     };
-    let target_authority = req.uri().authority().cloned();
+    let target_authority = match req.uri().authority() {
+        Some(target) => {
+            Some(parse_authority(target.as_str().as_bytes()).ok_or(HostRejection::Malformed)?)
+        }
+        None => None,
+    };
     let authority = match (target_authority, header_authority) {
         (Some(target), Some(header)) => {
             if !target.as_str().eq_ignore_ascii_case(header.as_str()) {
@@ -90,25 +138,47 @@ pub fn check_host<B>(
             target
         }
         // HTTP/2 and HTTP/3 carry the host in `:authority`; HTTP/1.1 must send Host.
-        (Some(target), None) if req.version() >= Version::HTTP_2 => target,
+        (Some(target), None) if req.version() >= http::Version::HTTP_2 => target,
         (None, Some(header)) => header,
         _ => return Err(HostRejection::Malformed),
     };
+    let port = port_of(&authority)?;
     let host = host_of(&authority);
+    let host = host.strip_suffix('.').unwrap_or(host);
     if !domains.contains(host) {
         return Err(HostRejection::Misdirected);
     }
     if let Some(sni) = sni
-        && !sni.eq_ignore_ascii_case(host.strip_suffix('.').unwrap_or(host))
+        && !sni.eq_ignore_ascii_case(host)
     {
         return Err(HostRejection::Misdirected);
     }
-    if host_header.is_none() {
-        let value =
-            HeaderValue::from_str(authority.as_str()).map_err(|_| HostRejection::Malformed)?;
-        req.headers_mut().insert(HOST, value);
-    }
+    let port = match port {
+        Some(port) if !ports.allows(port) => return Err(HostRejection::ForeignPort),
+        Some(port) if port != ports.default => Some(port),
+        _ => None,
+    };
+    let normal = normal_host(host, port).ok_or(HostRejection::Malformed)?;
+    req.headers_mut().insert(HOST, normal);
     Ok(())
+}
+
+/// `host[:port]`, lowercase, IPv6 in brackets: what Django's `get_host()` will see.
+fn normal_host(host: &str, port: Option<u16>) -> Option<HeaderValue> {
+    let mut text = String::with_capacity(host.len() + 8);
+    if host.contains(':') {
+        text.push('[');
+        text.push_str(host);
+        text.push(']');
+    } else {
+        text.push_str(host);
+    }
+    text.make_ascii_lowercase();
+    if let Some(port) = port {
+        text.push(':');
+        text.push_str(&port.to_string());
+    }
+    HeaderValue::from_str(&text).ok()
 }
 
 impl RequestGate for HostAllowlist {
@@ -117,7 +187,7 @@ impl RequestGate for HostAllowlist {
             .extensions()
             .get::<ConnInfo>()
             .and_then(|c| c.sni.clone());
-        check_host(req, &self.domains, sni.as_deref()).map_err(|rejection| {
+        check_host(req, &self.domains, self.ports, sni.as_deref()).map_err(|rejection| {
             tracing::debug!(host = ?req.headers().get(HOST), uri = %req.uri(), sni = ?sni, "{}", rejection.reason());
             Box::new(error_page(
                 rejection.status(),
@@ -131,6 +201,12 @@ impl RequestGate for HostAllowlist {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Version;
+
+    const PORTS: HostPorts = HostPorts {
+        default: 443,
+        public: 8443,
+    };
 
     fn domains() -> Domains {
         Domains::new(vec![
@@ -148,59 +224,79 @@ mod tests {
         builder.body(()).expect("request")
     }
 
+    /// The Host the upstream gets, or why there is none.
+    fn forwarded(host: &str, sni: Option<&str>) -> Result<String, HostRejection> {
+        let mut req = h1(&[host], "/");
+        check_host(&mut req, &domains(), PORTS, sni)?;
+        Ok(req.headers()[HOST].to_str().expect("ascii").to_string())
+    }
+
     #[test]
-    fn accepts_served_hosts_with_ports_and_case() {
-        let d = domains();
+    fn accepts_served_hosts_and_forwards_them_in_normal_form() {
+        let sni = Some("example.com");
+        assert_eq!(forwarded("example.com", sni).as_deref(), Ok("example.com"));
         assert_eq!(
-            check_host(&mut h1(&["example.com"], "/"), &d, Some("example.com")),
-            Ok(())
+            forwarded("EXAMPLE.com:8443", sni).as_deref(),
+            Ok("example.com:8443")
         );
         assert_eq!(
-            check_host(
-                &mut h1(&["EXAMPLE.com:8443"], "/x"),
-                &d,
-                Some("example.com")
-            ),
-            Ok(())
+            forwarded("example.com:443", sni).as_deref(),
+            Ok("example.com")
         );
-        assert_eq!(check_host(&mut h1(&["[::1]:8443"], "/"), &d, None), Ok(()));
+        assert_eq!(forwarded("example.com.", sni).as_deref(), Ok("example.com"));
+        assert_eq!(forwarded("example.com:", sni).as_deref(), Ok("example.com"));
+        assert_eq!(forwarded("[::1]:8443", None).as_deref(), Ok("[::1]:8443"));
+    }
+
+    #[test]
+    fn ports_clients_do_not_use_are_refused() {
+        let sni = Some("example.com");
         assert_eq!(
-            check_host(&mut h1(&["example.com."], "/"), &d, Some("example.com")),
-            Ok(())
+            forwarded("example.com:6666", sni),
+            Err(HostRejection::ForeignPort)
         );
+        assert_eq!(
+            forwarded("example.com:80", sni),
+            Err(HostRejection::ForeignPort)
+        );
+        for bad in [
+            "example.com:abc",
+            "example.com:99999",
+            "example.com:+443",
+            "example.com:443:1",
+        ] {
+            assert!(forwarded(bad, sni).is_err(), "{bad}");
+        }
+        assert_eq!(HostRejection::ForeignPort.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]
     fn rejects_foreign_missing_duplicate_and_malformed_hosts() {
         let d = domains();
+        let check = |req: &mut Request<()>| check_host(req, &d, PORTS, None);
         assert_eq!(
-            check_host(&mut h1(&["evil.com"], "/"), &d, None),
+            check(&mut h1(&["evil.com"], "/")),
             Err(HostRejection::Misdirected)
         );
+        assert_eq!(check(&mut h1(&[], "/")), Err(HostRejection::Malformed));
         assert_eq!(
-            check_host(&mut h1(&[], "/"), &d, None),
+            check(&mut h1(&["example.com", "evil.com"], "/")),
             Err(HostRejection::Malformed)
         );
         assert_eq!(
-            check_host(&mut h1(&["example.com", "evil.com"], "/"), &d, None),
+            check(&mut h1(&["user@example.com"], "/")),
             Err(HostRejection::Malformed)
         );
         assert_eq!(
-            check_host(&mut h1(&["user@example.com"], "/"), &d, None),
-            Err(HostRejection::Malformed)
-        );
-        assert_eq!(
-            check_host(&mut h1(&["exa mple.com"], "/"), &d, None),
+            check(&mut h1(&["exa mple.com"], "/")),
             Err(HostRejection::Malformed)
         );
     }
 
     #[test]
     fn host_must_match_sni() {
-        let d = domains();
-        let mut req = h1(&["www.example.com"], "/");
         assert_eq!(
-            check_host(&mut req, &d, Some("example.com")),
+            forwarded("www.example.com", Some("example.com")),
             Err(HostRejection::Misdirected)
         );
     }
@@ -210,22 +306,30 @@ mod tests {
         let d = domains();
         let mut req = h1(&["example.com"], "https://evil.com/");
         assert_eq!(
-            check_host(&mut req, &d, None),
+            check_host(&mut req, &d, PORTS, None),
             Err(HostRejection::Conflicting)
         );
         let mut req = h1(&["example.com"], "https://example.com/x");
-        assert_eq!(check_host(&mut req, &d, None), Ok(()));
+        assert_eq!(check_host(&mut req, &d, PORTS, None), Ok(()));
     }
 
     #[test]
-    fn http2_authority_becomes_the_host_header() {
+    fn http2_authority_becomes_the_host_header_and_has_no_userinfo() {
         let d = domains();
-        let mut req = Request::builder()
-            .uri("https://example.com:8443/path")
-            .version(Version::HTTP_2)
-            .body(())
-            .expect("request");
-        assert_eq!(check_host(&mut req, &d, Some("example.com")), Ok(()));
+        let h2 = |uri: &str| {
+            Request::builder()
+                .uri(uri)
+                .version(Version::HTTP_2)
+                .body(())
+                .expect("request")
+        };
+        let mut req = h2("https://example.com:8443/path");
+        assert_eq!(check_host(&mut req, &d, PORTS, Some("example.com")), Ok(()));
         assert_eq!(req.headers()[HOST], "example.com:8443");
+        let mut req = h2("https://evil.example@example.com/path");
+        assert_eq!(
+            check_host(&mut req, &d, PORTS, Some("example.com")),
+            Err(HostRejection::Malformed)
+        );
     }
 }

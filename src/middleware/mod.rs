@@ -1,9 +1,10 @@
 //! Tower middleware on the request path. Response rewrites (security headers, cookie hardening) share one
 //! layer type, `RewriteHeadersLayer`, parameterised by what they rewrite; request checks that may answer
-//! instead of the app (the Host guard, login rate limits) share `GateLayer`; `RecordResponse` (metrics and the access log) is its own
-//! layer because it follows the response body.
+//! instead of the app (the head checks, the Host guard, login rate limits) share `GateLayer`;
+//! `RecordResponse` (metrics and the access log) is its own layer because it follows the response body.
 
 pub mod cookies;
+pub mod framing;
 pub mod host;
 pub mod rate_limit;
 pub mod record;
@@ -21,6 +22,7 @@ use tower::{Layer, Service};
 use crate::body::ProxyBody;
 
 pub use cookies::CookieHardening;
+pub use framing::RequestHeadCheck;
 pub use host::HostAllowlist;
 pub use rate_limit::RateLimiter;
 pub use record::RecordResponseLayer;

@@ -1,6 +1,7 @@
 //! Per-client request budgets for chosen paths (`[[rate_limit]]`), for the login forms Django does not
 //! throttle itself: a token bucket per client address, refilled continuously, checked before the request
-//! reaches Gunicorn. Over budget: 429 with `Retry-After` (RFC 6585 §4, RFC 9110 §10.2.3). IPv6 clients
+//! reaches Gunicorn. Paths match in `route_path`'s normal form, so `/admin/%6Cogin/` spends the
+//! `/admin/login/` budget as Django routes it there. Over budget: 429 with `Retry-After` (RFC 6585 §4, RFC 9110 §10.2.3). IPv6 clients
 //! are keyed by their /64, which one host usually controls whole.
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use crate::body::ProxyBody;
 use crate::config::RateLimitRule;
 use crate::context::{ConnInfo, TrustedProxies};
 use crate::response::{Blame, error_page};
+use crate::route_path::route_path;
 
 /// Buckets kept before full ones (which carry no information) are dropped; past it, new clients go
 /// untracked rather than refused, so a flood of addresses cannot lock everyone out.
@@ -57,7 +59,7 @@ impl RateLimiter {
 
     /// Takes one request from every matching rule's budget; `Err(wait)` when one is spent.
     fn take_from_budgets<B>(&self, req: &Request<B>, now: Instant) -> Result<(), Duration> {
-        let path = req.uri().path();
+        let path = route_path(req.uri().path());
         let mut matching = self
             .rules
             .iter()

@@ -1,5 +1,6 @@
 //! One client connection from accept to close: the TLS handshake (bounded in time), then hyper serving
-//! the tower stack, until the client is done, the connection idles past `limits.idle_timeout` with no
+//! the tower stack over the protocol ALPN chose, until the client is done, sends no complete request
+//! head within `limits.header_read_timeout` of connecting, idles past `limits.idle_timeout` with no
 //! request in flight, or the server shuts down (then in-flight requests finish first).
 
 use std::convert::Infallible;
@@ -30,6 +31,8 @@ use crate::tls::ACME_TLS_ALPN;
 /// Requests in flight on one connection and when it last did anything, for the idle timeout.
 struct Activity {
     started: Instant,
+    /// Requests whose head hyper has parsed, ever.
+    requests: AtomicU64,
     in_flight: AtomicUsize,
     last_millis: AtomicU64,
 }
@@ -38,6 +41,7 @@ impl Activity {
     fn new() -> Arc<Activity> {
         Arc::new(Activity {
             started: Instant::now(),
+            requests: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             last_millis: AtomicU64::new(0),
         })
@@ -49,6 +53,7 @@ impl Activity {
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.touch();
         InFlight(self.clone())
@@ -119,6 +124,12 @@ pub async fn serve_tls(
     if session.alpn_protocol() == Some(ACME_TLS_ALPN) {
         return;
     }
+    // Without ALPN a TLS client speaks HTTP/1.1 (RFC 7301 §3.2, RFC 9113 §3.2).
+    let protocol = if session.alpn_protocol() == Some(b"h2") {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
     let info = ConnInfo {
         peer,
         sni: session.server_name().map(Arc::from),
@@ -133,7 +144,7 @@ pub async fn serve_tls(
         shared,
         shutdown,
         |r| r.https.clone(),
-        |r| &r.builder,
+        protocol,
     )
     .await;
 }
@@ -160,9 +171,15 @@ pub async fn serve_plain(
         shared,
         shutdown,
         |r| r.plain.clone(),
-        |r| &r.plain_builder,
+        Protocol::Http1,
     )
     .await;
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Protocol {
+    Http1,
+    Http2,
 }
 
 /// Serves HTTP on an accepted (and, for HTTPS, handshaken) connection until it closes.
@@ -173,9 +190,7 @@ async fn serve_http<I, S, B>(
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
     stack_of: fn(&Runtime) -> S,
-    builder_of: fn(
-        &Runtime,
-    ) -> &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    protocol: Protocol,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: tower::Service<hyper::Request<Incoming>, Response = hyper::Response<B>, Error = Infallible>
@@ -188,16 +203,21 @@ async fn serve_http<I, S, B>(
     let peer = info.peer;
     let activity = Activity::new();
     let service = tracked_service(info, shared, activity.clone(), stack_of);
-    // Upgrades are allowed on both listeners: only the proxy service ever answers 101.
-    let connection = builder_of(runtime).serve_connection_with_upgrades(io, service);
-    drive(
-        connection,
-        peer,
-        &activity,
-        runtime.config.limits.idle_timeout,
-        shutdown,
-    )
-    .await;
+    let limits = Deadlines {
+        first_head: runtime.config.limits.header_read_timeout,
+        idle: runtime.config.limits.idle_timeout,
+    };
+    match protocol {
+        // Upgrades are allowed on both listeners: only the proxy service ever answers 101.
+        Protocol::Http1 => {
+            let connection = runtime.http1.serve_connection(io, service).with_upgrades();
+            drive(connection, peer, &activity, limits, shutdown).await;
+        }
+        Protocol::Http2 => {
+            let connection = runtime.http2.serve_connection(io, service);
+            drive(connection, peer, &activity, limits, shutdown).await;
+        }
+    }
 }
 
 /// The hyper service for one connection: each request gets the connection's facts, runs through the
@@ -245,21 +265,33 @@ where
     })
 }
 
-/// A hyper connection that can be asked to finish what is in flight and close.
-pub trait GracefulConnection:
-    Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
-{
+/// A hyper connection that can be asked to finish what is in flight and close. hyper-util's
+/// `graceful::GracefulConnection` covers hyper's plain HTTP/1.1 connection but not the upgradeable one
+/// that WebSocket needs, so this small trait stands in for it.
+pub trait GracefulConnection: Future<Output = hyper::Result<()>> {
     fn begin_shutdown(self: Pin<&mut Self>);
 }
 
-impl<I, S, E, B> GracefulConnection
-    for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
+impl<I, S, B> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
 where
-    Self: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
     S: hyper::service::HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn begin_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E, B> GracefulConnection for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
@@ -268,18 +300,31 @@ where
     }
 }
 
+/// The two clocks a connection runs on.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    /// A connection that has not sent one complete request head by then is closed, whatever protocol
+    /// it speaks (hyper's HTTP/1.1 header timer covers later requests; HTTP/2 has none of its own).
+    first_head: Duration,
+    idle: Duration,
+}
+
 /// Runs a connection to completion; on idleness or server shutdown asks it to close after what is in
-/// flight (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`).
+/// flight (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`). A connection that never sent a request head
+/// is dropped outright: there is nothing in flight to finish.
 async fn drive<C: GracefulConnection>(
     connection: C,
     peer: SocketAddr,
     activity: &Activity,
-    idle_timeout: Duration,
+    deadlines: Deadlines,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connection = std::pin::pin!(connection);
-    let idle = activity.idle_for(idle_timeout);
+    let idle = activity.idle_for(deadlines.idle);
     let mut idle = std::pin::pin!(idle);
+    let first_head = tokio::time::sleep(deadlines.first_head);
+    let mut first_head = std::pin::pin!(first_head);
+    let mut waiting_for_first_head = true;
     let mut closing = false;
     loop {
         tokio::select! {
@@ -288,6 +333,13 @@ async fn drive<C: GracefulConnection>(
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
                 return;
+            }
+            _ = &mut first_head, if waiting_for_first_head => {
+                if activity.requests.load(Ordering::Relaxed) == 0 {
+                    tracing::debug!(%peer, "no request head within the header timeout; closing");
+                    return;
+                }
+                waiting_for_first_head = false;
             }
             _ = shutdown.wait_for(|stop| *stop), if !closing => {
                 connection.as_mut().begin_shutdown();

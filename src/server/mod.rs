@@ -103,6 +103,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             config.clone(),
             tokens.clone(),
             https_addr.port(),
+            http_addr.map(|a| a.port()),
             &metrics,
         )),
         resolver,
@@ -307,6 +308,7 @@ impl RunningServer {
             Arc::new(keep_restart_only_settings(new, &old)),
             self.shared.tokens.clone(),
             self.https_addr.port(),
+            self.http_addr.map(|a| a.port()),
             &self.shared.metrics,
         );
         self.shared.current.store(Arc::new(runtime));

@@ -13,7 +13,7 @@ use tower::Service;
 use crate::acme::Http01Tokens;
 use crate::body::ProxyBody;
 use crate::config::Domains;
-use crate::middleware::host::{check_host, host_of};
+use crate::middleware::host::{HostPorts, check_host, host_of};
 use crate::response::{Blame, error_page, text};
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -25,6 +25,8 @@ pub struct PlainHttpService {
 
 struct Settings {
     domains: Domains,
+    /// 80 and the port this listener is bound to.
+    host_ports: HostPorts,
     public_https_port: u16,
     health_path: Option<String>,
     tokens: Arc<Http01Tokens>,
@@ -33,6 +35,7 @@ struct Settings {
 impl PlainHttpService {
     pub fn new(
         domains: Domains,
+        host_ports: HostPorts,
         public_https_port: u16,
         health_path: Option<String>,
         tokens: Arc<Http01Tokens>,
@@ -40,6 +43,7 @@ impl PlainHttpService {
         PlainHttpService {
             shared: Arc::new(Settings {
                 domains,
+                host_ports,
                 public_https_port,
                 health_path,
                 tokens,
@@ -70,7 +74,7 @@ impl PlainHttpService {
         if s.health_path.as_deref() == Some(path) {
             return text(StatusCode::OK, "ok\n");
         }
-        if let Err(rejection) = check_host(&mut req, &s.domains, None) {
+        if let Err(rejection) = check_host(&mut req, &s.domains, s.host_ports, None) {
             return error_page(
                 rejection.status(),
                 Blame::Client,
@@ -158,6 +162,10 @@ mod tests {
         tokens.insert("tok", "tok.thumb");
         PlainHttpService::new(
             Domains::new(vec!["example.com".into(), "::1".into()]),
+            HostPorts {
+                default: 80,
+                public: 8080,
+            },
             8443,
             Some("/healthz".into()),
             tokens,
@@ -188,10 +196,16 @@ mod tests {
     }
 
     #[test]
-    fn no_redirect_for_foreign_hosts() {
-        let response = get("evil.com", "/");
-        assert!(response.status().is_client_error());
-        assert!(response.headers().get(LOCATION).is_none());
+    fn no_redirect_for_foreign_hosts_or_ports() {
+        for host in ["evil.com", "example.com:6666", "example.com:abc"] {
+            let response = get(host, "/");
+            assert!(response.status().is_client_error(), "{host}");
+            assert!(response.headers().get(LOCATION).is_none(), "{host}");
+        }
+        assert_eq!(
+            get("example.com:80", "/").status(),
+            StatusCode::PERMANENT_REDIRECT
+        );
     }
 
     #[test]

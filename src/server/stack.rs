@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use tower::ServiceBuilder;
 
 use super::plain::PlainHttpService;
@@ -13,17 +13,21 @@ use crate::acme::Http01Tokens;
 use crate::config::{Config, Limits};
 use crate::context::TrustedProxies;
 use crate::metrics::{Listener, Metrics};
+use crate::middleware::host::HostPorts;
 use crate::middleware::record::RecordResponse;
 use crate::middleware::{
     CookieHardening, GateLayer, Gated, HostAllowlist, RateLimiter, RecordResponseLayer,
-    RewriteHeaders, RewriteHeadersLayer, SecurityHeaderPolicy,
+    RequestHeadCheck, RewriteHeaders, RewriteHeadersLayer, SecurityHeaderPolicy,
 };
 use crate::proxy::ProxyService;
 use crate::static_files::{StaticFiles, StaticOrProxy};
 
 type HttpsStack = RecordResponse<
     RewriteHeaders<
-        RewriteHeaders<Gated<Gated<StaticOrProxy, RateLimiter>, HostAllowlist>, CookieHardening>,
+        RewriteHeaders<
+            Gated<Gated<Gated<StaticOrProxy, RateLimiter>, HostAllowlist>, RequestHeadCheck>,
+            CookieHardening,
+        >,
         SecurityHeaderPolicy,
     >,
 >;
@@ -34,20 +38,31 @@ pub(super) struct Runtime {
     pub(super) config: Arc<Config>,
     pub(super) https: HttpsStack,
     pub(super) plain: PlainStack,
-    pub(super) builder: auto::Builder<TokioExecutor>,
-    /// Plain HTTP is HTTP/1.1 only: no cleartext HTTP/2 (h2c) is offered to anyone.
-    pub(super) plain_builder: auto::Builder<TokioExecutor>,
+    /// HTTP/1.1 on TLS without `h2` in ALPN, and on the plain listener (which offers no cleartext
+    /// HTTP/2, h2c, to anyone).
+    pub(super) http1: http1::Builder,
+    /// HTTP/2, only where ALPN chose `h2` (RFC 9113 §3.2).
+    pub(super) http2: http2::Builder<TokioExecutor>,
 }
 
 impl Runtime {
-    /// `https_port` is the port the HTTPS listener is bound to (the config may say 0).
+    /// `https_port` and `http_port` are the ports the listeners are bound to (the config may say 0).
     pub(super) fn build(
         config: Arc<Config>,
         tokens: Arc<Http01Tokens>,
         https_port: u16,
+        http_port: Option<u16>,
         metrics: &Arc<Metrics>,
     ) -> Runtime {
         let public_https_port = config.server.public_https_port.unwrap_or(https_port);
+        let https_host_ports = HostPorts {
+            default: 443,
+            public: public_https_port,
+        };
+        let plain_host_ports = HostPorts {
+            default: 80,
+            public: http_port.unwrap_or(80),
+        };
         let https = ServiceBuilder::new()
             .layer(RecordResponseLayer::new(
                 config.log.access,
@@ -60,8 +75,12 @@ impl Runtime {
             .layer(RewriteHeadersLayer::new(CookieHardening::new(
                 config.cookies.clone(),
             )))
+            .layer(GateLayer::new(RequestHeadCheck::new(
+                config.limits.max_headers,
+            )))
             .layer(GateLayer::new(HostAllowlist::new(
                 config.server.domains.clone(),
+                https_host_ports,
             )))
             .layer(GateLayer::new(RateLimiter::new(
                 config.rate_limits.clone(),
@@ -82,13 +101,14 @@ impl Runtime {
             ))
             .service(PlainHttpService::new(
                 config.server.domains.clone(),
+                plain_host_ports,
                 public_https_port,
                 config.server.health_path.clone(),
                 tokens,
             ));
         Runtime {
-            builder: connection_builder(&config.limits),
-            plain_builder: connection_builder(&config.limits).http1_only(),
+            http1: http1_builder(&config.limits),
+            http2: http2_builder(&config.limits),
             https,
             plain,
             config,
@@ -96,23 +116,35 @@ impl Runtime {
     }
 }
 
-fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// The protocol is known before the first byte is read (ALPN, or the plain listener), so each connection
+/// gets its own protocol's builder instead of hyper-util's auto builder: that one waits for the HTTP/2
+/// preface before any timer of hyper's runs, so a silent client held its connection for the idle timeout.
+fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         // Also bounds how long an idle keep-alive connection may wait before its next request.
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
     builder
-        .http2()
+}
+
+fn http2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
         .max_local_error_reset_streams(limits.h2_max_pending_resets)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // What one stream may have queued for a client that does not read (hyper's default is 400 KiB,
+        // which let unread streams grow the proxy by half a MiB each).
+        .max_send_buf_size(H2_SEND_BUFFER)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
 }
+
+/// Bytes an HTTP/2 stream may queue beyond the chunk being sent (see `limits` in the README).
+pub(super) const H2_SEND_BUFFER: usize = 16 * 1024;
