@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -10,13 +11,66 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tower_http::services::fs::ServeFileSystemResponseBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What every body read whole into memory may hold together (`limits.buffer_memory`): responses read
+/// whole from the upstream and static files read whole from disk. A client can leave any number of
+/// HTTP/2 streams unread; without a shared budget each one would keep its whole body here. When the
+/// budget is spent, bodies stream instead, which costs a stream at most one chunk and its send buffer.
+#[derive(Clone)]
+pub struct BufferBudget(Arc<Semaphore>);
+
+/// A share of the budget: given back when the bytes it covers are dropped.
+pub struct BudgetHold {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl BufferBudget {
+    /// Counted in KiB, so a budget of any realistic size fits the semaphore.
+    pub fn new(bytes: u64) -> Self {
+        let kib = usize::try_from(bytes.div_ceil(1024))
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        BufferBudget(Arc::new(Semaphore::new(kib)))
+    }
+
+    /// A hold on `len` bytes, or `None` when the budget has no room for them now.
+    pub fn try_hold(&self, len: u64) -> Option<BudgetHold> {
+        let kib = u32::try_from(len.div_ceil(1024).max(1)).ok()?;
+        self.0
+            .clone()
+            .try_acquire_many_owned(kib)
+            .ok()
+            .map(|permit| BudgetHold { _permit: permit })
+    }
+
+    /// Bytes left in the budget, for tests and metrics.
+    pub fn available(&self) -> u64 {
+        self.0.available_permits() as u64 * 1024
+    }
+}
+
+/// `data` carrying `hold`: the budget gets it back when the last reference to these bytes is gone,
+/// wherever that is (a body, or HTTP/2's send queue after the body has finished).
+pub fn held_bytes(data: Bytes, hold: BudgetHold) -> Bytes {
+    struct Held {
+        data: Bytes,
+        _hold: BudgetHold,
+    }
+    impl AsRef<[u8]> for Held {
+        fn as_ref(&self) -> &[u8] {
+            &self.data
+        }
+    }
+    Bytes::from_owner(Held { data, _hold: hold })
+}
+
 /// Why a client's request body was cut off. Found again in the upstream client's error chain so the
-/// client gets the right status (413, 408) instead of a generic 502.
+/// client gets the right status (413, 408, 400) instead of a generic 502.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("request body larger than {0} bytes")]
@@ -25,12 +79,19 @@ pub enum BodyError {
     TimedOut(Duration),
     #[error("client stopped sending the request body: {0}")]
     Client(#[source] hyper::Error),
+    #[error("request body longer than its Content-Length")]
+    LongerThanDeclared,
 }
 
 pin_project! {
     /// A client's request body on its way upstream: either read completely before the upstream is
     /// contacted (small bodies, so a slow client never holds a Gunicorn worker, as nginx's request
     /// buffering does), or streamed with a byte limit and a deadline for the whole body.
+    ///
+    /// A streamed body with a declared length holds back the frame that completes it until the client's
+    /// stream has really ended: an HTTP/2 client may send DATA past its `content-length`, which h2 only
+    /// notices at the extra bytes. Forwarding the completing frame first would hand Gunicorn a whole,
+    /// valid-looking request the client had framed wrongly; held back, the upstream sees a cut-off body.
     #[project = RequestBodyProj]
     pub enum RequestBody {
         Buffered { data: Option<Bytes> },
@@ -39,6 +100,10 @@ pin_project! {
             inner: Incoming,
             remaining: u64,
             limit: u64,
+            // What the client's Content-Length says is still to come.
+            declared: Option<u64>,
+            held: Option<Bytes>,
+            held_trailers: Option<http::HeaderMap>,
             timeout: Duration,
             // Started at the first poll that has to wait: bodies that arrive at once never allocate a timer.
             deadline: Option<Pin<Box<Sleep>>>,
@@ -47,11 +112,19 @@ pin_project! {
 }
 
 impl RequestBody {
-    pub fn streaming(inner: Incoming, limit: u64, timeout: Duration) -> Self {
+    pub fn streaming(
+        inner: Incoming,
+        limit: u64,
+        timeout: Duration,
+        declared: Option<u64>,
+    ) -> Self {
         RequestBody::Streaming {
             inner,
             remaining: limit,
             limit,
+            declared,
+            held: None,
+            held_trailers: None,
             timeout,
             deadline: None,
         }
@@ -72,37 +145,82 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let (inner, remaining, limit, timeout, deadline) = match self.project() {
-            RequestBodyProj::Buffered { data } => {
-                return Poll::Ready(data.take().map(|d| Ok(Frame::data(d))));
-            }
-            RequestBodyProj::Streaming {
-                inner,
-                remaining,
-                limit,
-                timeout,
-                deadline,
-            } => (inner, remaining, limit, timeout, deadline),
-        };
-        match inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > *remaining {
-                        return Poll::Ready(Some(Err(BodyError::TooLarge(*limit))));
-                    }
-                    *remaining -= len;
+        let (mut inner, remaining, limit, declared, held, held_trailers, timeout, deadline) =
+            match self.project() {
+                RequestBodyProj::Buffered { data } => {
+                    return Poll::Ready(data.take().map(|d| Ok(Frame::data(d))));
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => {
-                let timeout = *timeout;
-                let deadline =
-                    deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                ready!(deadline.as_mut().poll(cx));
-                Poll::Ready(Some(Err(BodyError::TimedOut(timeout))))
+                RequestBodyProj::Streaming {
+                    inner,
+                    remaining,
+                    limit,
+                    declared,
+                    held,
+                    held_trailers,
+                    timeout,
+                    deadline,
+                } => (
+                    inner,
+                    remaining,
+                    limit,
+                    declared,
+                    held,
+                    held_trailers,
+                    timeout,
+                    deadline,
+                ),
+            };
+        if held.is_none()
+            && let Some(trailers) = held_trailers.take()
+        {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        loop {
+            match inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            let len = data.len() as u64;
+                            if len > *remaining {
+                                return Poll::Ready(Some(Err(BodyError::TooLarge(*limit))));
+                            }
+                            *remaining -= len;
+                            if len == 0 {
+                                continue;
+                            }
+                            if held.is_some() {
+                                return Poll::Ready(Some(Err(BodyError::LongerThanDeclared)));
+                            }
+                            if let Some(left) = declared {
+                                *left =
+                                    left.checked_sub(len).ok_or(BodyError::LongerThanDeclared)?;
+                                if *left == 0 && !inner.is_end_stream() {
+                                    *held = Some(data);
+                                    continue;
+                                }
+                            }
+                            Frame::data(data)
+                        }
+                        Err(trailers) => match (held.take(), trailers.into_trailers()) {
+                            (Some(data), Ok(trailers)) => {
+                                *held_trailers = Some(trailers);
+                                Frame::data(data)
+                            }
+                            (None, Ok(trailers)) => Frame::trailers(trailers),
+                            (_, Err(_)) => continue,
+                        },
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(BodyError::Client(e)))),
+                Poll::Ready(None) => return Poll::Ready(held.take().map(|d| Ok(Frame::data(d)))),
+                Poll::Pending => {
+                    let timeout = *timeout;
+                    let deadline =
+                        deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    ready!(deadline.as_mut().poll(cx));
+                    return Poll::Ready(Some(Err(BodyError::TimedOut(timeout))));
+                }
             }
         }
     }
@@ -110,7 +228,12 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Buffered { data } => data.is_none(),
-            RequestBody::Streaming { inner, .. } => inner.is_end_stream(),
+            RequestBody::Streaming {
+                inner,
+                held,
+                held_trailers,
+                ..
+            } => held.is_none() && held_trailers.is_none() && inner.is_end_stream(),
         }
     }
 
@@ -119,7 +242,10 @@ impl Body for RequestBody {
             RequestBody::Buffered { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            RequestBody::Streaming { inner, .. } => inner.size_hint(),
+            RequestBody::Streaming { inner, held, .. } => match held {
+                Some(data) => SizeHint::with_exact(data.len() as u64),
+                None => inner.size_hint(),
+            },
         }
     }
 }

@@ -3,6 +3,8 @@
 //! Gunicorn worker spends time on a stylesheet. tower-http's `ServeDir` does the HTTP work: path checks,
 //! `Content-Type`, conditional GET, `Range`, and precompressed `.br`/`.gz` siblings (WhiteNoise's
 //! compressed storage writes them). Its file access goes through `DirectFs` (below), not `tokio::fs`.
+//! Symbolic links are followed like nginx does (`collectstatic --link` makes them on purpose) unless the
+//! mount says `symlinks = "inside"`: then a file whose real path is outside the folder is a 404.
 
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
@@ -13,7 +15,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::Either;
 use http::header::{ALLOW, CACHE_CONTROL};
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::Empty;
@@ -21,10 +22,10 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 use tower::{Service, ServiceExt};
 use tower_http::services::ServeDir;
-use tower_http::services::fs::{Backend, DefaultServeDirFallback, File, TokioBackend, TokioFile};
+use tower_http::services::fs::{Backend, DefaultServeDirFallback, File};
 
-use crate::body::ProxyBody;
-use crate::config::StaticMount;
+use crate::body::{BufferBudget, ProxyBody, held_bytes};
+use crate::config::{StaticMount, SymlinkPolicy};
 use crate::proxy::ProxyService;
 use crate::response::{Blame, error_page, status_page};
 use crate::route_path::route_path;
@@ -40,19 +41,30 @@ struct Mount {
 pub struct StaticFiles(Vec<Mount>);
 
 impl StaticFiles {
-    pub fn new(mounts: &[StaticMount]) -> StaticFiles {
+    pub fn new(mounts: &[StaticMount], budget: &BufferBudget) -> StaticFiles {
         StaticFiles(
             mounts
                 .iter()
-                .map(|m| Mount {
-                    url: m.url.clone(),
-                    // No directory listings, no index pages, no redirects: a static folder serves files.
-                    files: ServeDir::with_backend(&m.dir, DirectFs)
-                        .append_index_html_on_directories(false)
-                        .redirect_to_trailing_slash(false)
-                        .precompressed_br()
-                        .precompressed_gzip(),
-                    cache_control: m.cache_control.clone(),
+                .map(|m| {
+                    let inside = (m.symlinks == SymlinkPolicy::Inside).then(|| {
+                        Arc::new(std::fs::canonicalize(&m.dir).unwrap_or_else(|_| m.dir.clone()))
+                    });
+                    let backend = DirectFs {
+                        budget: budget.clone(),
+                        inside,
+                    };
+                    Mount {
+                        url: m.url.clone(),
+                        // No directory listings, no index pages, no redirects: a static folder
+                        // serves files. Small chunks: an unread HTTP/2 stream holds one at most.
+                        files: ServeDir::with_backend(&m.dir, backend)
+                            .append_index_html_on_directories(false)
+                            .redirect_to_trailing_slash(false)
+                            .precompressed_br()
+                            .precompressed_gzip()
+                            .with_buf_chunk_size(CHUNK),
+                        cache_control: m.cache_control.clone(),
+                    }
                 })
                 .collect(),
         )
@@ -165,66 +177,96 @@ impl Service<Request<Incoming>> for StaticOrProxy {
     }
 }
 
-/// Files up to this size are read whole when opened; larger ones stream through `tokio::fs`.
+/// Files up to this size are read whole when opened (while the buffer budget has room for them);
+/// larger ones are read in chunks from the blocking pool.
 const READ_WHOLE_UP_TO: u64 = 1024 * 1024;
+
+/// What `ServeDir` reads at a time from a file, and so what an unread HTTP/2 stream holds beyond its
+/// send buffer.
+const CHUNK: usize = 16 * 1024;
 
 /// File access for `ServeDir` without a thread hop per system call. `tokio::fs` runs every `stat`,
 /// `open` and `read` on the blocking pool. That made a 4 KiB stylesheet cost 65 µs of CPU, against
 /// nginx's 14 µs (`benches/load.py`, static-h1). Static files are small and almost always in the page
 /// cache, so here they are read directly on the runtime thread, as nginx does without `aio`. Only
-/// files over `READ_WHOLE_UP_TO` stream from the blocking pool. Keep static folders on local disk: on a
-/// network filesystem, a slow `read` would stall the connections on this thread.
-#[derive(Debug, Clone, Copy)]
-pub struct DirectFs;
+/// files over `READ_WHOLE_UP_TO`, or past the memory budget, are read from the blocking pool. Keep static
+/// folders on local disk: on a network filesystem, a slow `read` would stall the connections on this
+/// thread.
+#[derive(Clone)]
+pub struct DirectFs {
+    budget: BufferBudget,
+    /// The folder's real path, when links must not lead out of it.
+    inside: Option<Arc<PathBuf>>,
+}
 
 pub enum DirectFile {
     Whole {
         data: Cursor<Bytes>,
         metadata: std::fs::Metadata,
     },
-    Streamed(TokioFile),
+    Streamed {
+        file: tokio::fs::File,
+        metadata: std::fs::Metadata,
+    },
+}
+
+impl DirectFs {
+    /// Opens a regular file, refusing one that resolves outside the folder when so configured. The
+    /// check reads the opened descriptor's path, so a link swapped between check and open changes
+    /// nothing.
+    fn open_file(&self, path: &std::path::Path) -> io::Result<(std::fs::File, std::fs::Metadata)> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: opening a FIFO left in the folder must not block this thread waiting for a
+        // writer; anything but a regular file is then refused as absent.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        let metadata = file.metadata()?;
+        if !metadata.is_file() {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        if let Some(root) = &self.inside {
+            let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+            if !real.starts_with(root.as_path()) {
+                tracing::debug!(path = %path.display(), real = %real.display(), "static file links outside its folder; refused");
+                return Err(io::ErrorKind::NotFound.into());
+            }
+        }
+        Ok((file, metadata))
+    }
 }
 
 impl Backend for DirectFs {
     type File = DirectFile;
     type Metadata = std::fs::Metadata;
-    type OpenFuture = Either<
-        Ready<io::Result<DirectFile>>,
-        Pin<Box<dyn Future<Output = io::Result<DirectFile>> + Send>>,
-    >;
+    type OpenFuture = Ready<io::Result<DirectFile>>;
     type MetadataFuture = Ready<io::Result<std::fs::Metadata>>;
 
     fn open(&self, path: PathBuf) -> Self::OpenFuture {
-        use std::os::unix::fs::OpenOptionsExt;
-        // O_NONBLOCK: opening a FIFO left in the folder must not block this thread waiting for a
-        // writer; anything but a regular file is then refused as absent.
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-            .and_then(|file| {
-                let metadata = file.metadata()?;
-                if !metadata.is_file() {
-                    return Err(io::ErrorKind::NotFound.into());
-                }
-                Ok((file, metadata))
-            });
-        match opened {
-            Ok((mut file, metadata)) if metadata.len() <= READ_WHOLE_UP_TO => {
+        let (mut file, metadata) = match self.open_file(&path) {
+            Ok(opened) => opened,
+            Err(e) => return ready(Err(e)),
+        };
+        let hold = (metadata.len() <= READ_WHOLE_UP_TO)
+            .then(|| self.budget.try_hold(metadata.len()))
+            .flatten();
+        ready(match hold {
+            Some(hold) => {
                 let capacity = usize::try_from(metadata.len()).unwrap_or(0);
                 let mut data = Vec::with_capacity(capacity);
-                Either::Left(ready(file.read_to_end(&mut data).map(|_| {
-                    DirectFile::Whole {
-                        data: Cursor::new(Bytes::from(data)),
-                        metadata,
-                    }
-                })))
+                file.read_to_end(&mut data).map(|_| DirectFile::Whole {
+                    data: Cursor::new(held_bytes(Bytes::from(data), hold)),
+                    metadata,
+                })
             }
-            Ok(_) => Either::Right(Box::pin(async move {
-                TokioBackend.open(path).await.map(DirectFile::Streamed)
-            })),
-            Err(e) => Either::Left(ready(Err(e))),
-        }
+            // tokio's file reads on the blocking pool, one chunk at a time.
+            None => Ok(DirectFile::Streamed {
+                file: tokio::fs::File::from_std(file),
+                metadata,
+            }),
+        })
     }
 
     fn metadata(&self, path: PathBuf) -> Self::MetadataFuture {
@@ -234,13 +276,13 @@ impl Backend for DirectFs {
 
 impl File for DirectFile {
     type Metadata = std::fs::Metadata;
-    type MetadataFuture<'a> =
-        Either<Ready<io::Result<std::fs::Metadata>>, <TokioFile as File>::MetadataFuture<'a>>;
+    type MetadataFuture<'a> = Ready<io::Result<std::fs::Metadata>>;
 
     fn metadata(&self) -> Self::MetadataFuture<'_> {
         match self {
-            DirectFile::Whole { metadata, .. } => Either::Left(ready(Ok(metadata.clone()))),
-            DirectFile::Streamed(file) => Either::Right(file.metadata()),
+            DirectFile::Whole { metadata, .. } | DirectFile::Streamed { metadata, .. } => {
+                ready(Ok(metadata.clone()))
+            }
         }
     }
 }
@@ -253,7 +295,7 @@ impl AsyncRead for DirectFile {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             DirectFile::Whole { data, .. } => Pin::new(data).poll_read(cx, buf),
-            DirectFile::Streamed(file) => Pin::new(file).poll_read(cx, buf),
+            DirectFile::Streamed { file, .. } => Pin::new(file).poll_read(cx, buf),
         }
     }
 }
@@ -262,14 +304,14 @@ impl AsyncSeek for DirectFile {
     fn start_seek(self: Pin<&mut Self>, position: io::SeekFrom) -> io::Result<()> {
         match self.get_mut() {
             DirectFile::Whole { data, .. } => Pin::new(data).start_seek(position),
-            DirectFile::Streamed(file) => Pin::new(file).start_seek(position),
+            DirectFile::Streamed { file, .. } => Pin::new(file).start_seek(position),
         }
     }
 
     fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
         match self.get_mut() {
             DirectFile::Whole { data, .. } => Pin::new(data).poll_complete(cx),
-            DirectFile::Streamed(file) => Pin::new(file).poll_complete(cx),
+            DirectFile::Streamed { file, .. } => Pin::new(file).poll_complete(cx),
         }
     }
 }
@@ -295,9 +337,13 @@ mod tests {
             url: url.into(),
             dir: dir.clone(),
             cache_control: None,
+            symlinks: SymlinkPolicy::Follow,
         };
         // The config sorts longest first; StaticFiles keeps that order.
-        let files = StaticFiles::new(&[mount("/static/admin/"), mount("/static/")]);
+        let files = StaticFiles::new(
+            &[mount("/static/admin/"), mount("/static/")],
+            &BufferBudget::new(1 << 20),
+        );
         let url = |path| files.mount_for(path).map(|m| m.url.as_str());
         assert_eq!(url("/static/admin/base.css"), Some("/static/admin/"));
         assert_eq!(url("/static/app.css"), Some("/static/"));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::raw_h2::{self, HeaderPair};
 use common::*;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -159,133 +160,6 @@ async fn framing_hyper_normalises_reaches_the_upstream_unambiguous() {
     );
     assert_eq!(upstream.count(), 2);
     proxy.stop().await;
-}
-
-type HeaderPair<'a> = (&'a [u8], &'a [u8]);
-
-/// A minimal HTTP/2 client speaking raw frames, for requests the h2 crate would refuse to send.
-mod raw_h2 {
-    use super::*;
-
-    fn literal(block: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-        // HPACK literal header field without indexing, new name, no Huffman (RFC 7541 §6.2.2).
-        assert!(name.len() < 127 && value.len() < 127);
-        block.push(0x00);
-        block.push(name.len() as u8);
-        block.extend_from_slice(name);
-        block.push(value.len() as u8);
-        block.extend_from_slice(value);
-    }
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len() as u32;
-        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(payload);
-        out
-    }
-
-    /// Rapid reset (CVE-2023-44487): opens `streams` requests and cancels each at once, in one write.
-    /// Returns the GOAWAY error code the server answered with, if it did within 5 seconds.
-    pub async fn rapid_reset(
-        proxy: &Proxy,
-        headers: &[(&[u8], &[u8])],
-        streams: u32,
-    ) -> Option<u32> {
-        let mut tls = tls_connect(proxy.https, "localhost", &proxy.root, &[b"h2"])
-            .await
-            .expect("connect");
-        let mut block = Vec::new();
-        for (name, value) in headers {
-            literal(&mut block, name, value);
-        }
-        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        out.extend(frame(4, 0, 0, &[]));
-        for i in 0..streams {
-            let stream = 1 + 2 * i;
-            out.extend(frame(1, 0x5, stream, &block));
-            out.extend(frame(3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
-        }
-        let _ = tls.write_all(&out).await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = Vec::new();
-        loop {
-            while buf.len() >= 9 {
-                let len =
-                    (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
-                }
-                if buf[3] == 7 && len >= 8 {
-                    return Some(u32::from_be_bytes([buf[13], buf[14], buf[15], buf[16]]));
-                }
-                buf.drain(..9 + len);
-            }
-            let mut chunk = [0u8; 4096];
-            match tokio::time::timeout_at(deadline.into(), tls.read(&mut chunk)).await {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
-                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    }
-
-    /// What the server did with one request: `Err` names a reset/GOAWAY, `Ok` the first header byte.
-    pub async fn send(proxy: &Proxy, headers: &[(&[u8], &[u8])]) -> Result<u8, String> {
-        let mut tls = tls_connect(proxy.https, "localhost", &proxy.root, &[b"h2"])
-            .await
-            .expect("connect");
-        let mut block = Vec::new();
-        for (name, value) in headers {
-            literal(&mut block, name, value);
-        }
-        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        out.extend(frame(4, 0, 0, &[]));
-        out.extend(frame(1, 0x5, 1, &block));
-        tls.write_all(&out).await.expect("write");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = Vec::new();
-        loop {
-            while buf.len() >= 9 {
-                let len =
-                    (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
-                }
-                let (kind, stream) = (
-                    buf[3],
-                    u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff,
-                );
-                let payload = buf[9..9 + len].to_vec();
-                buf.drain(..9 + len);
-                match (kind, stream) {
-                    (3, 1) => {
-                        return Err(format!(
-                            "RST_STREAM code {}",
-                            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
-                        ));
-                    }
-                    (7, _) => {
-                        return Err(format!(
-                            "GOAWAY code {}",
-                            u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])
-                        ));
-                    }
-                    (1, 1) => return Ok(payload.first().copied().unwrap_or_default()),
-                    (4, 0) if buf.is_empty() => {
-                        let _ = tls.write_all(&frame(4, 0x1, 0, &[])).await;
-                    }
-                    _ => {}
-                }
-            }
-            let mut chunk = [0u8; 4096];
-            let read = tokio::time::timeout_at(deadline.into(), tls.read(&mut chunk)).await;
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return Err("connection closed".into()),
-                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-                Err(_) => return Err("no answer within 5s".into()),
-            }
-        }
-    }
 }
 
 #[tokio::test]

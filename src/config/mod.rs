@@ -222,6 +222,8 @@ pub struct Limits {
     /// Responses with a declared length up to this are read whole from the upstream before they are
     /// sent on: a slow reader then costs a Gunicorn worker nothing.
     pub buffer_response: u64,
+    /// What all bodies held whole in memory may take together (`body::BufferBudget`).
+    pub buffer_memory: u64,
     pub max_connections: usize,
     pub h2_max_concurrent_streams: u32,
     pub h2_max_pending_resets: usize,
@@ -249,6 +251,16 @@ pub struct StaticMount {
     pub url: String,
     pub dir: PathBuf,
     pub cache_control: Option<HeaderValue>,
+    pub symlinks: SymlinkPolicy,
+}
+
+/// Whether a `[[static]]` folder's symbolic links may lead out of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SymlinkPolicy {
+    /// Follow every link, as nginx does by default (`collectstatic --link` makes them on purpose).
+    Follow,
+    /// Serve a file only if its real path is inside the folder.
+    Inside,
 }
 
 #[derive(Debug, Clone)]

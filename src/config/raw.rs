@@ -140,6 +140,7 @@ pub struct RawLimits {
     pub max_body: Option<ByteSize>,
     pub buffer_body: Option<ByteSize>,
     pub buffer_response: Option<ByteSize>,
+    pub buffer_memory: Option<ByteSize>,
     pub max_connections: Option<usize>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub h2_max_pending_resets: Option<usize>,
@@ -160,6 +161,7 @@ pub struct RawStatic {
     pub url: String,
     pub dir: String,
     pub cache_control: Option<String>,
+    pub symlinks: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -617,10 +617,18 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             .unwrap_or(DJANGO_DATA_UPLOAD_MAX_MEMORY_SIZE),
         buffer_body: l.buffer_body.map(|b| b.0).unwrap_or(65_536),
         buffer_response: l.buffer_response.map(|b| b.0).unwrap_or(262_144),
+        buffer_memory: l.buffer_memory.map(|b| b.0).unwrap_or(64 * 1024 * 1024),
         max_connections: l.max_connections.unwrap_or(10_000),
         h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128),
         h2_max_pending_resets: l.h2_max_pending_resets.unwrap_or(20),
     };
+    if limits.buffer_memory < limits.buffer_response {
+        warnings.push(format!(
+            "limits.buffer_memory ({} bytes) is below limits.buffer_response ({} bytes): the largest \
+             responses that could be buffered never will be",
+            limits.buffer_memory, limits.buffer_response
+        ));
+    }
     for (key, d) in [
         ("limits.handshake_timeout", limits.handshake_timeout),
         ("limits.header_read_timeout", limits.header_read_timeout),
@@ -799,10 +807,21 @@ fn validate_static_files(
             .cache_control
             .map(|v| header_value(ctx, &key("cache_control"), &v))
             .transpose()?;
+        let symlinks = match s.symlinks.as_deref() {
+            None | Some("follow") => SymlinkPolicy::Follow,
+            Some("inside") => SymlinkPolicy::Inside,
+            Some(other) => {
+                return Err(ctx.invalid(
+                    &key("symlinks"),
+                    format!("unknown value `{other}`; use \"follow\" or \"inside\""),
+                ));
+            }
+        };
         mounts.push(StaticMount {
             url,
             dir,
             cache_control,
+            symlinks,
         });
     }
     mounts.sort_by_key(|m| std::cmp::Reverse(m.url.len()));

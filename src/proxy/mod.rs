@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tower::Service;
 
-use crate::body::{BodyError, ProxyBody, RequestBody};
+use crate::body::{BodyError, BufferBudget, ProxyBody, RequestBody, held_bytes};
 use crate::config::{Config, UpstreamTarget};
 use crate::context::{ConnInfo, TrustedProxies, UpstreamTiming};
 use crate::response::{Blame, error_page};
@@ -45,14 +45,16 @@ struct Shared {
     max_body: u64,
     /// Bodies declared up to this size are read whole before the upstream is contacted.
     buffer_body: u64,
-    /// Responses declared up to this size are read whole from the upstream before they are sent on.
+    /// Responses declared up to this size are read whole from the upstream before they are sent on,
+    /// while `budget` has room for them.
     buffer_response: u64,
+    budget: BufferBudget,
     body_timeout: Duration,
 }
 
 impl ProxyService {
     /// `public_https_port` is the port clients reach us on, for `X-Forwarded-Port`.
-    pub fn new(config: &Config, public_https_port: u16) -> Self {
+    pub fn new(config: &Config, public_https_port: u16, budget: BufferBudget) -> Self {
         let authority = match &config.upstream.target {
             UpstreamTarget::Tcp(a) => a.clone(),
             UpstreamTarget::Unix(_) => Authority::from_static("localhost"),
@@ -69,6 +71,7 @@ impl ProxyService {
                 max_body: config.limits.max_body,
                 buffer_body: config.limits.buffer_body,
                 buffer_response: config.limits.buffer_response,
+                budget,
                 body_timeout: config.limits.body_timeout,
             }),
         }
@@ -173,7 +176,7 @@ impl Shared {
                     }
                 }
             }
-            _ => RequestBody::streaming(body, self.max_body, self.body_timeout),
+            _ => RequestBody::streaming(body, self.max_body, self.body_timeout, declared_length),
         };
         let mut upstream_req = Request::new(body);
         *upstream_req.method_mut() = parts.method;
@@ -222,16 +225,26 @@ impl Shared {
             remove_hop_by_hop(response.headers_mut());
         }
         let (mut parts, body) = response.into_parts();
+        // Each hop speaks its own version (RFC 9110 §6.2): an HTTP/1.0 upstream must not make the
+        // client's connection HTTP/1.0 and close it after every response.
+        parts.version = Version::HTTP_11;
         parts.extensions = http::Extensions::new();
         parts.extensions.insert(UpstreamTiming(upstream_time));
         // A response of known, modest size is read whole at once: the upstream connection goes back to
         // the pool and the Gunicorn worker is free, however slowly the client reads (what nginx's
         // proxy_buffering does). Streaming responses (no Content-Length: SSE, downloads) pass through.
-        let body = match content_length(&parts.headers) {
+        // Past the memory budget it streams like a large one.
+        let hold = match content_length(&parts.headers) {
             Ok(Some(len)) if len <= self.buffer_response && !body.is_end_stream() => {
+                self.budget.try_hold(len)
+            }
+            _ => None,
+        };
+        let body = match hold {
+            Some(hold) => {
                 let left = self.response_timeout.saturating_sub(started.elapsed());
                 match tokio::time::timeout(left, body.collect()).await {
-                    Ok(Ok(collected)) => ProxyBody::full(collected.to_bytes()),
+                    Ok(Ok(collected)) => ProxyBody::full(held_bytes(collected.to_bytes(), hold)),
                     Ok(Err(error)) => {
                         tracing::warn!(error = %error_chain(&error), "upstream response body failed");
                         return error_page(
@@ -249,7 +262,7 @@ impl Shared {
                     }
                 }
             }
-            _ => ProxyBody::from(body),
+            None => ProxyBody::from(body),
         };
         Response::from_parts(parts, body)
     }
@@ -299,6 +312,11 @@ fn failure_response(error: &hyper_util::client::legacy::Error) -> Response<Proxy
                     StatusCode::BAD_REQUEST,
                     Blame::Client,
                     "request body aborted",
+                ),
+                BodyError::LongerThanDeclared => error_page(
+                    StatusCode::BAD_REQUEST,
+                    Blame::Client,
+                    "request body longer than its Content-Length",
                 ),
             };
         }

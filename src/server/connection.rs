@@ -110,12 +110,12 @@ pub async fn serve_tls(
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            shared.metrics.handshake_failed();
+            shared.fixed.metrics.handshake_failed();
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
-            shared.metrics.handshake_failed();
+            shared.fixed.metrics.handshake_failed();
             return;
         }
     };

@@ -19,11 +19,12 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::acme::{AcmeStatus, Http01Tokens};
+use crate::body::BufferBudget;
 use crate::config::{Config, ConfigError, Domains, TlsSource};
 use crate::metrics::{Gauges, Metrics};
 use crate::tls::{CertResolver, TlsError};
 use certificates::provision_certificates;
-use stack::Runtime;
+use stack::{Fixed, Runtime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -46,10 +47,10 @@ pub enum ServerError {
 struct Shared {
     current: ArcSwap<Runtime>,
     resolver: Arc<CertResolver>,
-    tokens: Arc<Http01Tokens>,
     /// The served names, for the certificate source's background task (a reload may change them).
     domains: watch::Sender<Domains>,
-    metrics: Arc<Metrics>,
+    /// What every runtime of this server is built with, whatever its config.
+    fixed: Fixed,
 }
 
 /// A started server. `shutdown` then `wait` stops it gracefully; dropping it also stops accepting and
@@ -98,18 +99,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let tls_config =
         crate::tls::server_config(resolver.clone(), config.tls.source == TlsSource::Acme)?;
     let metrics = Arc::new(Metrics::default());
-    let shared = Arc::new(Shared {
-        current: ArcSwap::from_pointee(Runtime::build(
-            config.clone(),
-            tokens.clone(),
-            https_addr.port(),
-            http_addr.map(|a| a.port()),
-            &metrics,
-        )),
-        resolver,
+    let fixed = Fixed {
         tokens,
+        https_port: https_addr.port(),
+        http_port: http_addr.map(|a| a.port()),
+        metrics: metrics.clone(),
+        budget: BufferBudget::new(config.limits.buffer_memory),
+    };
+    let shared = Arc::new(Shared {
+        current: ArcSwap::from_pointee(Runtime::build(config.clone(), &fixed)),
+        resolver,
         domains,
-        metrics,
+        fixed,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(config.limits.max_connections));
@@ -117,7 +118,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         let (shared, permits, acme_status) = (shared.clone(), permits.clone(), acme_status.clone());
         let max_connections = config.limits.max_connections;
         let render = move || {
-            shared.metrics.render(&Gauges {
+            shared.fixed.metrics.render(&Gauges {
                 open_connections: max_connections - permits.available_permits(),
                 max_connections,
                 certificate_expiry: shared.resolver.not_after(),
@@ -201,10 +202,10 @@ async fn accept_loop(
         // Over the limit the connection is closed at once: cheaper than any work on it.
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "connection limit reached; closing");
-            shared.metrics.connection_refused();
+            shared.fixed.metrics.connection_refused();
             continue;
         };
-        shared.metrics.connection_accepted();
+        shared.fixed.metrics.connection_accepted();
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let stop = shutdown.clone();
@@ -280,6 +281,9 @@ impl RunningServer {
         if new.metrics != old.metrics {
             needs_restart.push("metrics.listen");
         }
+        if new.limits.buffer_memory != old.limits.buffer_memory {
+            needs_restart.push("limits.buffer_memory");
+        }
         match &new.tls.source {
             TlsSource::Files { cert, key }
                 if old.tls.source == new.tls.source
@@ -306,10 +310,7 @@ impl RunningServer {
         }
         let runtime = Runtime::build(
             Arc::new(keep_restart_only_settings(new, &old)),
-            self.shared.tokens.clone(),
-            self.https_addr.port(),
-            self.http_addr.map(|a| a.port()),
-            &self.shared.metrics,
+            &self.shared.fixed,
         );
         self.shared.current.store(Arc::new(runtime));
         tracing::info!("config reloaded");
@@ -338,6 +339,7 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     new.server.workers = running.server.workers;
     new.limits.max_connections = running.limits.max_connections;
     new.metrics = running.metrics;
+    new.limits.buffer_memory = running.limits.buffer_memory;
     if new.tls.source != running.tls.source || new.tls.dir != running.tls.dir {
         new.tls = running.tls.clone();
     }

@@ -10,6 +10,7 @@ use tower::ServiceBuilder;
 
 use super::plain::PlainHttpService;
 use crate::acme::Http01Tokens;
+use crate::body::BufferBudget;
 use crate::config::{Config, Limits};
 use crate::context::TrustedProxies;
 use crate::metrics::{Listener, Metrics};
@@ -33,6 +34,16 @@ type HttpsStack = RecordResponse<
 >;
 type PlainStack = RecordResponse<RewriteHeaders<PlainHttpService, SecurityHeaderPolicy>>;
 
+/// What every `Runtime` of one server is built with, whatever its config: fixed at start.
+pub(super) struct Fixed {
+    pub(super) tokens: Arc<Http01Tokens>,
+    /// The ports the listeners are bound to (the config may say 0).
+    pub(super) https_port: u16,
+    pub(super) http_port: Option<u16>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) budget: BufferBudget,
+}
+
 /// Everything the request path reads, built from one validated config.
 pub(super) struct Runtime {
     pub(super) config: Arc<Config>,
@@ -46,22 +57,16 @@ pub(super) struct Runtime {
 }
 
 impl Runtime {
-    /// `https_port` and `http_port` are the ports the listeners are bound to (the config may say 0).
-    pub(super) fn build(
-        config: Arc<Config>,
-        tokens: Arc<Http01Tokens>,
-        https_port: u16,
-        http_port: Option<u16>,
-        metrics: &Arc<Metrics>,
-    ) -> Runtime {
-        let public_https_port = config.server.public_https_port.unwrap_or(https_port);
+    pub(super) fn build(config: Arc<Config>, fixed: &Fixed) -> Runtime {
+        let metrics = &fixed.metrics;
+        let public_https_port = config.server.public_https_port.unwrap_or(fixed.https_port);
         let https_host_ports = HostPorts {
             default: 443,
             public: public_https_port,
         };
         let plain_host_ports = HostPorts {
             default: 80,
-            public: http_port.unwrap_or(80),
+            public: fixed.http_port.unwrap_or(80),
         };
         let https = ServiceBuilder::new()
             .layer(RecordResponseLayer::new(
@@ -87,8 +92,8 @@ impl Runtime {
                 TrustedProxies::new(config.server.trusted_proxies.clone()),
             )))
             .service(StaticOrProxy::new(
-                StaticFiles::new(&config.static_files),
-                ProxyService::new(&config, public_https_port),
+                StaticFiles::new(&config.static_files, &fixed.budget),
+                ProxyService::new(&config, public_https_port, fixed.budget.clone()),
             ));
         let plain = ServiceBuilder::new()
             .layer(RecordResponseLayer::new(
@@ -104,7 +109,7 @@ impl Runtime {
                 plain_host_ports,
                 public_https_port,
                 config.server.health_path.clone(),
-                tokens,
+                fixed.tokens.clone(),
             ));
         Runtime {
             http1: http1_builder(&config.limits),

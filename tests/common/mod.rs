@@ -22,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+pub mod raw_h2;
+
 pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Upper bound for any single wait in the tests.
@@ -38,6 +40,8 @@ pub struct Upstream {
     pub requests: Arc<AtomicUsize>,
     /// Responses on `/large-sized` whose body the upstream finished writing.
     pub bodies_sent: Arc<AtomicUsize>,
+    /// `/upload` bodies the upstream received whole (as their framing said), whatever it answered.
+    pub uploads_completed: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -59,8 +63,10 @@ impl Upstream {
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(AtomicUsize::new(0));
         let bodies_sent = Arc::new(AtomicUsize::new(0));
+        let uploads_completed = Arc::new(AtomicUsize::new(0));
         let counter = requests.clone();
         let sent = bodies_sent.clone();
+        let completed = uploads_completed.clone();
         let task = tokio::spawn(async move {
             // Connections live in this set: aborting the accept task kills them too, like a dead process.
             let mut connections = tokio::task::JoinSet::new();
@@ -68,12 +74,12 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (counter, sent) = (counter.clone(), sent.clone());
+                let (counter, sent, completed) = (counter.clone(), sent.clone(), completed.clone());
                 while connections.try_join_next().is_some() {}
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
-                        upstream_handler(req, sent.clone())
+                        upstream_handler(req, sent.clone(), completed.clone())
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -86,6 +92,7 @@ impl Upstream {
             addr,
             requests,
             bodies_sent,
+            uploads_completed,
             task,
         }
     }
@@ -98,6 +105,7 @@ impl Upstream {
 async fn upstream_handler(
     mut req: Request<Incoming>,
     bodies_sent: Arc<AtomicUsize>,
+    uploads_completed: Arc<AtomicUsize>,
 ) -> Result<Response<TestBody>, Infallible> {
     let path = req.uri().path().to_string();
     let response = match path.as_str() {
@@ -169,7 +177,15 @@ async fn upstream_handler(
                     }
                 }
             }
+            uploads_completed.fetch_add(1, Ordering::SeqCst);
             Response::new(full(total.to_string()))
+        }
+        "/medium" => {
+            // 200 KiB with a Content-Length: under limits.buffer_response, so read whole by the proxy.
+            Response::builder()
+                .header("content-length", (200 * 1024).to_string())
+                .body(full(vec![b'm'; 200 * 1024]))
+                .expect("response")
         }
         "/ws" => {
             let key_present = req.headers().contains_key("sec-websocket-key");
