@@ -7,6 +7,7 @@ use crate::config::{Config, CookiePolicy, Domains, SameSite};
 use crate::middleware::cookies::harden_set_cookie;
 use crate::middleware::host::{HostPorts, check_host, host_of};
 use crate::proxy::headers::{ForwardingPolicy, join_cookie_fields, remove_hop_by_hop};
+use crate::route_path::route_path;
 use crate::server::plain::https_location;
 
 /// Hardening a Set-Cookie only appends, yields a valid header value, and is idempotent.
@@ -132,7 +133,7 @@ pub fn host_and_redirect(data: &[u8]) {
         .insert(http::header::HOST, host_value.clone());
     let ports = HostPorts {
         default: 443,
-        public: 8443,
+        public: Some(8443),
     };
     if check_host(&mut req, &domains, ports, None).is_err() {
         return;
@@ -165,6 +166,41 @@ pub fn host_and_redirect(data: &[u8]) {
             "redirect left the host: {location}"
         );
     }
+}
+
+/// The routing form of any path has no empty or dot segment, and every percent-encoding of a path
+/// (the spellings Gunicorn decodes to the same `PATH_INFO`) has the same routing form as the path.
+pub fn path_normalisation(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = format!("/{text}");
+    let normal = route_path(&path);
+    assert!(normal.starts_with('/'), "{path:?} -> {normal:?}");
+    assert!(!normal.contains("//"), "{path:?} -> {normal:?}");
+    assert!(
+        !normal.split('/').any(|s| s == "." || s == ".."),
+        "{path:?} -> {normal:?}"
+    );
+    if path.contains('%') {
+        return;
+    }
+    assert_eq!(route_path(&normal), normal, "not idempotent for {path:?}");
+    // Encode every non-ASCII byte and, chosen by the input itself, some ASCII ones (slashes included).
+    let mut encoded = String::with_capacity(path.len() * 3);
+    for (i, byte) in path.bytes().enumerate() {
+        let pick = data.get(i % data.len().max(1)).copied().unwrap_or(0);
+        if !byte.is_ascii() || (i > 0 && pick % 3 == 0) {
+            encoded.push_str(&format!("%{byte:02X}"));
+        } else {
+            encoded.push(char::from(byte));
+        }
+    }
+    assert_eq!(
+        route_path(&encoded),
+        normal,
+        "{encoded:?} routes elsewhere than {path:?}"
+    );
 }
 
 /// Any text either parses into a valid config or gives an error that names the file; never a panic.

@@ -232,3 +232,133 @@ async fn json_logs_have_one_object_per_line_with_the_access_fields() {
     );
     assert_eq!(access["aborted"], false);
 }
+
+/// This process's view of another's resident memory, in bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).expect("statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("resident pages");
+    pages * 4096
+}
+
+/// A client can open 128 streams on each of several connections, give them a huge flow-control window
+/// and never read. What the proxy holds for them is bounded by the documented figure: the body budget
+/// (`limits.buffer_memory`) plus, per stream, the HTTP/2 send buffer and one chunk. Measured on the real
+/// binary in its own process, against every kind of large body: streamed from the upstream, read whole
+/// from the upstream, and static files small enough to read whole and too large to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_http2_streams_cost_bounded_memory() {
+    use common::raw_h2::{Connection, WINDOW_UPDATE, frame};
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = dir.path().join("static");
+    std::fs::create_dir_all(&files).expect("mkdir");
+    std::fs::write(files.join("big.bin"), vec![b'b'; 3 * 1024 * 1024]).expect("write");
+    std::fs::write(files.join("mid.bin"), vec![b'm'; 900 * 1024]).expect("write");
+    const BUDGET: u64 = 16 * 1024 * 1024;
+    let extra = format!(
+        "[limits]\nbuffer_memory = \"16MiB\"\n[[static]]\nurl = \"/static/\"\ndir = \"{}\"\n",
+        files.display()
+    );
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, config_text(dir.path(), upstream.addr, &extra)).expect("write");
+    let proxy = Running::start(&config);
+    let line = proxy.wait_for_log("portcullis is serving").await;
+    let https: std::net::SocketAddr = line
+        .split("https=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line}"));
+    let root = dir.path().join("state/local/root.crt");
+    let pid = proxy.child.0.id();
+    let port = https.port();
+    let authority = format!("localhost:{port}");
+
+    // Warm up every path once, so the baseline includes the runtime's and allocator's own growth.
+    let mut honest = Client::connect(https, "localhost", &root, &[b"h2"])
+        .await
+        .expect("connect");
+    for path in ["/echo", "/medium", "/static/mid.bin"] {
+        let (response, _) = honest.get(path, port).await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+    let before = resident_bytes(pid);
+
+    const CONNECTIONS: u32 = 4;
+    const STREAMS: u32 = 128;
+    let paths: [&[u8]; 4] = [
+        b"/large",
+        b"/medium",
+        b"/static/big.bin",
+        b"/static/mid.bin",
+    ];
+    let mut unread = Vec::new();
+    for _ in 0..CONNECTIONS {
+        // SETTINGS_INITIAL_WINDOW_SIZE at its maximum, and the connection window to match.
+        let mut h2 = Connection::open_at(https, &root, &[(4, 0x7fff_ffff)]).await;
+        h2.write(&frame(
+            WINDOW_UPDATE,
+            0,
+            0,
+            &(0x7fff_ffff_u32 - 65_535).to_be_bytes(),
+        ))
+        .await;
+        for i in 0..STREAMS {
+            let path = paths[i as usize % paths.len()];
+            h2.headers(
+                1 + 2 * i,
+                &[
+                    (b":method", b"GET"),
+                    (b":scheme", b"https"),
+                    (b":authority", authority.as_bytes()),
+                    (b":path", path),
+                ],
+                true,
+            )
+            .await;
+        }
+        unread.push(h2);
+    }
+    // Memory settles once every stream the proxy took has its buffers full (sampled until it grows by
+    // less than 256 KiB in a second). Not every stream need start: with its writes to the client
+    // blocked, h2 stops reading the connection, which is backpressure too.
+    let mut peak = resident_bytes(pid);
+    let settle_by = Instant::now() + LIMIT;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = resident_bytes(pid);
+        let settled = now < peak + 256 * 1024;
+        peak = peak.max(now);
+        if settled || Instant::now() > settle_by {
+            break;
+        }
+    }
+    let upstream_streams = upstream.count() - 2;
+    assert!(
+        upstream_streams >= (CONNECTIONS * STREAMS / 4) as usize,
+        "only {upstream_streams} streams reached the upstream"
+    );
+    // An honest client is served meanwhile.
+    let (response, body) = honest.get("/echo", port).await;
+    assert_eq!(response.status(), StatusCode::OK, "{body}");
+
+    let streams = u64::from(CONNECTIONS * STREAMS);
+    let grown = peak.saturating_sub(before);
+    // The README's figure: the budget, plus at most 128 KiB per unread stream (its HTTP/2 send buffer,
+    // the chunks in flight behind it, its request state and the allocator's share), plus 8 MiB slack.
+    // Before the send buffer, chunk sizes and budget were bounded, each stream cost about 512 KiB.
+    let bound = BUDGET + streams * 128 * 1024 + 8 * 1024 * 1024;
+    eprintln!(
+        "{streams} unread streams ({upstream_streams} to the upstream) grew the proxy by {} KiB \
+         ({} KiB per stream); bound {} KiB",
+        grown / 1024,
+        grown / 1024 / streams,
+        bound / 1024
+    );
+    assert!(grown < bound, "grew {grown} bytes, over {bound}");
+    drop(unread);
+}

@@ -1,11 +1,12 @@
-//! A bounded random run of the fuzz properties on every `cargo test`: seed inputs, then random mutations
-//! of them for a fixed time per target. The same properties run for longer under libFuzzer in `fuzz/`.
-
-use std::time::{Duration, Instant};
+//! A bounded random run of the fuzz properties on every `cargo test`: seed inputs, then a fixed number of
+//! random mutations of them per target, from a printed seed (`PORTCULLIS_FUZZ_SEED` replays one), so a
+//! run covers the same inputs on any machine. The same properties run for longer under libFuzzer in
+//! `fuzz/`.
 
 use portcullis::fuzzing;
 
-const BUDGET: Duration = Duration::from_millis(1500);
+/// Mutated inputs per target (the config target parses TOML, so it gets fewer).
+const CASES: u64 = 20_000;
 
 /// xorshift64*: deterministic, so a failure reproduces with the printed seed.
 struct Rng(u64);
@@ -74,25 +75,29 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
 }
 
 fn run(name: &str, seeds: &[&[u8]], property: fn(&[u8])) {
-    let mut rng = Rng(0x5eed_0000_0000_0001 ^ name.len() as u64);
+    run_cases(name, seeds, property, CASES);
+}
+
+fn run_cases(name: &str, seeds: &[&[u8]], property: fn(&[u8]), cases: u64) {
+    let seed = std::env::var("PORTCULLIS_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_0000_0000_0001 ^ name.len() as u64);
+    println!("{name}: {cases} inputs from seed {seed} (PORTCULLIS_FUZZ_SEED={seed} replays them)");
+    let mut rng = Rng(seed);
     for seed in seeds {
         property(seed);
     }
-    let started = Instant::now();
-    let mut runs = 0u64;
-    while started.elapsed() < BUDGET {
+    for case in 0..cases {
         let seed = seeds[rng.below(seeds.len())];
         let input = mutate(&mut rng, seed);
         let outcome = std::panic::catch_unwind(|| property(&input));
         assert!(
             outcome.is_ok(),
-            "{name}: property failed for input {:?}",
+            "{name}: property failed for input {case} {:?}",
             String::from_utf8_lossy(&input)
         );
-        runs += 1;
     }
-    println!("{name}: {runs} inputs");
-    assert!(runs > 100, "{name}: too few inputs ran ({runs})");
 }
 
 #[test]
@@ -140,8 +145,24 @@ fn host_check_and_redirect() {
 }
 
 #[test]
-fn config_parsing() {
+fn path_normalisation() {
     run(
+        "path_normalisation",
+        &[
+            b"admin/login/",
+            b"admin/%6Cogin/",
+            b"%61dmin//login%2F",
+            b"static/../admin/./login/",
+            b"caf\xc3\xa9/x",
+            b"a%252Fb",
+        ],
+        fuzzing::path_normalisation,
+    );
+}
+
+#[test]
+fn config_parsing() {
+    run_cases(
         "config",
         &[
             include_bytes!("../config/production.example.toml"),
@@ -149,5 +170,6 @@ fn config_parsing() {
             b"[server]\ndomains = [\"a.example\"]\n[upstream]\nurl = \"unix:/run/g.sock\"\n[limits]\nmax_body = \"2.5MB\"\n",
         ],
         fuzzing::config,
+        2_000,
     );
 }

@@ -666,7 +666,9 @@ async fn silent_tls_connections_are_cut_at_the_header_timeout() {
     let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
     let mut full_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     full_preface.extend_from_slice(&settings);
-    let cases: [(&str, &[&[u8]], &[u8]); 6] = [
+    /// A case's name, its ALPN offer and what it sends after the handshake.
+    type Case<'a> = (&'a str, &'a [&'a [u8]], &'a [u8]);
+    let cases: [Case; 6] = [
         ("h2, nothing", &[b"h2"], b""),
         ("h2, half a preface", &[b"h2"], b"PRI * HTTP/2.0\r\n"),
         (

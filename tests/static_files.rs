@@ -237,3 +237,53 @@ async fn large_static_files_stream_whole_and_by_range() {
     assert_eq!(upstream.count(), 0);
     proxy.stop().await;
 }
+
+/// Symbolic links are followed by default, as nginx does (`collectstatic --link` makes them); with
+/// `symlinks = "inside"` a link whose target is outside the folder is a 404 and one inside still works.
+#[tokio::test]
+async fn symlinks_out_of_the_folder_are_followed_or_refused_as_configured() {
+    let root = static_root();
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(outside.path().join("secret.txt"), b"outside the folder").expect("write");
+    std::os::unix::fs::symlink(
+        outside.path().join("secret.txt"),
+        root.path().join("link.txt"),
+    )
+    .expect("symlink out");
+    std::os::unix::fs::symlink(outside.path(), root.path().join("linkdir")).expect("dir symlink");
+    std::os::unix::fs::symlink(
+        root.path().join("css/app.css"),
+        root.path().join("inner.css"),
+    )
+    .expect("symlink in");
+    for (policy, outside_status) in [
+        ("", StatusCode::OK),
+        ("symlinks = \"follow\"\n", StatusCode::OK),
+        ("symlinks = \"inside\"\n", StatusCode::NOT_FOUND),
+    ] {
+        let (upstream, proxy) = Proxy::with_upstream(&format!(
+            "[[static]]\nurl = \"/static/\"\ndir = \"{}\"\n{policy}",
+            root.path().display()
+        ))
+        .await;
+        let port = proxy.https.port();
+        let mut client = proxy.client(H2).await;
+        for path in ["/static/link.txt", "/static/linkdir/secret.txt"] {
+            let (response, body) = client.get(path, port).await;
+            assert_eq!(response.status(), outside_status, "{policy:?} {path}");
+            assert_eq!(
+                body.contains("outside the folder"),
+                outside_status == StatusCode::OK,
+                "{policy:?} {path}"
+            );
+        }
+        let (response, _) = client.get("/static/inner.css", port).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "{policy:?}: a link inside"
+        );
+        assert_eq!(upstream.count(), 0);
+        proxy.stop().await;
+    }
+}

@@ -14,17 +14,19 @@ use crate::config::Domains;
 use crate::context::ConnInfo;
 use crate::response::{Blame, error_page};
 
-/// The ports a Host may name on one listener: the scheme's default (443, or 80 on the plain listener)
-/// and the one clients reach us on (`public_https_port`, or the bound port). No port at all is fine.
+/// The ports a Host may name on one listener: the scheme's default (443) and the one clients reach us
+/// on (`public_https_port`, or the bound port). No port at all is fine. `public: None` allows any port:
+/// the plain listener only redirects to HTTPS (with its own port) and forwards no Host anywhere, and
+/// behind port mapping it cannot know the port clients typed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostPorts {
     pub default: u16,
-    pub public: u16,
+    pub public: Option<u16>,
 }
 
 impl HostPorts {
     fn allows(self, port: u16) -> bool {
-        port == self.default || port == self.public
+        port == self.default || self.public.is_none_or(|public| port == public)
     }
 }
 
@@ -205,7 +207,7 @@ mod tests {
 
     const PORTS: HostPorts = HostPorts {
         default: 443,
-        public: 8443,
+        public: Some(8443),
     };
 
     fn domains() -> Domains {

@@ -22,6 +22,9 @@ use crate::config::{UpstreamConfig, UpstreamTarget};
 
 pub type UpstreamClient = Client<UpstreamConnector, RequestBody>;
 
+/// The largest chunk of an upstream response held at once (see `http1_max_buf_size` below).
+pub const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
+
 pub fn build_client(config: &UpstreamConfig) -> UpstreamClient {
     let connector = match &config.target {
         UpstreamTarget::Tcp(_) => {
@@ -41,6 +44,10 @@ pub fn build_client(config: &UpstreamConfig) -> UpstreamClient {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.pool_idle_timeout)
         .pool_max_idle_per_host(config.pool_max_idle)
+        // The read buffer is what one unread response body holds at most between the upstream and a
+        // client that does not read (hyper's adaptive default grows to 400 KiB). It also bounds the
+        // upstream's response head, which Django keeps far below this.
+        .http1_max_buf_size(UPSTREAM_READ_BUFFER)
         // Retries only a request whose pooled connection closed before it was written: it never reached
         // the upstream, so even a POST is safe to send again (Gunicorn closes idle keep-alives after 2s).
         .retry_canceled_requests(true)

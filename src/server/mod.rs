@@ -102,7 +102,6 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let fixed = Fixed {
         tokens,
         https_port: https_addr.port(),
-        http_port: http_addr.map(|a| a.port()),
         metrics: metrics.clone(),
         budget: BufferBudget::new(config.limits.buffer_memory),
     };

@@ -37,9 +37,8 @@ type PlainStack = RecordResponse<RewriteHeaders<PlainHttpService, SecurityHeader
 /// What every `Runtime` of one server is built with, whatever its config: fixed at start.
 pub(super) struct Fixed {
     pub(super) tokens: Arc<Http01Tokens>,
-    /// The ports the listeners are bound to (the config may say 0).
+    /// The port the HTTPS listener is bound to (the config may say 0).
     pub(super) https_port: u16,
-    pub(super) http_port: Option<u16>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) budget: BufferBudget,
 }
@@ -62,11 +61,11 @@ impl Runtime {
         let public_https_port = config.server.public_https_port.unwrap_or(fixed.https_port);
         let https_host_ports = HostPorts {
             default: 443,
-            public: public_https_port,
+            public: Some(public_https_port),
         };
         let plain_host_ports = HostPorts {
             default: 80,
-            public: fixed.http_port.unwrap_or(80),
+            public: None,
         };
         let https = ServiceBuilder::new()
             .layer(RecordResponseLayer::new(

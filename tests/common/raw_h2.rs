@@ -1,6 +1,8 @@
 //! A minimal HTTP/2 client speaking raw frames (RFC 9113 §4), for requests the h2 crate would refuse to
 //! send and clients no library would be: framing faults, floods, and streams that are never read.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,7 +89,12 @@ pub struct Connection {
 impl Connection {
     /// Connects with ALPN h2 and sends the preface and our SETTINGS (`(id, value)` pairs).
     pub async fn open(proxy: &Proxy, settings: &[(u16, u32)]) -> Connection {
-        let tls = tls_connect(proxy.https, "localhost", &proxy.root, &[b"h2"])
+        Connection::open_at(proxy.https, &proxy.root, settings).await
+    }
+
+    /// `open` for a proxy at `addr` whose local CA root is `root` (one running as its own process).
+    pub async fn open_at(addr: SocketAddr, root: &Path, settings: &[(u16, u32)]) -> Connection {
+        let tls = tls_connect(addr, "localhost", root, &[b"h2"])
             .await
             .expect("connect");
         let mut connection = Connection {
