@@ -1,6 +1,6 @@
 //! Tower middleware on the request path. Response rewrites (security headers, cookie hardening) share one
 //! layer type, `RewriteHeadersLayer`, parameterised by what they rewrite; request checks that may answer
-//! instead of the app (the head checks, the Host guard, login rate limits) share `GateLayer`;
+//! instead of the app (the head checks, the Host guard, login rate limits) share `gate_layer`;
 //! `RecordResponse` (metrics and the access log) is its own layer because it follows the response body.
 
 pub mod cookies;
@@ -14,10 +14,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use futures_util::future::Either;
 use http::{HeaderMap, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
+use tower_http::validate_request::{
+    ValidateRequest, ValidateRequestHeader, ValidateRequestHeaderLayer,
+};
 
 use crate::body::ProxyBody;
 
@@ -115,72 +117,33 @@ where
 }
 
 /// A check before the inner service: let the request through (possibly adjusted), or answer it here
-/// (boxed: the refusal is the rare path).
+/// (boxed: the refusal is the rare path). tower-http's `ValidateRequestHeaderLayer::custom` runs it;
+/// `Gate` shares one checker (and its state, such as the rate limiter's buckets) among the clones
+/// tower makes per connection.
 pub trait RequestGate: Send + Sync + 'static {
     fn admit<B>(&self, req: &mut Request<B>) -> Result<(), Box<Response<ProxyBody>>>;
 }
 
-pub struct GateLayer<G> {
-    gate: Arc<G>,
-}
+pub struct Gate<G>(Arc<G>);
 
-impl<G> GateLayer<G> {
-    pub fn new(gate: G) -> Self {
-        GateLayer {
-            gate: Arc::new(gate),
-        }
-    }
-}
-
-impl<G> Clone for GateLayer<G> {
+impl<G> Clone for Gate<G> {
     fn clone(&self) -> Self {
-        GateLayer {
-            gate: self.gate.clone(),
-        }
+        Gate(self.0.clone())
     }
 }
 
-impl<S, G> Layer<S> for GateLayer<G> {
-    type Service = Gated<S, G>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Gated {
-            inner,
-            gate: self.gate.clone(),
-        }
+impl<G: RequestGate, B> ValidateRequest<B> for Gate<G> {
+    type ResponseBody = ProxyBody;
+
+    fn validate(&mut self, req: &mut Request<B>) -> Result<(), Response<ProxyBody>> {
+        self.0.admit(req).map_err(|answer| *answer)
     }
 }
 
-pub struct Gated<S, G> {
-    inner: S,
-    gate: Arc<G>,
+/// The layer that runs `gate` before the inner service.
+pub fn gate_layer<G: RequestGate>(gate: G) -> ValidateRequestHeaderLayer<Gate<G>> {
+    ValidateRequestHeaderLayer::custom(Gate(Arc::new(gate)))
 }
 
-impl<S: Clone, G> Clone for Gated<S, G> {
-    fn clone(&self) -> Self {
-        Gated {
-            inner: self.inner.clone(),
-            gate: self.gate.clone(),
-        }
-    }
-}
-
-impl<S, G, B> Service<Request<B>> for Gated<S, G>
-where
-    S: Service<Request<B>, Response = Response<ProxyBody>>,
-    G: RequestGate,
-{
-    type Response = Response<ProxyBody>;
-    type Error = S::Error;
-    type Future = Either<std::future::Ready<Result<Response<ProxyBody>, S::Error>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        match self.gate.admit(&mut req) {
-            Ok(()) => Either::Right(self.inner.call(req)),
-            Err(answer) => Either::Left(std::future::ready(Ok(*answer))),
-        }
-    }
-}
+/// The service `gate_layer` makes.
+pub type Gated<S, G> = ValidateRequestHeader<S, Gate<G>>;

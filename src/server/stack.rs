@@ -17,8 +17,8 @@ use crate::metrics::{Listener, Metrics};
 use crate::middleware::host::HostPorts;
 use crate::middleware::record::RecordResponse;
 use crate::middleware::{
-    CookieHardening, GateLayer, Gated, HostAllowlist, RateLimiter, RecordResponseLayer,
-    RequestHeadCheck, RewriteHeaders, RewriteHeadersLayer, SecurityHeaderPolicy,
+    CookieHardening, Gated, HostAllowlist, RateLimiter, RecordResponseLayer, RequestHeadCheck,
+    RewriteHeaders, RewriteHeadersLayer, SecurityHeaderPolicy, gate_layer,
 };
 use crate::proxy::ProxyService;
 use crate::static_files::{StaticFiles, StaticOrProxy};
@@ -79,14 +79,12 @@ impl Runtime {
             .layer(RewriteHeadersLayer::new(CookieHardening::new(
                 config.cookies.clone(),
             )))
-            .layer(GateLayer::new(RequestHeadCheck::new(
-                config.limits.max_headers,
-            )))
-            .layer(GateLayer::new(HostAllowlist::new(
+            .layer(gate_layer(RequestHeadCheck::new(config.limits.max_headers)))
+            .layer(gate_layer(HostAllowlist::new(
                 config.server.domains.clone(),
                 https_host_ports,
             )))
-            .layer(GateLayer::new(RateLimiter::new(
+            .layer(gate_layer(RateLimiter::new(
                 config.rate_limits.clone(),
                 TrustedProxies::new(config.server.trusted_proxies.clone()),
             )))
