@@ -125,20 +125,20 @@ impl Pebble {
             dir,
         };
         let listen_addr = format!("127.0.0.1:{listen}").parse().expect("addr");
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Ok((StatusCode::OK, _)) =
-                https_get(listen_addr, "localhost", &pebble.ca(), "/dir").await
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pebble did not come up: {}",
-                pebble.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let ca = pebble.ca();
+        wait_for(
+            "pebble's directory answers",
+            LIMIT,
+            || async {
+                matches!(
+                    https_get(listen_addr, "localhost", &ca, "/dir").await,
+                    Ok((StatusCode::OK, _))
+                )
+                .then_some(())
+            },
+            || pebble.log(),
+        )
+        .await;
         pebble
     }
 
@@ -204,18 +204,13 @@ async fn served_leaf(https: u16, root: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 async fn wait_for_certificate(https: u16, root: &Path, pebble: &Pebble) -> Vec<u8> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(leaf) = served_leaf(https, root).await {
-            return leaf;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no certificate within 60s; pebble log:\n{}",
-            pebble.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for(
+        "a certificate is served",
+        Duration::from_secs(60),
+        || async { served_leaf(https, root).await.ok() },
+        || format!("pebble log:\n{}", pebble.log()),
+    )
+    .await
 }
 
 async fn request_through(https: u16, root: &Path) -> StatusCode {
@@ -364,16 +359,13 @@ async fn tls_alpn_01_issues_persists_and_restarts_without_a_new_order() {
         .await
         .expect("served immediately after restart");
     assert_eq!(again, first, "same certificate, not a new one");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        server
-            .acme_status
-            .clone()
-            .expect("status")
-            .snapshot()
-            .orders_placed,
-        0
-    );
+    // Once the manager has scheduled the next renewal it has decided about the stored certificate.
+    let status = server.acme_status.clone().expect("status");
+    eventually("the manager schedules a renewal", || async {
+        status.snapshot().next_renewal.is_some()
+    })
+    .await;
+    assert_eq!(status.snapshot().orders_placed, 0);
     stop(server).await;
 }
 
@@ -396,15 +388,13 @@ async fn http_01_issues_a_certificate() {
     config.server.domains = portcullis::config::Domains::new(names);
     issued.server.reload(config).expect("reload");
     let addr = format!("127.0.0.1:{}", issued.https).parse().expect("addr");
-    let deadline = Instant::now() + LIMIT;
-    while tls_connect(addr, &api, &issued.root, H2).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "no certificate for the added name: {:?}",
-            issued.status()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        "a certificate for the added name",
+        LIMIT,
+        || async { tls_connect(addr, &api, &issued.root, H2).await.ok() },
+        || format!("{:?}", issued.status()),
+    )
+    .await;
     assert_eq!(issued.status().issued, 2);
     assert_ne!(
         served_leaf(issued.https, &issued.root)
@@ -439,14 +429,10 @@ async fn http_01_with_external_account_binding() {
         .await
         .expect("starts and keeps trying");
     let status = refused.acme_status.clone().expect("status");
-    let deadline = Instant::now() + LIMIT;
-    while status.snapshot().failures == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the CA should refuse the account"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("the CA refuses the account", || async {
+        status.snapshot().failures > 0
+    })
+    .await;
     let error = status.snapshot().last_error.unwrap_or_default();
     assert!(error.contains("externalAccountRequired"), "{error}");
     stop(refused).await;

@@ -86,24 +86,17 @@ impl Running {
     }
 
     async fn wait_for_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Some(line) = self
-                .log
-                .lock()
-                .expect("log")
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return line.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line with {needle:?}: {:#?}",
-                self.log.lock().expect("log")
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let line = || {
+            let log = self.log.lock().expect("log");
+            log.iter().find(|l| l.contains(needle)).cloned()
+        };
+        wait_for(
+            &format!("a log line with {needle:?}"),
+            LIMIT,
+            || std::future::ready(line()),
+            || format!("{:#?}", self.log.lock().expect("log")),
+        )
+        .await
     }
 
     /// Writes a new config, sends SIGHUP and returns the log line that answers it.
@@ -169,22 +162,25 @@ async fn sighup_reloads_good_configs_refuses_broken_ones_and_sigterm_drains() {
 
     // SIGTERM with a request in flight: it completes, then the process exits 0.
     let port = https.port();
+    let before = upstream.count();
     let in_flight = tokio::spawn(async move { client.get("/hold", port).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("/hold reaches the upstream", || async {
+        upstream.count() > before
+    })
+    .await;
     proxy.signal("TERM");
     let (response, body) = tokio::time::timeout(LIMIT, in_flight)
         .await
         .expect("in time")
         .expect("task");
     assert_eq!((response.status(), body.as_str()), (StatusCode::OK, "held"));
-    let deadline = Instant::now() + LIMIT;
-    let status = loop {
-        if let Some(status) = proxy.child.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "exits after draining");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_for(
+        "exits after draining",
+        LIMIT,
+        || std::future::ready(proxy.child.0.try_wait().expect("wait")),
+        String::new,
+    )
+    .await;
     assert!(status.success(), "exit status {status:?}");
     proxy.wait_for_log("stopped").await;
 }

@@ -5,7 +5,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
@@ -117,14 +116,7 @@ impl Django {
             .spawn()
             .expect("start gunicorn");
         let gunicorn = KillOnDrop(child);
-        let deadline = Instant::now() + LIMIT;
-        while !probe() {
-            assert!(
-                Instant::now() < deadline,
-                "gunicorn did not start listening within {LIMIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually("gunicorn listens", || std::future::ready(probe())).await;
         Django {
             _gunicorn: gunicorn,
             upstream_url,

@@ -385,18 +385,20 @@ async fn h2c_upgrade_is_not_forwarded() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_requests_in_flight() {
-    let (_upstream, proxy) = Proxy::with_upstream("").await;
+    let (upstream, proxy) = Proxy::with_upstream("").await;
     let mut client = proxy.client(H1).await;
     let port = proxy.https.port();
     let in_flight = tokio::spawn(async move { client.get("/hold", port).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("/hold reaches the upstream", || async {
+        upstream.count() == 1
+    })
+    .await;
     let addr = proxy.https;
     let stopping = tokio::spawn(proxy.stop());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "no new connections once stopping"
-    );
+    eventually("the listener closes once stopping", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
     let (response, body) = tokio::time::timeout(LIMIT, in_flight)
         .await
         .expect("in time")
@@ -578,8 +580,18 @@ async fn connections_over_the_limit_are_closed_at_once() {
         StatusCode::OK
     );
     held.pop();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut fresh = proxy.client(H2).await;
+    // The slot is given back when the connection task ends: a new connection gets in soon after.
+    let mut fresh = wait_for(
+        "a new connection gets the freed slot",
+        LIMIT,
+        || async {
+            Client::connect(proxy.https, "localhost", &proxy.root, H2)
+                .await
+                .ok()
+        },
+        String::new,
+    )
+    .await;
     assert_eq!(
         fresh.get("/echo", proxy.https.port()).await.0.status(),
         StatusCode::OK
@@ -602,17 +614,17 @@ async fn reload_with_a_new_name_gets_it_a_local_certificate() {
         "app.localhost".into(),
     ]);
     proxy.server().reload(config).expect("reload");
-    let deadline = std::time::Instant::now() + LIMIT;
-    let mut client = loop {
-        if let Ok(client) = Client::connect(proxy.https, "app.localhost", &proxy.root, H2).await {
-            break client;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no certificate for the new name"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut client = wait_for(
+        "a certificate for the new name",
+        LIMIT,
+        || async {
+            Client::connect(proxy.https, "app.localhost", &proxy.root, H2)
+                .await
+                .ok()
+        },
+        String::new,
+    )
+    .await;
     let req = http::Request::builder()
         .uri(format!("https://app.localhost:{}/echo", proxy.https.port()))
         .body(full(""))
@@ -787,16 +799,18 @@ async fn metrics_count_connections_responses_and_errors() {
 
     // The refused HTTP/1.1 connection and the garbage one close just after their answers: scrape until
     // they are gone (bounded).
-    let deadline = std::time::Instant::now() + LIMIT;
-    let scrape = loop {
-        let scrape = scrape_metrics(metrics).await;
-        if scrape.contains("\nportcullis_connections_open 1\n")
-            || std::time::Instant::now() > deadline
-        {
-            break scrape;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let scrape = wait_for(
+        "only the scraping connection is open",
+        LIMIT,
+        || async {
+            let scrape = scrape_metrics(metrics).await;
+            scrape
+                .contains("\nportcullis_connections_open 1\n")
+                .then_some(scrape)
+        },
+        String::new,
+    )
+    .await;
     assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
     assert!(
         scrape.contains("content-type: text/plain; version=0.0.4"),

@@ -29,6 +29,51 @@ pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 /// Upper bound for any single wait in the tests.
 pub const LIMIT: Duration = Duration::from_secs(20);
 
+/// Polls `check` until it yields a value, at most `within`; then panics with `what` and what
+/// `explain` says about the state (a log, a status). Every "wait until" in the tests goes through
+/// here, so none sleeps in the hope that something happened.
+pub async fn wait_for<T, Fut>(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> Fut,
+    explain: impl Fn() -> String,
+) -> T
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}. {}",
+            explain()
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// `wait_for` a condition, within `LIMIT`.
+pub async fn eventually<Fut>(what: &str, mut condition: impl FnMut() -> Fut)
+where
+    Fut: std::future::Future<Output = bool>,
+{
+    wait_for(
+        what,
+        LIMIT,
+        || {
+            let holds = condition();
+            async move { holds.await.then_some(()) }
+        },
+        String::new,
+    )
+    .await
+}
+
 pub fn full(data: impl Into<Bytes>) -> TestBody {
     Full::new(data.into()).map_err(|e| match e {}).boxed()
 }
