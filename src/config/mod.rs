@@ -126,9 +126,11 @@ pub struct AcmeConfig {
     pub retry_max_delay: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub enum ChallengeType {
+    #[serde(rename = "tls-alpn-01")]
     TlsAlpn01,
+    #[serde(rename = "http-01")]
     Http01,
 }
 
@@ -229,7 +231,8 @@ pub struct Limits {
     pub h2_max_pending_resets: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -255,7 +258,8 @@ pub struct StaticMount {
 }
 
 /// Whether a `[[static]]` folder's symbolic links may lead out of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SymlinkPolicy {
     /// Follow every link, as nginx does by default (`collectstatic --link` makes them on purpose).
     Follow,

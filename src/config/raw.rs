@@ -4,6 +4,40 @@
 use serde::Deserialize;
 
 use super::units::{ByteSize, HumanDuration};
+use super::{ChallengeType, LogFormat, SymlinkPolicy};
+
+// The string choices parse straight into enums: a wrong one is a parse error that names the key, its
+// line and the values allowed (serde's "unknown variant `x`, expected one of …").
+
+/// `headers.*.mode`: how one header is applied; `Off` leaves it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RawHeaderMode {
+    Override,
+    IfAbsent,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawTlsSource {
+    Local,
+    Files,
+    Acme,
+}
+
+/// `cookies.same_site`, in any of the spellings Django's settings use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum RawSameSite {
+    #[serde(alias = "lax", alias = "LAX")]
+    Lax,
+    #[serde(alias = "strict", alias = "STRICT")]
+    Strict,
+    #[serde(alias = "none", alias = "NONE")]
+    None,
+    #[serde(rename = "off")]
+    Off,
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,7 +78,7 @@ pub struct RawServer {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
-    pub source: Option<String>,
+    pub source: Option<RawTlsSource>,
     pub dir: Option<String>,
     pub cert: Option<String>,
     pub key: Option<String>,
@@ -55,7 +89,7 @@ pub struct RawTls {
 pub struct RawAcme {
     pub directory: Option<String>,
     pub contact: Option<Vec<String>>,
-    pub challenge: Option<String>,
+    pub challenge: Option<ChallengeType>,
     pub directory_ca: Option<String>,
     pub eab: Option<RawEab>,
     pub renew_check_interval: Option<HumanDuration>,
@@ -84,14 +118,14 @@ pub struct RawUpstream {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHeaderRule {
-    pub mode: Option<String>,
+    pub mode: Option<RawHeaderMode>,
     pub value: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHsts {
-    pub mode: Option<String>,
+    pub mode: Option<RawHeaderMode>,
     pub max_age: Option<HumanDuration>,
     pub include_subdomains: Option<bool>,
     pub preload: Option<bool>,
@@ -124,7 +158,7 @@ pub struct RawHeaders {
 pub struct RawCookies {
     pub secure: Option<bool>,
     pub http_only: Option<bool>,
-    pub same_site: Option<String>,
+    pub same_site: Option<RawSameSite>,
     pub http_only_exempt: Option<Vec<String>>,
 }
 
@@ -161,7 +195,7 @@ pub struct RawStatic {
     pub url: String,
     pub dir: String,
     pub cache_control: Option<String>,
-    pub symlinks: Option<String>,
+    pub symlinks: Option<SymlinkPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,7 +207,7 @@ pub struct RawMetrics {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
-    pub format: Option<String>,
+    pub format: Option<LogFormat>,
     pub level: Option<String>,
     pub access: Option<bool>,
 }

@@ -91,9 +91,23 @@ fn invalid_values_name_key_and_line() {
         "{MINIMAL}[headers.x_frame_options]\nmode = \"sometimes\"\n"
     ));
     assert!(
-        err.starts_with("test.toml:7: `headers.x_frame_options.mode`"),
+        err.starts_with(
+            "test.toml:7:8: `headers.x_frame_options.mode`: unknown variant `sometimes`, \
+             expected one of `override`, `if-absent`, `off`"
+        ),
         "{err}"
     );
+    let err = error_of(&format!("{MINIMAL}[log]\nformat = \"xml\"\n"));
+    assert!(
+        err.contains("`log.format`: unknown variant `xml`, expected `text` or `json`"),
+        "{err}"
+    );
+    let err = error_of(&format!("{MINIMAL}[cookies]\nsame_site = \"sometimes\"\n"));
+    assert!(
+        err.contains("`cookies.same_site`: unknown variant"),
+        "{err}"
+    );
+    assert!(parse(&format!("{MINIMAL}[cookies]\nsame_site = \"strict\"\n")).is_ok());
 
     let err = error_of(
         "[server]\ndomains = [\"a.example\"]\n[upstream]\nurl = \"https://127.0.0.1:1\"\n",
@@ -201,12 +215,65 @@ fn shipped_configs_are_valid() {
     }
 }
 
+/// The example file documents each default as a commented `# key = value` line. Uncommenting all of them
+/// must change nothing: otherwise the file and the code disagree about a default.
+#[test]
+fn the_example_files_documented_defaults_are_the_codes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("config/production.example.toml");
+    let text = std::fs::read_to_string(&path).expect("example");
+    // Commented lines that show an example rather than the default (`public_https_port`'s default is
+    // "the port of `https`", which the example spells out).
+    const EXAMPLES: [&str; 8] = [
+        "workers",
+        "public_https_port",
+        "health_path",
+        "trusted_proxies",
+        "cert",
+        "key",
+        "directory_ca",
+        "eab",
+    ];
+    let mut in_real_section = false;
+    let mut uncommented = Vec::new();
+    let mut count = 0;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            in_real_section = true;
+        } else if trimmed.starts_with("# [") {
+            in_real_section = false;
+        }
+        let documented = trimmed
+            .strip_prefix("# ")
+            .and_then(|rest| rest.split_once(" = ").map(|(key, _)| (key, rest)))
+            .filter(|(key, _)| key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+        match documented {
+            Some((key, rest)) if in_real_section && !EXAMPLES.contains(&key) => {
+                uncommented.push(rest.to_string());
+                count += 1;
+            }
+            _ => uncommented.push(line.to_string()),
+        }
+    }
+    assert!(count >= 20, "only {count} documented defaults found");
+    let base = Some(path.parent().expect("folder"));
+    let as_shipped = Config::parse(&text, "example", base).expect("example parses");
+    let with_defaults =
+        Config::parse(&uncommented.join("\n"), "example", base).expect("uncommented parses");
+    assert_eq!(
+        format!("{as_shipped:#?}"),
+        format!("{with_defaults:#?}"),
+        "a documented default differs from the code's"
+    );
+}
+
 #[test]
 fn parse_errors_name_the_key_at_their_position() {
     let text = "[server]\ndomains = [\"a.example\"]\n[upstream]\nurl = \"http://127.0.0.1:1\"\n[headers.x_frame_options]\nmode = 3\n";
     let err = error_of(text);
     assert!(
-        err.starts_with("test.toml:6:8: `headers.x_frame_options.mode`: invalid type: integer"),
+        err.starts_with("test.toml:6:8: `headers.x_frame_options.mode`: wanted string"),
         "{err}"
     );
     let err = error_of(&format!("{MINIMAL}[limits]\nmax_body = \"lots\"\n"));

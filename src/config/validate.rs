@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
-use super::raw::{self, RawConfig, RawHeaderRule};
+use super::raw::{self, RawConfig, RawHeaderMode, RawHeaderRule, RawSameSite, RawTlsSource};
 use super::units;
 use super::*;
 
@@ -111,21 +111,13 @@ pub(super) fn key_at(text: &str, offset: usize) -> Option<String> {
     search(root.get_ref(), offset, &mut path).then(|| path.join("."))
 }
 
-fn mode_of(
-    ctx: &Ctx,
-    key: &str,
-    mode: Option<&str>,
-    default: Option<HeaderMode>,
-) -> Result<Option<HeaderMode>, ConfigError> {
+/// A header's mode as configured, or its default; `None` when it is off.
+fn mode_of(mode: Option<RawHeaderMode>, default: Option<HeaderMode>) -> Option<HeaderMode> {
     match mode {
-        None => Ok(default),
-        Some("override") => Ok(Some(HeaderMode::Override)),
-        Some("if-absent") => Ok(Some(HeaderMode::IfAbsent)),
-        Some("off") => Ok(None),
-        Some(other) => Err(ctx.invalid(
-            &format!("{key}.mode"),
-            format!("unknown mode `{other}`; use \"override\", \"if-absent\" or \"off\""),
-        )),
+        None => default,
+        Some(RawHeaderMode::Override) => Some(HeaderMode::Override),
+        Some(RawHeaderMode::IfAbsent) => Some(HeaderMode::IfAbsent),
+        Some(RawHeaderMode::Off) => None,
     }
 }
 
@@ -200,12 +192,7 @@ fn validate_headers(
     let hsts = &raw.strict_transport_security;
     let hsts_key = "headers.strict_transport_security";
     let mut https_only_rules = Vec::new();
-    if let Some(mode) = mode_of(
-        ctx,
-        hsts_key,
-        hsts.mode.as_deref(),
-        Some(HeaderMode::Override),
-    )? {
+    if let Some(mode) = mode_of(hsts.mode, Some(HeaderMode::Override)) {
         let max_age = hsts
             .max_age
             .map(|d| d.0)
@@ -253,7 +240,7 @@ fn validate_headers(
         let key = default.key;
         // The report-only CSP has no sensible default value: it is on only when given one.
         let default_mode = (on_by_default || rule.value.is_some()).then_some(default.mode);
-        let Some(mode) = mode_of(ctx, key, rule.mode.as_deref(), default_mode)? else {
+        let Some(mode) = mode_of(rule.mode, default_mode) else {
             continue;
         };
         let value = rule.value.as_deref().unwrap_or(default.value);
@@ -393,9 +380,34 @@ fn parse_socket_addr(ctx: &Ctx, key: &str, value: &str) -> Result<SocketAddr, Co
 
 pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
     let mut warnings = Vec::new();
+    let server = validate_server(raw.server, ctx)?;
+    let tls = validate_tls(raw.tls, ctx)?;
+    let acme = match (raw.acme, &tls.source) {
+        (Some(a), TlsSource::Acme) => Some(validate_acme(a, ctx, &server)?),
+        (None, TlsSource::Acme) => Some(validate_acme(raw::RawAcme::default(), ctx, &server)?),
+        (Some(_), _) => {
+            return Err(ctx.invalid("acme", "[acme] is only used with tls.source = \"acme\""));
+        }
+        (None, _) => None,
+    };
+    Ok(Config {
+        upstream: validate_upstream(raw.upstream, ctx)?,
+        headers: validate_headers(raw.headers, ctx, &mut warnings)?,
+        cookies: validate_cookies(raw.cookies, &mut warnings),
+        limits: validate_limits(raw.limits, ctx, &mut warnings)?,
+        log: validate_log(raw.log, ctx)?,
+        metrics: validate_metrics(raw.metrics, ctx, &server, &mut warnings)?,
+        static_files: validate_static_files(raw.static_files, ctx)?,
+        rate_limits: validate_rate_limits(raw.rate_limit, ctx)?,
+        server,
+        tls,
+        acme,
+        warnings,
+    })
+}
 
-    // [server]
-    let s = raw.server;
+/// `[server]`: listeners, names, workers, ports, trusted proxies.
+fn validate_server(s: raw::RawServer, ctx: &Ctx) -> Result<ServerConfig, ConfigError> {
     let https = parse_socket_addr(
         ctx,
         "server.https",
@@ -444,7 +456,7 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         trusted_proxies
             .push(parse_ip_net(&p).map_err(|m| ctx.invalid("server.trusted_proxies", m))?);
     }
-    let server = ServerConfig {
+    Ok(ServerConfig {
         https,
         http,
         domains: Domains::new(domains),
@@ -456,20 +468,22 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             .shutdown_grace
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(30)),
-    };
+    })
+}
 
-    // [tls]
-    let dir = ctx.path(raw.tls.dir.as_deref().unwrap_or("certs"));
-    let source = match raw.tls.source.as_deref().unwrap_or("local") {
-        "local" => TlsSource::Local,
-        "files" => {
-            let cert = raw.tls.cert.as_deref().ok_or_else(|| {
+/// `[tls]`: where certificates come from and where state is kept.
+fn validate_tls(t: raw::RawTls, ctx: &Ctx) -> Result<TlsConfig, ConfigError> {
+    let dir = ctx.path(t.dir.as_deref().unwrap_or("certs"));
+    let source = match t.source.unwrap_or(RawTlsSource::Local) {
+        RawTlsSource::Local => TlsSource::Local,
+        RawTlsSource::Files => {
+            let cert = t.cert.as_deref().ok_or_else(|| {
                 ctx.invalid(
                     "tls.cert",
                     "source = \"files\" needs `cert` (PEM chain) and `key` (PEM key)",
                 )
             })?;
-            let key = raw.tls.key.as_deref().ok_or_else(|| {
+            let key = t.key.as_deref().ok_or_else(|| {
                 ctx.invalid(
                     "tls.key",
                     "source = \"files\" needs `cert` (PEM chain) and `key` (PEM key)",
@@ -480,36 +494,19 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
                 key: ctx.path(key),
             }
         }
-        "acme" => TlsSource::Acme,
-        other => {
-            return Err(ctx.invalid(
-                "tls.source",
-                format!("unknown source `{other}`; use \"local\", \"files\" or \"acme\""),
-            ));
-        }
+        RawTlsSource::Acme => TlsSource::Acme,
     };
-    if !matches!(source, TlsSource::Files { .. })
-        && (raw.tls.cert.is_some() || raw.tls.key.is_some())
-    {
+    if !matches!(source, TlsSource::Files { .. }) && (t.cert.is_some() || t.key.is_some()) {
         return Err(ctx.invalid(
             "tls.cert",
             "`cert`/`key` are only used with source = \"files\"",
         ));
     }
-    let tls = TlsConfig { source, dir };
+    Ok(TlsConfig { source, dir })
+}
 
-    // [acme]
-    let acme = match (raw.acme, &tls.source) {
-        (Some(a), TlsSource::Acme) => Some(validate_acme(a, ctx, &server)?),
-        (None, TlsSource::Acme) => Some(validate_acme(raw::RawAcme::default(), ctx, &server)?),
-        (Some(_), _) => {
-            return Err(ctx.invalid("acme", "[acme] is only used with tls.source = \"acme\""));
-        }
-        (None, _) => None,
-    };
-
-    // [upstream]
-    let u = raw.upstream;
+/// `[upstream]`: Gunicorn's address (TCP or unix socket), timeouts and the idle pool.
+fn validate_upstream(u: raw::RawUpstream, ctx: &Ctx) -> Result<UpstreamConfig, ConfigError> {
     let target = if let Some(path) = u.url.strip_prefix("unix:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {
@@ -550,7 +547,7 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         }
         UpstreamTarget::Tcp(authority)
     };
-    let upstream = UpstreamConfig {
+    Ok(UpstreamConfig {
         target,
         connect_timeout: u
             .connect_timeout
@@ -565,26 +562,16 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(60)),
         pool_max_idle: u.pool_max_idle.unwrap_or(64),
-    };
+    })
+}
 
-    let headers = validate_headers(raw.headers, ctx, &mut warnings)?;
-
-    // [cookies]
-    let c = raw.cookies;
-    let same_site = match c.same_site.as_deref() {
-        None => Some(SameSite::Lax),
-        Some(v) => match v.to_ascii_lowercase().as_str() {
-            "lax" => Some(SameSite::Lax),
-            "strict" => Some(SameSite::Strict),
-            "none" => Some(SameSite::None),
-            "off" => None,
-            _ => {
-                return Err(ctx.invalid(
-                    "cookies.same_site",
-                    format!("unknown value `{v}`; use \"Lax\", \"Strict\", \"None\" or \"off\""),
-                ));
-            }
-        },
+/// `[cookies]`: the attributes every upstream `Set-Cookie` gains.
+fn validate_cookies(c: raw::RawCookies, warnings: &mut Vec<String>) -> CookiePolicy {
+    let same_site = match c.same_site.unwrap_or(RawSameSite::Lax) {
+        RawSameSite::Lax => Some(SameSite::Lax),
+        RawSameSite::Strict => Some(SameSite::Strict),
+        RawSameSite::None => Some(SameSite::None),
+        RawSameSite::Off => None,
     };
     let cookies = CookiePolicy {
         secure: c.secure.unwrap_or(true),
@@ -597,9 +584,15 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
     if !cookies.secure {
         warnings.push("cookies.secure = false: session cookies can leak over plain HTTP".into());
     }
+    cookies
+}
 
-    // [limits]
-    let l = raw.limits;
+/// `[limits]`: timeouts, sizes and counts, each bounded to what the server can hold.
+fn validate_limits(
+    l: raw::RawLimits,
+    ctx: &Ctx,
+    warnings: &mut Vec<String>,
+) -> Result<Limits, ConfigError> {
     let dur = |d: Option<units::HumanDuration>, default: u64| {
         d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
     };
@@ -657,33 +650,34 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             return Err(ctx.invalid(key, format!("must be 1..={max}")));
         }
     }
+    Ok(limits)
+}
 
-    // [log]
-    let format = match raw.log.format.as_deref().unwrap_or("text") {
-        "text" => LogFormat::Text,
-        "json" => LogFormat::Json,
-        other => {
-            return Err(ctx.invalid(
-                "log.format",
-                format!("unknown format `{other}`; use \"text\" or \"json\""),
-            ));
-        }
-    };
-    let level = raw.log.level.unwrap_or_else(|| "info".into());
+/// `[log]`: format, level filter, access log.
+fn validate_log(l: raw::RawLog, ctx: &Ctx) -> Result<LogConfig, ConfigError> {
+    let format = l.format.unwrap_or(LogFormat::Text);
+    let level = l.level.unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
         return Err(ctx.invalid(
             "log.level",
             format!("`{level}` is not a level (error, warn, info, debug, trace)"),
         ));
     }
-    let log = LogConfig {
+    Ok(LogConfig {
         format,
         level,
-        access: raw.log.access.unwrap_or(true),
-    };
+        access: l.access.unwrap_or(true),
+    })
+}
 
-    // [metrics]
-    let metrics = match raw.metrics {
+/// `[metrics]`: the listener, apart from the others; warned about off loopback.
+fn validate_metrics(
+    raw: Option<raw::RawMetrics>,
+    ctx: &Ctx,
+    server: &ServerConfig,
+    warnings: &mut Vec<String>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    Ok(match raw {
         None => None,
         Some(m) => {
             let listen = parse_socket_addr(ctx, "metrics.listen", &m.listen)?;
@@ -701,24 +695,6 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             }
             Some(listen)
         }
-    };
-
-    let static_files = validate_static_files(raw.static_files, ctx)?;
-    let rate_limits = validate_rate_limits(raw.rate_limit, ctx)?;
-
-    Ok(Config {
-        server,
-        tls,
-        acme,
-        upstream,
-        headers,
-        cookies,
-        limits,
-        log,
-        metrics,
-        static_files,
-        rate_limits,
-        warnings,
     })
 }
 
@@ -807,16 +783,7 @@ fn validate_static_files(
             .cache_control
             .map(|v| header_value(ctx, &key("cache_control"), &v))
             .transpose()?;
-        let symlinks = match s.symlinks.as_deref() {
-            None | Some("follow") => SymlinkPolicy::Follow,
-            Some("inside") => SymlinkPolicy::Inside,
-            Some(other) => {
-                return Err(ctx.invalid(
-                    &key("symlinks"),
-                    format!("unknown value `{other}`; use \"follow\" or \"inside\""),
-                ));
-            }
-        };
+        let symlinks = s.symlinks.unwrap_or(SymlinkPolicy::Follow);
         mounts.push(StaticMount {
             url,
             dir,
@@ -855,16 +822,7 @@ fn validate_acme(
             ));
         }
     }
-    let challenge = match a.challenge.as_deref().unwrap_or("tls-alpn-01") {
-        "tls-alpn-01" => ChallengeType::TlsAlpn01,
-        "http-01" => ChallengeType::Http01,
-        other => {
-            return Err(ctx.invalid(
-                "acme.challenge",
-                format!("unknown challenge `{other}`; use \"tls-alpn-01\" or \"http-01\""),
-            ));
-        }
-    };
+    let challenge = a.challenge.unwrap_or(ChallengeType::TlsAlpn01);
     if challenge == ChallengeType::Http01 && server.http.is_none() {
         return Err(ctx.invalid(
             "acme.challenge",

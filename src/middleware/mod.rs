@@ -147,3 +147,91 @@ pub fn gate_layer<G: RequestGate>(gate: G) -> ValidateRequestHeaderLayer<Gate<G>
 
 /// The service `gate_layer` makes.
 pub type Gated<S, G> = ValidateRequestHeader<S, Gate<G>>;
+
+#[cfg(test)]
+mod tests {
+    //! The layers as tower-http tests its own: a `service_fn` inside, `oneshot` from outside.
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http::{HeaderValue, StatusCode};
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::response::{Blame, error_page};
+
+    struct AddMarker;
+
+    impl HeaderRewrite for AddMarker {
+        fn rewrite(&self, headers: &mut HeaderMap) {
+            headers.insert("x-marker", HeaderValue::from_static("1"));
+            headers.remove("server");
+        }
+    }
+
+    /// Refuses requests to `/refused` with 403, and adds a header to the rest.
+    struct RefuseSome;
+
+    impl RequestGate for RefuseSome {
+        fn admit<B>(&self, req: &mut Request<B>) -> Result<(), Box<Response<ProxyBody>>> {
+            if req.uri().path() == "/refused" {
+                return Err(Box::new(error_page(
+                    StatusCode::FORBIDDEN,
+                    Blame::Client,
+                    "test refusal",
+                )));
+            }
+            req.headers_mut()
+                .insert("x-admitted", HeaderValue::from_static("yes"));
+            Ok(())
+        }
+    }
+
+    fn request(path: &str) -> Request<()> {
+        Request::builder().uri(path).body(()).expect("request")
+    }
+
+    #[tokio::test]
+    async fn rewrite_headers_applies_to_every_response() {
+        let inner = service_fn(|_req: Request<()>| async {
+            let mut response = Response::new(ProxyBody::empty());
+            response
+                .headers_mut()
+                .insert("server", HeaderValue::from_static("gunicorn"));
+            Ok::<_, Infallible>(response)
+        });
+        let service = ServiceBuilder::new()
+            .layer(RewriteHeadersLayer::new(AddMarker))
+            .service(inner);
+        let Ok(response) = service.oneshot(request("/")).await;
+        assert_eq!(response.headers()["x-marker"], "1");
+        assert!(response.headers().get("server").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_gate_answers_refused_requests_without_calling_the_inner_service() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let inner = service_fn(move |req: Request<()>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let admitted = req.headers().contains_key("x-admitted");
+            async move {
+                let mut response = Response::new(ProxyBody::empty());
+                if admitted {
+                    *response.status_mut() = StatusCode::NO_CONTENT;
+                }
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let service = ServiceBuilder::new()
+            .layer(gate_layer(RefuseSome))
+            .service(inner);
+        let Ok(refused) = service.clone().oneshot(request("/refused")).await;
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        // The gate may adjust what it lets through.
+        let Ok(admitted) = service.oneshot(request("/ok")).await;
+        assert_eq!(admitted.status(), StatusCode::NO_CONTENT);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}

@@ -194,3 +194,99 @@ impl BodyObserver for Option<Entry> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::body::ProxyBody;
+    use crate::metrics::Gauges;
+    use crate::response::{Blame, error_page};
+
+    fn gauges() -> Gauges {
+        Gauges {
+            open_connections: 0,
+            max_connections: 1,
+            certificate_expiry: None,
+            acme: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn every_response_is_counted_whether_or_not_the_log_is_on() {
+        for log in [true, false] {
+            let metrics = Arc::new(Metrics::default());
+            let inner = service_fn(|req: Request<()>| async move {
+                let response = match req.uri().path() {
+                    "/down" => error_page(StatusCode::BAD_GATEWAY, Blame::Upstream, "test"),
+                    _ => {
+                        let mut response = Response::new(ProxyBody::full("hello"));
+                        response
+                            .extensions_mut()
+                            .insert(UpstreamTiming(Duration::from_millis(3)));
+                        response
+                    }
+                };
+                Ok::<_, Infallible>(response)
+            });
+            let service = ServiceBuilder::new()
+                .layer(RecordResponseLayer::new(
+                    log,
+                    metrics.clone(),
+                    Listener::Https,
+                ))
+                .service(inner);
+            for path in ["/", "/down"] {
+                let req = Request::builder().uri(path).body(()).expect("request");
+                let Ok(response) = service.clone().oneshot(req).await;
+                // The body passes through unchanged.
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .expect("body")
+                    .to_bytes();
+                assert!(!body.is_empty(), "{path}");
+            }
+            let text = metrics.render(&gauges());
+            for line in [
+                "portcullis_responses_total{listener=\"https\",code=\"2xx\"} 1",
+                "portcullis_responses_total{listener=\"https\",code=\"5xx\"} 1",
+                "portcullis_errors_total{blame=\"upstream\"} 1",
+            ] {
+                assert!(text.contains(line), "log = {log}: {line} in\n{text}");
+            }
+        }
+    }
+
+    /// Records what the body observer was told, for the `ObservedBody` test.
+    #[derive(Default)]
+    struct Tally {
+        bytes: usize,
+        ended: usize,
+    }
+
+    impl BodyObserver for &mut Tally {
+        fn on_data(&mut self, len: usize) {
+            self.bytes += len;
+        }
+        fn on_end(&mut self) {
+            self.ended += 1;
+        }
+    }
+
+    #[tokio::test]
+    async fn observed_body_reports_every_byte_and_the_end() {
+        let mut tally = Tally::default();
+        let body = ObservedBody::new(ProxyBody::full("twelve bytes"), &mut tally);
+        let collected = body.collect().await.expect("body").to_bytes();
+        assert_eq!(collected.as_ref(), b"twelve bytes");
+        assert_eq!(tally.bytes, 12);
+        assert!(tally.ended >= 1, "the end was reported");
+    }
+}

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::Body;
@@ -19,6 +19,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, watch};
+// tokio's clock, so the idle logic can be tested under paused time.
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
@@ -351,5 +353,36 @@ async fn drive<C: GracefulConnection>(
                 closing = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `idle_for` has resolved after the (paused) clock moves on by `by`.
+    async fn idle_after(idle: &mut Pin<Box<impl Future<Output = ()>>>, by: Duration) -> bool {
+        tokio::time::advance(by).await;
+        std::future::poll_fn(|cx| std::task::Poll::Ready(idle.as_mut().poll(cx).is_ready())).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_means_no_request_in_flight_for_a_whole_timeout() {
+        let activity = Activity::new();
+        let timeout = Duration::from_secs(60);
+        let mut idle = Box::pin(activity.idle_for(timeout));
+        assert!(!idle_after(&mut idle, Duration::from_secs(59)).await);
+        assert!(idle_after(&mut idle, Duration::from_secs(1)).await);
+
+        // A request in flight is never idleness, however long its response takes.
+        let activity = Activity::new();
+        let request = activity.begin();
+        let mut idle = Box::pin(activity.idle_for(timeout));
+        assert!(!idle_after(&mut idle, Duration::from_secs(300)).await);
+        // Its end starts the clock again: idle a whole timeout after that, not before.
+        drop(request);
+        assert!(!idle_after(&mut idle, Duration::from_secs(59)).await);
+        assert!(idle_after(&mut idle, Duration::from_secs(61)).await);
+        assert_eq!(activity.requests.load(Ordering::Relaxed), 1);
     }
 }

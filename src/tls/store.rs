@@ -12,6 +12,16 @@ pub const SECRET: u32 = 0o600;
 pub const PUBLIC: u32 = 0o644;
 
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_checked(path, contents, mode, |_| Ok(()))
+}
+
+/// `write_atomic` with a step between the durable temp file and the rename, where tests crash it.
+fn write_atomic_checked(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    before_rename: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -36,6 +46,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
         file.sync_all()?;
+        before_rename(&tmp)?;
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
     })();
@@ -77,12 +88,25 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("cert.pem");
         write_atomic(&path, b"complete old certificate", PUBLIC).expect("write");
-        // A crash between creating the temp file and the rename: the temp file is partial and the
-        // target untouched.
+        // The process dies after the new contents are durable in the temp file, before the rename:
+        // the target still holds the old file, and the temp file is left behind as after a crash.
+        let crashed = std::panic::catch_unwind(|| {
+            write_atomic_checked(&path, b"complete new certificate", PUBLIC, |tmp| {
+                assert_eq!(fs::read(tmp).expect("temp"), b"complete new certificate");
+                panic!("crash before the rename");
+            })
+        });
+        assert!(crashed.is_err());
+        assert_eq!(fs::read(&path).expect("read"), b"complete old certificate");
         let tmp = dir
             .path()
             .join(format!(".cert.pem.tmp.{}", std::process::id()));
-        fs::write(&tmp, b"half a new cer").expect("partial temp");
+        assert!(tmp.exists(), "the crash left its temp file");
+        // A failure that is reported (disk full, say) also leaves the old file, and cleans up.
+        let failed = write_atomic_checked(&path, b"other", PUBLIC, |_| {
+            Err(io::Error::other("no space left"))
+        });
+        assert!(failed.is_err());
         assert_eq!(fs::read(&path).expect("read"), b"complete old certificate");
         // The next successful write replaces the stale temp file and the target.
         write_atomic(&path, b"complete new certificate", PUBLIC).expect("write");
