@@ -162,18 +162,16 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     let bind_error = |source| ServerError::Bind { addr, source };
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
     .map_err(bind_error)?;
     // Restarts must not fail on connections still in TIME_WAIT.
-    socket.set_reuse_address(true).map_err(bind_error)?;
-    socket.set_nonblocking(true).map_err(bind_error)?;
-    socket.bind(&addr.into()).map_err(bind_error)?;
-    socket.listen(4096).map_err(bind_error)?;
-    TcpListener::from_std(socket.into()).map_err(bind_error)
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(addr).map_err(bind_error)?;
+    socket.listen(4096).map_err(bind_error)
 }
 
 async fn accept_loop(
