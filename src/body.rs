@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::Sleep;
 use tower_http::services::fs::ServeFileSystemResponseBody;
 
@@ -104,6 +104,8 @@ pin_project! {
             declared: Option<u64>,
             held: Option<Bytes>,
             held_trailers: Option<http::HeaderMap>,
+            // Told when the last byte has gone upstream: the response timeout starts then.
+            sent: Option<oneshot::Sender<()>>,
             timeout: Duration,
             // Started at the first poll that has to wait: bodies that arrive at once never allocate a timer.
             deadline: Option<Pin<Box<Sleep>>>,
@@ -125,8 +127,31 @@ impl RequestBody {
             declared,
             held: None,
             held_trailers: None,
+            sent: None,
             timeout,
             deadline: None,
+        }
+    }
+
+    /// Resolves once the whole body has been handed upstream (at once for a buffered one), so the
+    /// upstream's response time is not charged with a slow client's upload.
+    pub fn sent(&mut self) -> oneshot::Receiver<()> {
+        let (tell, told) = oneshot::channel();
+        match self {
+            RequestBody::Buffered { .. } => {
+                let _ = tell.send(());
+            }
+            RequestBody::Streaming { sent, .. } => *sent = Some(tell),
+        }
+        told
+    }
+
+    /// The whole body, when it was read before the upstream was contacted: a request that can be sent
+    /// again.
+    pub fn replayable(&self) -> Option<Bytes> {
+        match self {
+            RequestBody::Buffered { data } => Some(data.clone().unwrap_or_default()),
+            RequestBody::Streaming { .. } => None,
         }
     }
 
@@ -145,7 +170,7 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let (mut inner, remaining, limit, declared, held, held_trailers, timeout, deadline) =
+        let (mut inner, remaining, limit, declared, held, held_trailers, sent, timeout, deadline) =
             match self.project() {
                 RequestBodyProj::Buffered { data } => {
                     return Poll::Ready(data.take().map(|d| Ok(Frame::data(d))));
@@ -157,6 +182,7 @@ impl Body for RequestBody {
                     declared,
                     held,
                     held_trailers,
+                    sent,
                     timeout,
                     deadline,
                 } => (
@@ -166,6 +192,7 @@ impl Body for RequestBody {
                     declared,
                     held,
                     held_trailers,
+                    sent,
                     timeout,
                     deadline,
                 ),
@@ -175,54 +202,30 @@ impl Body for RequestBody {
         {
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
-        loop {
-            match inner.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let frame = match frame.into_data() {
-                        Ok(data) => {
-                            let len = data.len() as u64;
-                            if len > *remaining {
-                                return Poll::Ready(Some(Err(BodyError::TooLarge(*limit))));
-                            }
-                            *remaining -= len;
-                            if len == 0 {
-                                continue;
-                            }
-                            if held.is_some() {
-                                return Poll::Ready(Some(Err(BodyError::LongerThanDeclared)));
-                            }
-                            if let Some(left) = declared {
-                                *left =
-                                    left.checked_sub(len).ok_or(BodyError::LongerThanDeclared)?;
-                                if *left == 0 && !inner.is_end_stream() {
-                                    *held = Some(data);
-                                    continue;
-                                }
-                            }
-                            Frame::data(data)
-                        }
-                        Err(trailers) => match (held.take(), trailers.into_trailers()) {
-                            (Some(data), Ok(trailers)) => {
-                                *held_trailers = Some(trailers);
-                                Frame::data(data)
-                            }
-                            (None, Ok(trailers)) => Frame::trailers(trailers),
-                            (_, Err(_)) => continue,
-                        },
-                    };
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(BodyError::Client(e)))),
-                Poll::Ready(None) => return Poll::Ready(held.take().map(|d| Ok(Frame::data(d)))),
-                Poll::Pending => {
-                    let timeout = *timeout;
-                    let deadline =
-                        deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                    ready!(deadline.as_mut().poll(cx));
-                    return Poll::Ready(Some(Err(BodyError::TimedOut(timeout))));
-                }
+        let frame = poll_streaming(
+            inner.as_mut(),
+            cx,
+            remaining,
+            *limit,
+            declared,
+            held,
+            held_trailers,
+            *timeout,
+            deadline,
+        );
+        // hyper stops polling once the body says it has ended, so the end is told here as well as at
+        // `None`.
+        let ended = match &frame {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => {
+                held.is_none() && held_trailers.is_none() && inner.is_end_stream()
             }
+            _ => false,
+        };
+        if ended && let Some(tell) = sent.take() {
+            let _ = tell.send(());
         }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -246,6 +249,68 @@ impl Body for RequestBody {
                 Some(data) => SizeHint::with_exact(data.len() as u64),
                 None => inner.size_hint(),
             },
+        }
+    }
+}
+
+/// One step of a streamed request body: size limit, deadline, and the completing frame held back until
+/// the client's stream has ended.
+#[allow(clippy::too_many_arguments)]
+fn poll_streaming(
+    mut inner: Pin<&mut Incoming>,
+    cx: &mut Context<'_>,
+    remaining: &mut u64,
+    limit: u64,
+    declared: &mut Option<u64>,
+    held: &mut Option<Bytes>,
+    held_trailers: &mut Option<http::HeaderMap>,
+    timeout: Duration,
+    deadline: &mut Option<Pin<Box<Sleep>>>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    loop {
+        match inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_data() {
+                    Ok(data) => {
+                        let len = data.len() as u64;
+                        if len > *remaining {
+                            return Poll::Ready(Some(Err(BodyError::TooLarge(limit))));
+                        }
+                        *remaining -= len;
+                        if len == 0 {
+                            continue;
+                        }
+                        if held.is_some() {
+                            return Poll::Ready(Some(Err(BodyError::LongerThanDeclared)));
+                        }
+                        if let Some(left) = declared {
+                            *left = left.checked_sub(len).ok_or(BodyError::LongerThanDeclared)?;
+                            if *left == 0 && !inner.is_end_stream() {
+                                *held = Some(data);
+                                continue;
+                            }
+                        }
+                        Frame::data(data)
+                    }
+                    Err(trailers) => match (held.take(), trailers.into_trailers()) {
+                        (Some(data), Ok(trailers)) => {
+                            *held_trailers = Some(trailers);
+                            Frame::data(data)
+                        }
+                        (None, Ok(trailers)) => Frame::trailers(trailers),
+                        (_, Err(_)) => continue,
+                    },
+                };
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(BodyError::Client(e)))),
+            Poll::Ready(None) => return Poll::Ready(held.take().map(|d| Ok(Frame::data(d)))),
+            Poll::Pending => {
+                let deadline =
+                    deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                ready!(deadline.as_mut().poll(cx));
+                return Poll::Ready(Some(Err(BodyError::TimedOut(timeout))));
+            }
         }
     }
 }

@@ -32,6 +32,10 @@ pub struct ConnInfo {
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamTiming(pub Duration);
 
+/// Which backend answered (as configured: `http://10.0.0.2:8000`); set with `UpstreamTiming`.
+#[derive(Debug, Clone)]
+pub struct UpstreamBackend(pub Arc<str>);
+
 /// The load balancers (`server.trusted_proxies`) whose `X-Forwarded-For` we believe.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(Arc<[IpNet]>);

@@ -169,6 +169,59 @@ impl Metrics {
                 ("_count".into(), read(&self.upstream_count) as f64),
             ],
         );
+        if !gauges.backends.is_empty() {
+            let samples = |value: &dyn Fn(&BackendGauge) -> f64| -> Vec<(String, f64)> {
+                gauges
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        (
+                            format!("{{backend=\"{}\"}}", label_value(&b.name)),
+                            value(b),
+                        )
+                    })
+                    .collect()
+            };
+            family(
+                "backend_up",
+                "gauge",
+                "1 while a backend takes requests, 0 while passive failures or health checks keep it out.",
+                &samples(&|b| f64::from(u8::from(b.up))),
+            );
+            family(
+                "backend_in_flight",
+                "gauge",
+                "Requests a backend is working on now.",
+                &samples(&|b| b.in_flight as f64),
+            );
+            family(
+                "backend_requests_total",
+                "counter",
+                "Attempts sent to a backend (retries included).",
+                &samples(&|b| b.requests as f64),
+            );
+            family(
+                "backend_failures_total",
+                "counter",
+                "Attempts a backend could not be reached for or did not answer in time.",
+                &samples(&|b| b.failures as f64),
+            );
+            let mut response_time = Vec::new();
+            for b in &gauges.backends {
+                let name = label_value(&b.name);
+                response_time.push((
+                    format!("_sum{{backend=\"{name}\"}}"),
+                    b.response_seconds_sum,
+                ));
+                response_time.push((format!("_count{{backend=\"{name}\"}}"), b.responses as f64));
+            }
+            family(
+                "backend_response_seconds",
+                "summary",
+                "Time from sending a request to a backend to its response headers.",
+                &response_time,
+            );
+        }
         if let Some(expiry) = gauges.certificate_expiry {
             family(
                 "certificate_expiry_timestamp_seconds",
@@ -215,9 +268,27 @@ fn unix_seconds(at: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A label value with `\` and `"` escaped (the text format's rule).
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// One backend as the metrics show it.
+#[derive(Debug, Clone, Default)]
+pub struct BackendGauge {
+    pub name: String,
+    pub up: bool,
+    pub in_flight: usize,
+    pub requests: u64,
+    pub failures: u64,
+    pub response_seconds_sum: f64,
+    pub responses: u64,
+}
+
 /// What is read from the server at scrape time.
 #[derive(Debug, Default)]
 pub struct Gauges {
+    pub backends: Vec<BackendGauge>,
     pub open_connections: usize,
     pub max_connections: usize,
     pub certificate_expiry: Option<SystemTime>,

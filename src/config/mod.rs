@@ -136,11 +136,48 @@ pub enum ChallengeType {
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    pub target: UpstreamTarget,
+    /// At least one; in the order given (`BalancePolicy::First` tries them in it).
+    pub backends: Vec<BackendConfig>,
+    pub policy: BalancePolicy,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// Further attempts after the first, where one is safe (see `proxy`).
+    pub retries: u32,
+    /// Consecutive connection failures or timeouts that mark a backend down for `fail_timeout`.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub health: Option<HealthCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub target: UpstreamTarget,
+    pub weight: u32,
+}
+
+/// How a backend is chosen for each request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancePolicy {
+    /// The fewest requests in flight (per unit of weight): suits Gunicorn's fixed worker pools.
+    LeastRequests,
+    RoundRobin,
+    /// The first healthy one in order: a primary with backups.
+    First,
+}
+
+/// Active health checks: `GET path` with the first domain as `Host`, every `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passed checks that bring a backend back.
+    pub healthy_threshold: u32,
+    /// Consecutive failed checks that take it out.
+    pub unhealthy_threshold: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +185,24 @@ pub enum UpstreamTarget {
     /// `host:port` of a plain-HTTP upstream (Gunicorn speaks HTTP/1.1 without TLS).
     Tcp(http::uri::Authority),
     Unix(PathBuf),
+}
+
+impl UpstreamConfig {
+    /// The backends and how they are chosen, for the log and `check`.
+    pub fn describe(&self) -> String {
+        let names: Vec<String> = self
+            .backends
+            .iter()
+            .map(|b| match b.weight {
+                1 => b.target.describe(),
+                w => format!("{} (weight {w})", b.target.describe()),
+            })
+            .collect();
+        match names.len() {
+            1 => names.join(""),
+            _ => format!("{} by {:?}", names.join(", "), self.policy),
+        }
+    }
 }
 
 impl UpstreamTarget {
@@ -340,7 +395,7 @@ impl Config {
             "tls:      {tls}, state in {}\n",
             self.tls.dir.display()
         ));
-        out.push_str(&format!("upstream: {}\n", self.upstream.target.describe()));
+        out.push_str(&format!("upstream: {}\n", self.upstream.describe()));
         let names: Vec<String> = self
             .headers
             .https_only_rules

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 use super::units::{ByteSize, HumanDuration};
-use super::{ChallengeType, LogFormat, SymlinkPolicy};
+use super::{BalancePolicy, ChallengeType, LogFormat, SymlinkPolicy};
 
 // The string choices parse straight into enums: a wrong one is a parse error that names the key, its
 // line and the values allowed (serde's "unknown variant `x`, expected one of …").
@@ -107,11 +107,23 @@ pub struct RawEab {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    pub url: String,
+    /// One backend (the shorthand); `urls` for several.
+    pub url: Option<String>,
+    pub urls: Option<Vec<String>>,
+    pub weights: Option<Vec<u32>>,
+    pub policy: Option<BalancePolicy>,
     pub connect_timeout: Option<HumanDuration>,
     pub response_timeout: Option<HumanDuration>,
     pub pool_idle_timeout: Option<HumanDuration>,
     pub pool_max_idle: Option<usize>,
+    pub retries: Option<u32>,
+    pub max_fails: Option<u32>,
+    pub fail_timeout: Option<HumanDuration>,
+    pub health_path: Option<String>,
+    pub health_interval: Option<HumanDuration>,
+    pub health_timeout: Option<HumanDuration>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
 }
 
 /// One security header: how to apply it and, for most, its value.

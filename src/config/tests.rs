@@ -186,7 +186,7 @@ fn unix_upstream_and_relative_paths_resolve_against_the_config_folder() {
         "[server]\ndomains = [\"a.example\"]\n[upstream]\nurl = \"unix:run/gunicorn.sock\"\n";
     let config = Config::parse(text, "x", Some(Path::new("/etc/portcullis"))).expect("valid");
     assert_eq!(
-        config.upstream.target,
+        config.upstream.backends[0].target,
         UpstreamTarget::Unix("/etc/portcullis/run/gunicorn.sock".into())
     );
     assert_eq!(config.tls.dir, PathBuf::from("/etc/portcullis/certs"));

@@ -505,63 +505,159 @@ fn validate_tls(t: raw::RawTls, ctx: &Ctx) -> Result<TlsConfig, ConfigError> {
     Ok(TlsConfig { source, dir })
 }
 
-/// `[upstream]`: Gunicorn's address (TCP or unix socket), timeouts and the idle pool.
-fn validate_upstream(u: raw::RawUpstream, ctx: &Ctx) -> Result<UpstreamConfig, ConfigError> {
-    let target = if let Some(path) = u.url.strip_prefix("unix:") {
+/// One backend URL: `http://host:port` or `unix:/path`.
+fn upstream_target(ctx: &Ctx, key: &str, url: &str) -> Result<UpstreamTarget, ConfigError> {
+    if let Some(path) = url.strip_prefix("unix:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {
             return Err(ctx.invalid(
-                "upstream.url",
+                key,
                 "unix: needs a socket path, like \"unix:/run/gunicorn.sock\"",
             ));
         }
-        UpstreamTarget::Unix(ctx.path(path))
-    } else {
-        let uri: http::Uri = u.url.parse().map_err(|_| {
-            ctx.invalid(
-                "upstream.url",
-                format!("`{}` is not a URL like \"http://127.0.0.1:8000\"", u.url),
-            )
-        })?;
-        if uri.scheme_str() != Some("http") {
+        return Ok(UpstreamTarget::Unix(ctx.path(path)));
+    }
+    let uri: http::Uri = url.parse().map_err(|_| {
+        ctx.invalid(
+            key,
+            format!("`{url}` is not a URL like \"http://127.0.0.1:8000\""),
+        )
+    })?;
+    if uri.scheme_str() != Some("http") {
+        return Err(ctx.invalid(
+            key,
+            "must be http://host:port (Gunicorn speaks plain HTTP) or unix:/path/to.sock",
+        ));
+    }
+    if uri.path() != "/" || uri.query().is_some() {
+        return Err(ctx.invalid(
+            key,
+            "must not have a path or query: requests keep their own",
+        ));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| ctx.invalid(key, "needs a host and port"))?;
+    if authority.port_u16().is_none() {
+        return Err(ctx.invalid(
+            key,
+            "give the port explicitly, like \"http://127.0.0.1:8000\"",
+        ));
+    }
+    Ok(UpstreamTarget::Tcp(authority))
+}
+
+/// `[upstream]`: Gunicorn's addresses (TCP or unix sockets), how one is chosen, timeouts, retries, the
+/// idle pool and health checks.
+fn validate_upstream(u: raw::RawUpstream, ctx: &Ctx) -> Result<UpstreamConfig, ConfigError> {
+    let (key, urls) = match (u.url, u.urls) {
+        (Some(url), None) => ("upstream.url", vec![url]),
+        (None, Some(urls)) if !urls.is_empty() => ("upstream.urls", urls),
+        (None, Some(_)) => return Err(ctx.invalid("upstream.urls", "list at least one backend")),
+        (Some(_), Some(_)) => {
             return Err(ctx.invalid(
-                "upstream.url",
-                "must be http://host:port (Gunicorn speaks plain HTTP) or unix:/path/to.sock",
+                "upstream.urls",
+                "give either `url` (one backend) or `urls` (several), not both",
             ));
         }
-        if uri.path() != "/" || uri.query().is_some() {
+        (None, None) => {
             return Err(ctx.invalid(
                 "upstream.url",
-                "must not have a path or query: requests keep their own",
+                "missing: where Gunicorn listens, like \"http://127.0.0.1:8000\" (or `urls` for several)",
             ));
         }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| ctx.invalid("upstream.url", "needs a host and port"))?;
-        if authority.port_u16().is_none() {
-            return Err(ctx.invalid(
-                "upstream.url",
-                "give the port explicitly, like \"http://127.0.0.1:8000\"",
-            ));
-        }
-        UpstreamTarget::Tcp(authority)
     };
+    let weights = u.weights.unwrap_or_else(|| vec![1; urls.len()]);
+    if weights.len() != urls.len() {
+        return Err(ctx.invalid(
+            "upstream.weights",
+            format!(
+                "{} weights for {} backends: give one per entry of `urls`",
+                weights.len(),
+                urls.len()
+            ),
+        ));
+    }
+    if weights.iter().any(|w| *w == 0 || *w > 1000) {
+        return Err(ctx.invalid("upstream.weights", "each weight must be 1..=1000"));
+    }
+    let mut backends: Vec<BackendConfig> = Vec::new();
+    for (url, weight) in urls.iter().zip(weights) {
+        let target = upstream_target(ctx, key, url)?;
+        if backends.iter().any(|b| b.target == target) {
+            return Err(ctx.invalid(key, format!("`{url}` is listed twice")));
+        }
+        backends.push(BackendConfig { target, weight });
+    }
+    let dur = |d: Option<units::HumanDuration>, default: u64| {
+        d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
+    };
+    let health = match u.health_path {
+        None => {
+            for (set, name) in [
+                (u.health_interval.is_some(), "health_interval"),
+                (u.health_timeout.is_some(), "health_timeout"),
+                (u.healthy_threshold.is_some(), "healthy_threshold"),
+                (u.unhealthy_threshold.is_some(), "unhealthy_threshold"),
+            ] {
+                if set {
+                    return Err(ctx.invalid(
+                        &format!("upstream.{name}"),
+                        "only used with upstream.health_path",
+                    ));
+                }
+            }
+            None
+        }
+        Some(path) => {
+            if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+                return Err(ctx.invalid(
+                    "upstream.health_path",
+                    format!("`{path}` must be a path like \"/healthz/\""),
+                ));
+            }
+            let check = HealthCheck {
+                path,
+                interval: dur(u.health_interval, 5),
+                timeout: dur(u.health_timeout, 2),
+                healthy_threshold: u.healthy_threshold.unwrap_or(2),
+                unhealthy_threshold: u.unhealthy_threshold.unwrap_or(2),
+            };
+            if check.interval < Duration::from_millis(100) || check.timeout.is_zero() {
+                return Err(ctx.invalid(
+                    "upstream.health_interval",
+                    "health_interval must be at least 100ms and health_timeout more than 0s",
+                ));
+            }
+            if check.healthy_threshold == 0 || check.unhealthy_threshold == 0 {
+                return Err(ctx.invalid(
+                    "upstream.healthy_threshold",
+                    "healthy_threshold and unhealthy_threshold must be at least 1",
+                ));
+            }
+            Some(check)
+        }
+    };
+    let retries = u.retries.unwrap_or(2);
+    if retries > 10 {
+        return Err(ctx.invalid("upstream.retries", "must be 0..=10"));
+    }
+    let max_fails = u.max_fails.unwrap_or(3);
+    if max_fails == 0 {
+        return Err(ctx.invalid("upstream.max_fails", "must be at least 1"));
+    }
     Ok(UpstreamConfig {
-        target,
-        connect_timeout: u
-            .connect_timeout
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(5)),
-        response_timeout: u
-            .response_timeout
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(60)),
-        pool_idle_timeout: u
-            .pool_idle_timeout
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(60)),
+        backends,
+        policy: u.policy.unwrap_or(BalancePolicy::LeastRequests),
+        connect_timeout: dur(u.connect_timeout, 5),
+        response_timeout: dur(u.response_timeout, 60),
+        pool_idle_timeout: dur(u.pool_idle_timeout, 60),
         pool_max_idle: u.pool_max_idle.unwrap_or(64),
+        retries,
+        max_fails,
+        fail_timeout: dur(u.fail_timeout, 10),
+        health,
     })
 }
 

@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::{BodyObserver, ObservedBody};
-use crate::context::{ConnInfo, UpstreamTiming, canonical_ip};
+use crate::context::{ConnInfo, UpstreamBackend, UpstreamTiming, canonical_ip};
 use crate::metrics::{Listener, Metrics};
 use crate::response::ProxyFailure;
 
@@ -69,6 +69,7 @@ pub struct Entry {
     request: RequestFacts,
     status: StatusCode,
     upstream: Option<Duration>,
+    backend: Option<UpstreamBackend>,
     failure: Option<ProxyFailure>,
     bytes: u64,
     finished: bool,
@@ -91,6 +92,7 @@ impl Drop for Entry {
             bytes = self.bytes,
             duration_ms = %duration_ms,
             upstream_ms = upstream_ms.as_deref(),
+            backend = self.backend.as_ref().map(|b| &*b.0),
             client,
             error = self.failure.map(|f| f.blame.as_str()),
             reason = self.failure.map(|f| f.reason),
@@ -170,6 +172,7 @@ where
             request,
             status: response.status(),
             upstream,
+            backend: response.extensions().get::<UpstreamBackend>().cloned(),
             failure,
             bytes: 0,
             finished: ended,
@@ -210,10 +213,8 @@ mod tests {
 
     fn gauges() -> Gauges {
         Gauges {
-            open_connections: 0,
             max_connections: 1,
-            certificate_expiry: None,
-            acme: None,
+            ..Gauges::default()
         }
     }
 

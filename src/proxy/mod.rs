@@ -1,8 +1,16 @@
 //! The proxy service, innermost on the request path: rewrites the request for the upstream (hop-by-hop
-//! out, forwarded headers in), sends it over the pooled client, streams the answer back, and turns every
-//! failure into a response tagged with who caused it. WebSocket upgrades become a byte tunnel.
+//! out, forwarded headers in), sends it to a backend the pool chooses, streams the answer back, and turns
+//! every failure into a response tagged with who caused it. WebSocket upgrades become a byte tunnel.
+//!
+//! Retries never repeat a side effect. A request goes to another backend (or the same one on a new
+//! connection) only when no response byte has arrived and either the connection could not be made (it
+//! never left: any method) or the method is idempotent (RFC 9110 §9.2.2); and only when its body was
+//! read whole and can be sent again. At most `upstream.retries` more attempts, all within one
+//! `response_timeout`. The response timeout starts once the whole body has gone upstream: a slow
+//! upload is the client's 408, not Gunicorn's 504.
 
 pub mod headers;
+pub mod pool;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -11,10 +19,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::header::CONTENT_LENGTH;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -23,12 +33,13 @@ use hyper_util::rt::TokioIo;
 use tower::Service;
 
 use crate::body::{BodyError, BufferBudget, ProxyBody, RequestBody, held_bytes};
-use crate::config::{Config, UpstreamTarget};
-use crate::context::{ConnInfo, TrustedProxies, UpstreamTiming};
+use crate::config::Config;
+use crate::context::{ConnInfo, TrustedProxies, UpstreamBackend, UpstreamTiming};
 use crate::response::{Blame, error_page};
 use headers::{
     ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
 };
+use pool::{AllDown, BackendState, Pool};
 use upstream::{UpstreamClient, build_client};
 
 #[derive(Clone)]
@@ -38,8 +49,8 @@ pub struct ProxyService {
 
 struct Shared {
     client: UpstreamClient,
-    /// The authority put in upstream request URIs: it keys the connection pool (unix sockets ignore it).
-    authority: Authority,
+    pool: Arc<Pool>,
+    retries: u32,
     forwarding: ForwardingPolicy,
     response_timeout: Duration,
     max_body: u64,
@@ -53,16 +64,25 @@ struct Shared {
 }
 
 impl ProxyService {
-    /// `public_https_port` is the port clients reach us on, for `X-Forwarded-Port`.
+    /// `public_https_port` is the port clients reach us on, for `X-Forwarded-Port`. Starts the pool's
+    /// health checks, which end when the service (its config) is dropped.
     pub fn new(config: &Config, public_https_port: u16, budget: BufferBudget) -> Self {
-        let authority = match &config.upstream.target {
-            UpstreamTarget::Tcp(a) => a.clone(),
-            UpstreamTarget::Unix(_) => Authority::from_static("localhost"),
-        };
+        let client = build_client(&config.upstream);
+        let pool = Arc::new(Pool::new(&config.upstream));
+        if let Some(host) = config
+            .server
+            .domains
+            .iter()
+            .next()
+            .and_then(|d| http::HeaderValue::from_str(d).ok())
+        {
+            pool.spawn_health_checks(client.clone(), host);
+        }
         ProxyService {
             shared: Arc::new(Shared {
-                client: build_client(&config.upstream),
-                authority,
+                client,
+                pool,
+                retries: config.upstream.retries,
                 forwarding: ForwardingPolicy {
                     trusted_proxies: TrustedProxies::new(config.server.trusted_proxies.clone()),
                     port: Some(http::HeaderValue::from(public_https_port)),
@@ -76,6 +96,24 @@ impl ProxyService {
             }),
         }
     }
+
+    /// The backends' state, for the metrics.
+    pub fn backends(&self) -> Vec<BackendState> {
+        self.shared.pool.snapshot()
+    }
+}
+
+/// Why one attempt got no response.
+enum Failure {
+    /// The client's body broke a limit or stopped: its answer is ready (413, 408, 400).
+    Client(Response<ProxyBody>),
+    /// No response within the response timeout.
+    Timeout,
+    /// The backend could not be reached (`connect`: the request never left) or failed before answering.
+    Upstream {
+        connect: bool,
+        error: hyper_util::client::legacy::Error,
+    },
 }
 
 impl Service<Request<Incoming>> for ProxyService {
@@ -145,18 +183,7 @@ impl Shared {
         if let Some(upgrade) = upgrade {
             keep_upgrade(&mut parts.headers, upgrade);
         }
-        let mut uri_parts = http::uri::Parts::default();
-        uri_parts.scheme = Some(Scheme::HTTP);
-        uri_parts.authority = Some(self.authority.clone());
-        uri_parts.path_and_query = Some(path_and_query);
-        let Ok(uri) = Uri::from_parts(uri_parts) else {
-            return error_page(
-                StatusCode::BAD_REQUEST,
-                Blame::Client,
-                "request target is not a path",
-            );
-        };
-        let body = match declared_length {
+        let mut body = match declared_length {
             Some(len) if len <= self.buffer_body && !body.is_end_stream() => {
                 match tokio::time::timeout(self.body_timeout, body.collect()).await {
                     Ok(Ok(collected)) => RequestBody::buffered(collected.to_bytes()),
@@ -178,31 +205,72 @@ impl Shared {
             }
             _ => RequestBody::streaming(body, self.max_body, self.body_timeout, declared_length),
         };
-        let mut upstream_req = Request::new(body);
-        *upstream_req.method_mut() = parts.method;
-        *upstream_req.uri_mut() = uri;
-        *upstream_req.version_mut() = Version::HTTP_11;
-        *upstream_req.headers_mut() = parts.headers;
 
+        let replay = body.replayable();
+        let idempotent = is_idempotent(&parts.method);
         let started = Instant::now();
-        let mut response = match tokio::time::timeout(
-            self.response_timeout,
-            self.client.request(upstream_req),
-        )
-        .await
-        {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => return failure_response(&error),
-            Err(_) => {
-                tracing::warn!(timeout = ?self.response_timeout, "upstream did not answer in time");
+        // One response timeout for every attempt at a request that can be replayed; a streamed body's
+        // single attempt gets its timeout from when the body has gone upstream.
+        let deadline = replay.is_some().then(|| started + self.response_timeout);
+        let mut tried = Vec::new();
+        let mut first_body = Some(body);
+        let (picked, mut response) = loop {
+            let picked = match self.pool.choose(&tried) {
+                Ok(picked) => picked,
+                Err(AllDown { retry_after }) => return all_backends_down(retry_after),
+            };
+            tried.push(picked.index);
+            body = match first_body.take() {
+                Some(body) => body,
+                None => RequestBody::buffered(replay.clone().unwrap_or_default()),
+            };
+            let sent = body.sent();
+            let mut uri_parts = http::uri::Parts::default();
+            uri_parts.scheme = Some(Scheme::HTTP);
+            uri_parts.authority = Some(picked.backend.authority.clone());
+            uri_parts.path_and_query = Some(path_and_query.clone());
+            let Ok(uri) = Uri::from_parts(uri_parts) else {
                 return error_page(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    Blame::Upstream,
-                    "upstream response timeout",
+                    StatusCode::BAD_REQUEST,
+                    Blame::Client,
+                    "request target is not a path",
                 );
+            };
+            let mut upstream_req = Request::new(body);
+            *upstream_req.method_mut() = parts.method.clone();
+            *upstream_req.uri_mut() = uri;
+            *upstream_req.version_mut() = Version::HTTP_11;
+            *upstream_req.headers_mut() = parts.headers.clone();
+            match self.attempt(upstream_req, sent, deadline).await {
+                Ok(response) => break (picked, response),
+                Err(Failure::Client(answer)) => return answer,
+                Err(Failure::Timeout) => {
+                    self.pool.record_failure(&picked);
+                    tracing::warn!(backend = %picked.backend.name, timeout = ?self.response_timeout, "upstream did not answer in time");
+                    return error_page(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        Blame::Upstream,
+                        "upstream response timeout",
+                    );
+                }
+                Err(Failure::Upstream { connect, error }) => {
+                    if connect {
+                        self.pool.record_failure(&picked);
+                    }
+                    let retry = replay.is_some()
+                        && (connect || idempotent)
+                        && tried.len() <= self.retries as usize
+                        && deadline.is_some_and(|d| Instant::now() < d);
+                    let chain = error_chain(&error);
+                    if !retry {
+                        return upstream_failure(&picked.backend.name, connect, &chain);
+                    }
+                    tracing::info!(backend = %picked.backend.name, error = %chain, attempt = tried.len(), "retrying on another connection");
+                }
             }
         };
         let upstream_time = started.elapsed();
+        self.pool.record_success(&picked, upstream_time);
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             match (
@@ -230,6 +298,9 @@ impl Shared {
         parts.version = Version::HTTP_11;
         parts.extensions = http::Extensions::new();
         parts.extensions.insert(UpstreamTiming(upstream_time));
+        parts
+            .extensions
+            .insert(UpstreamBackend(picked.backend.name.clone()));
         // A response of known, modest size is read whole at once: the upstream connection goes back to
         // the pool and the Gunicorn worker is free, however slowly the client reads (what nginx's
         // proxy_buffering does). Streaming responses (no Content-Length: SSE, downloads) pass through.
@@ -291,53 +362,106 @@ fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
     text.parse().map(Some).map_err(|_| ())
 }
 
-/// Maps an upstream-client error to the response the client gets, by where it came from.
-fn failure_response(error: &hyper_util::client::legacy::Error) -> Response<ProxyBody> {
+impl Shared {
+    /// One attempt at a response, until `deadline` when the request has one, else until the response
+    /// timeout after the whole body has gone upstream (`sent`).
+    async fn attempt(
+        &self,
+        request: Request<RequestBody>,
+        sent: tokio::sync::oneshot::Receiver<()>,
+        deadline: Option<Instant>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let response_timeout = self.response_timeout;
+        let clock = async move {
+            let until = match deadline {
+                Some(deadline) => deadline,
+                None => {
+                    // A body that fails ends too (and the request with it); either way the clock runs.
+                    let _ = sent.await;
+                    Instant::now() + response_timeout
+                }
+            };
+            tokio::time::sleep_until(until).await;
+        };
+        tokio::select! {
+            result = self.client.request(request) => result.map_err(|error| {
+                match body_error_response(&error) {
+                    Some(answer) => Failure::Client(answer),
+                    None => Failure::Upstream { connect: error.is_connect(), error },
+                }
+            }),
+            () = clock => Err(Failure::Timeout),
+        }
+    }
+}
+
+/// RFC 9110 §9.2.2: sending these again has the effect of sending them once.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The client's answer when the upstream request failed because of the client's own body.
+fn body_error_response(error: &hyper_util::client::legacy::Error) -> Option<Response<ProxyBody>> {
     let mut source: Option<&(dyn StdError + 'static)> = error.source();
     while let Some(cause) = source {
         if let Some(body_error) = cause.downcast_ref::<BodyError>() {
             tracing::debug!(error = %body_error, "request body refused");
-            return match body_error {
-                BodyError::TooLarge(_) => error_page(
+            let (status, reason) = match body_error {
+                BodyError::TooLarge(_) => (
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    Blame::Client,
                     "request body over limits.max_body",
                 ),
-                BodyError::TimedOut(_) => error_page(
-                    StatusCode::REQUEST_TIMEOUT,
-                    Blame::Client,
-                    "request body too slow",
-                ),
-                BodyError::Client(_) => error_page(
+                BodyError::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "request body too slow"),
+                BodyError::Client(_) => (StatusCode::BAD_REQUEST, "request body aborted"),
+                BodyError::LongerThanDeclared => (
                     StatusCode::BAD_REQUEST,
-                    Blame::Client,
-                    "request body aborted",
-                ),
-                BodyError::LongerThanDeclared => error_page(
-                    StatusCode::BAD_REQUEST,
-                    Blame::Client,
                     "request body longer than its Content-Length",
                 ),
             };
+            return Some(error_page(status, Blame::Client, reason));
         }
         source = cause.source();
     }
-    let chain = error_chain(error);
-    if error.is_connect() {
-        tracing::warn!(error = %chain, "upstream unreachable");
+    None
+}
+
+/// The last attempt failed without a response: 502, blamed on the upstream.
+fn upstream_failure(backend: &str, connect: bool, chain: &str) -> Response<ProxyBody> {
+    if connect {
+        tracing::warn!(backend, error = %chain, "upstream unreachable");
         error_page(
             StatusCode::BAD_GATEWAY,
             Blame::Upstream,
             "upstream unreachable",
         )
     } else {
-        tracing::warn!(error = %chain, "upstream failed before answering");
+        tracing::warn!(backend, error = %chain, "upstream failed before answering");
         error_page(
             StatusCode::BAD_GATEWAY,
             Blame::Upstream,
             "upstream closed or sent an invalid response",
         )
     }
+}
+
+/// Every backend is out: say so at once, with when to come back, instead of queueing the request
+/// until the response timeout (RFC 9110 §15.6.4, §10.2.3).
+fn all_backends_down(retry_after: Duration) -> Response<ProxyBody> {
+    tracing::warn!(retry_after = ?retry_after, "no backend available");
+    let mut response = error_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Blame::Upstream,
+        "no backend available",
+    );
+    let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    response.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from(seconds.max(1)),
+    );
+    response
 }
 
 fn error_chain(error: &dyn StdError) -> String {

@@ -1,5 +1,5 @@
-//! Connections to the upstream: TCP (with `TCP_NODELAY`) or a unix socket, behind hyper-util's pooled
-//! client so requests reuse kept-alive connections instead of opening one each.
+//! Connections to the backends: TCP (with `TCP_NODELAY`) or unix sockets, behind one hyper-util pooled
+//! client (pooled per backend) so requests reuse kept-alive connections instead of opening one each.
 
 use std::future::Future;
 use std::io;
@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use http::uri::Authority;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -17,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpStream, UnixStream};
 use tower::Service;
 
+use super::pool::unix_authority;
 use crate::body::{BoxError, RequestBody};
 use crate::config::{UpstreamConfig, UpstreamTarget};
 
@@ -26,18 +28,23 @@ pub type UpstreamClient = Client<UpstreamConnector, RequestBody>;
 pub const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
 
 pub fn build_client(config: &UpstreamConfig) -> UpstreamClient {
-    let connector = match &config.target {
-        UpstreamTarget::Tcp(_) => {
-            let mut http = HttpConnector::new();
-            http.set_nodelay(true);
-            http.set_connect_timeout(Some(config.connect_timeout));
-            http.set_keepalive(Some(Duration::from_secs(60)));
-            UpstreamConnector::Tcp(http)
-        }
-        UpstreamTarget::Unix(path) => UpstreamConnector::Unix {
-            path: Arc::new(path.clone()),
-            timeout: config.connect_timeout,
-        },
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let sockets = config
+        .backends
+        .iter()
+        .enumerate()
+        .filter_map(|(index, b)| match &b.target {
+            UpstreamTarget::Unix(path) => Some((unix_authority(index), path.clone())),
+            UpstreamTarget::Tcp(_) => None,
+        })
+        .collect();
+    let connector = UpstreamConnector {
+        http,
+        sockets: Arc::new(sockets),
+        timeout: config.connect_timeout,
     };
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -55,13 +62,13 @@ pub fn build_client(config: &UpstreamConfig) -> UpstreamClient {
         .build(connector)
 }
 
+/// Connects to a backend by the authority of the request URI: a TCP `host:port`, or one of the names
+/// `pool::unix_authority` gives unix-socket backends.
 #[derive(Clone)]
-pub enum UpstreamConnector {
-    Tcp(HttpConnector),
-    Unix {
-        path: Arc<PathBuf>,
-        timeout: Duration,
-    },
+pub struct UpstreamConnector {
+    http: HttpConnector,
+    sockets: Arc<Vec<(Authority, PathBuf)>>,
+    timeout: Duration,
 }
 
 impl Service<Uri> for UpstreamConnector {
@@ -70,23 +77,25 @@ impl Service<Uri> for UpstreamConnector {
     type Future = Pin<Box<dyn Future<Output = Result<UpstreamStream, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match self {
-            UpstreamConnector::Tcp(http) => http.poll_ready(cx).map_err(Into::into),
-            UpstreamConnector::Unix { .. } => Poll::Ready(Ok(())),
-        }
+        self.http.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        match self {
-            UpstreamConnector::Tcp(http) => {
-                let connecting = http.call(uri);
+        let socket = uri.authority().and_then(|authority| {
+            self.sockets
+                .iter()
+                .find(|(name, _)| name == authority)
+                .map(|(_, path)| path.clone())
+        });
+        match socket {
+            None => {
+                let connecting = self.http.call(uri);
                 Box::pin(async move { Ok(UpstreamStream::Tcp(connecting.await?)) })
             }
-            UpstreamConnector::Unix { path, timeout } => {
-                let path = path.clone();
-                let timeout = *timeout;
+            Some(path) => {
+                let timeout = self.timeout;
                 Box::pin(async move {
-                    let stream = tokio::time::timeout(timeout, UnixStream::connect(path.as_path()))
+                    let stream = tokio::time::timeout(timeout, UnixStream::connect(&path))
                         .await
                         .map_err(|_| {
                             io::Error::new(io::ErrorKind::TimedOut, "connect timed out")

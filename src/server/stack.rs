@@ -51,6 +51,8 @@ pub(super) struct Runtime {
     /// HTTP/1.1 on TLS without `h2` in ALPN, and on the plain listener (which offers no cleartext
     /// HTTP/2, h2c, to anyone).
     pub(super) http1: http1::Builder,
+    /// The proxy service inside `https`, for the backends' state in the metrics.
+    pub(super) proxy: ProxyService,
     /// HTTP/2, only where ALPN chose `h2` (RFC 9113 §3.2).
     pub(super) http2: http2::Builder<TokioExecutor>,
 }
@@ -67,6 +69,7 @@ impl Runtime {
             default: 80,
             public: None,
         };
+        let proxy = ProxyService::new(&config, public_https_port, fixed.budget.clone());
         let https = ServiceBuilder::new()
             .layer(RecordResponseLayer::new(
                 config.log.access,
@@ -90,7 +93,7 @@ impl Runtime {
             )))
             .service(StaticOrProxy::new(
                 StaticFiles::new(&config.static_files, &fixed.budget),
-                ProxyService::new(&config, public_https_port, fixed.budget.clone()),
+                proxy.clone(),
             ));
         let plain = ServiceBuilder::new()
             .layer(RecordResponseLayer::new(
@@ -109,6 +112,7 @@ impl Runtime {
                 fixed.tokens.clone(),
             ));
         Runtime {
+            proxy,
             http1: http1_builder(&config.limits),
             http2: http2_builder(&config.limits),
             https,
