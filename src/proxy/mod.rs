@@ -184,7 +184,9 @@ impl Shared {
             keep_upgrade(&mut parts.headers, upgrade);
         }
         let mut body = match declared_length {
-            Some(len) if len <= self.buffer_body && !body.is_end_stream() => {
+            // No body at all (most GETs): nothing to wait for, and the request can be sent again.
+            _ if body.is_end_stream() => RequestBody::buffered(bytes::Bytes::new()),
+            Some(len) if len <= self.buffer_body => {
                 match tokio::time::timeout(self.body_timeout, body.collect()).await {
                     Ok(Ok(collected)) => RequestBody::buffered(collected.to_bytes()),
                     Ok(Err(_)) => {

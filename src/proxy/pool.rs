@@ -257,7 +257,7 @@ impl Pool {
 
     fn record_check(&self, backend: &Backend, check: &HealthCheck, passed: bool) {
         let failing = backend.failing_checks.load(Ordering::Relaxed);
-        if passed == !failing {
+        if passed != failing {
             backend.check_streak.store(0, Ordering::Relaxed);
             return;
         }
