@@ -112,7 +112,10 @@ async fn answer(
         let host = req.headers().get("host").cloned();
         return Response::builder()
             .status(status)
-            .header("x-seen-host", host.unwrap_or_else(|| "-".parse().expect("value")))
+            .header(
+                "x-seen-host",
+                host.unwrap_or_else(|| "-".parse().expect("value")),
+            )
             .body(full("health"))
             .expect("response");
     }
@@ -156,7 +159,10 @@ async fn proxy_for(upstream: &str, extra: &str) -> Proxy {
 async fn round_robin_spreads_requests_by_weight() {
     let (a, b) = (Backend::start(None).await, Backend::start(None).await);
     let proxy = proxy_for(
-        &upstream_section(&[a.url(), b.url()], "policy = \"round_robin\"\nweights = [3, 1]"),
+        &upstream_section(
+            &[a.url(), b.url()],
+            "policy = \"round_robin\"\nweights = [3, 1]",
+        ),
         "",
     )
     .await;
@@ -195,7 +201,10 @@ async fn least_requests_avoids_the_slow_backend() {
     }
     let (f, s) = (fast.count(), slow.count());
     assert_eq!(f + s, 60);
-    assert!(f >= 3 * s, "fast {f}, slow {s}: the slow backend got too many");
+    assert!(
+        f >= 3 * s,
+        "fast {f}, slow {s}: the slow backend got too many"
+    );
     proxy.stop().await;
 }
 
@@ -227,7 +236,9 @@ async fn an_unreachable_backend_loses_no_request_and_is_taken_out() {
     assert_eq!(live.posts.load(Ordering::SeqCst), 5, "each POST ran once");
     let metrics = scrape_metrics(proxy.server().metrics_addr.expect("metrics")).await;
     assert!(
-        metrics.contains(&format!("portcullis_backend_up{{backend=\"http://{dead}\"}} 0")),
+        metrics.contains(&format!(
+            "portcullis_backend_up{{backend=\"http://{dead}\"}} 0"
+        )),
         "{metrics}"
     );
     assert!(
@@ -311,7 +322,11 @@ async fn health_checks_take_a_backend_out_and_bring_it_back() {
     for _ in 0..10 {
         assert_eq!(client.get("/", port).await.0.status(), StatusCode::OK);
     }
-    assert_eq!(a.count(), before, "no request went to the backend that failed its checks");
+    assert_eq!(
+        a.count(),
+        before,
+        "no request went to the backend that failed its checks"
+    );
     a.healthy.store(true, Ordering::SeqCst);
     eventually("the backend is back after passing its checks", || async {
         scrape_metrics(metrics_addr).await.contains(&up_line(1))
@@ -342,7 +357,11 @@ async fn requests_racing_a_keep_alive_close_get_no_5xx() {
             errors.push(format!("{i}: {} {body}", response.status()));
         }
     }
-    assert!(errors.is_empty(), "{} of 300 failed: {errors:?}", errors.len());
+    assert!(
+        errors.is_empty(),
+        "{} of 300 failed: {errors:?}",
+        errors.len()
+    );
     assert_eq!(backend.count(), 300, "each request ran once");
     proxy.stop().await;
 }
@@ -423,7 +442,11 @@ async fn reload_changes_the_backends_without_dropping_requests_in_flight() {
         .await
         .expect("in time")
         .expect("task");
-    assert_eq!(response.status(), StatusCode::OK, "the removed backend finished");
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the removed backend finished"
+    );
     assert_eq!(old.count(), 1);
     proxy.stop().await;
 }

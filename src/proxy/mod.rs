@@ -6,8 +6,9 @@
 //! connection) only when no response byte has arrived and either the connection could not be made (it
 //! never left: any method) or the method is idempotent (RFC 9110 §9.2.2); and only when its body was
 //! read whole and can be sent again. At most `upstream.retries` more attempts, all within one
-//! `response_timeout`. The response timeout starts once the whole body has gone upstream: a slow
-//! upload is the client's 408, not Gunicorn's 504.
+//! `response_timeout`. Non-idempotent requests go on a new connection each, never onto a kept-alive one
+//! the backend may be closing. The response timeout starts once the whole body has gone upstream: a
+//! slow upload is the client's 408, not Gunicorn's 504.
 
 pub mod headers;
 pub mod pool;
@@ -48,7 +49,10 @@ pub struct ProxyService {
 }
 
 struct Shared {
+    /// For idempotent requests: kept-alive connections, retried on another when one was closed.
     client: UpstreamClient,
+    /// For the rest: a new connection each (see `upstream::build_client`).
+    fresh_client: UpstreamClient,
     pool: Arc<Pool>,
     retries: u32,
     forwarding: ForwardingPolicy,
@@ -67,7 +71,8 @@ impl ProxyService {
     /// `public_https_port` is the port clients reach us on, for `X-Forwarded-Port`. Starts the pool's
     /// health checks, which end when the service (its config) is dropped.
     pub fn new(config: &Config, public_https_port: u16, budget: BufferBudget) -> Self {
-        let client = build_client(&config.upstream);
+        let client = build_client(&config.upstream, true);
+        let fresh_client = build_client(&config.upstream, false);
         let pool = Arc::new(Pool::new(&config.upstream));
         if let Some(host) = config
             .server
@@ -81,6 +86,7 @@ impl ProxyService {
         ProxyService {
             shared: Arc::new(Shared {
                 client,
+                fresh_client,
                 pool,
                 retries: config.upstream.retries,
                 forwarding: ForwardingPolicy {
@@ -217,7 +223,7 @@ impl Shared {
         let mut tried = Vec::new();
         let mut first_body = Some(body);
         let (picked, mut response) = loop {
-            let picked = match self.pool.choose(&tried) {
+            let picked = match self.pool.choose(&tried, replay.is_some()) {
                 Ok(picked) => picked,
                 Err(AllDown { retry_after }) => return all_backends_down(retry_after),
             };
@@ -243,7 +249,12 @@ impl Shared {
             *upstream_req.uri_mut() = uri;
             *upstream_req.version_mut() = Version::HTTP_11;
             *upstream_req.headers_mut() = parts.headers.clone();
-            match self.attempt(upstream_req, sent, deadline).await {
+            let client = if idempotent {
+                &self.client
+            } else {
+                &self.fresh_client
+            };
+            match self.attempt(client, upstream_req, sent, deadline).await {
                 Ok(response) => break (picked, response),
                 Err(Failure::Client(answer)) => return answer,
                 Err(Failure::Timeout) => {
@@ -265,6 +276,13 @@ impl Shared {
                         && deadline.is_some_and(|d| Instant::now() < d);
                     let chain = error_chain(&error);
                     if !retry {
+                        // Nothing up any more: the answer that says when to come back.
+                        if let Some(AllDown { retry_after }) = self.pool.all_down()
+                            && connect
+                        {
+                            tracing::warn!(backend = %picked.backend.name, error = %chain, "upstream unreachable");
+                            return all_backends_down(retry_after);
+                        }
                         return upstream_failure(&picked.backend.name, connect, &chain);
                     }
                     tracing::info!(backend = %picked.backend.name, error = %chain, attempt = tried.len(), "retrying on another connection");
@@ -369,6 +387,7 @@ impl Shared {
     /// timeout after the whole body has gone upstream (`sent`).
     async fn attempt(
         &self,
+        client: &UpstreamClient,
         request: Request<RequestBody>,
         sent: tokio::sync::oneshot::Receiver<()>,
         deadline: Option<Instant>,
@@ -386,7 +405,7 @@ impl Shared {
             tokio::time::sleep_until(until).await;
         };
         tokio::select! {
-            result = self.client.request(request) => result.map_err(|error| {
+            result = client.request(request) => result.map_err(|error| {
                 match body_error_response(&error) {
                     Some(answer) => Failure::Client(answer),
                     None => Failure::Upstream { connect: error.is_connect(), error },

@@ -28,6 +28,8 @@ pub struct Backend {
     consecutive_failures: AtomicU32,
     /// Passive health: milliseconds since the pool's epoch until which this backend is out (0: in).
     down_until_ms: AtomicU64,
+    /// When a request last tried this backend while it was out (see `Pool::choose`).
+    last_probe_ms: AtomicU64,
     /// Active health: the checks' verdict.
     failing_checks: AtomicBool,
     check_streak: AtomicU32,
@@ -80,6 +82,9 @@ impl Drop for Picked {
     }
 }
 
+/// How often a request may try a backend that is out, while none is up.
+const PROBE_EVERY_MS: u64 = 1000;
+
 /// The authority that stands for a unix-socket backend in request URIs.
 pub fn unix_authority(index: usize) -> Authority {
     Authority::try_from(format!("backend-{index}.unix").as_str())
@@ -104,6 +109,7 @@ impl Pool {
                     in_flight: AtomicUsize::new(0),
                     consecutive_failures: AtomicU32::new(0),
                     down_until_ms: AtomicU64::new(0),
+                    last_probe_ms: AtomicU64::new(0),
                     failing_checks: AtomicBool::new(false),
                     check_streak: AtomicU32::new(0),
                     requests: AtomicU64::new(0),
@@ -140,9 +146,14 @@ impl Pool {
     }
 
     /// A backend for the next attempt, avoiding those in `tried` while another is up (a retry goes
-    /// elsewhere when it can, else to the same backend on a new connection).
-    pub fn choose(&self, tried: &[usize]) -> Result<Picked, AllDown> {
+    /// elsewhere when it can, else to the same backend on a new connection). A request that can be sent
+    /// again (`replayable`) may be the one a second that tries a backend passive failures took out, so a
+    /// Gunicorn restarted by a deploy is back in rotation within a second, not after `fail_timeout`.
+    pub fn choose(&self, tried: &[usize], replayable: bool) -> Result<Picked, AllDown> {
         let now_ms = self.now_ms();
+        if replayable && let Some(index) = self.probe_one_that_is_out(tried, now_ms) {
+            return Ok(self.picked(index));
+        }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let pick = |avoid: &[usize]| -> Option<usize> {
             let mut candidates = (0..self.rotation.len())
@@ -159,13 +170,47 @@ impl Pool {
                 }),
             }
         };
-        let index = pick(tried).or_else(|| pick(&[])).ok_or(AllDown {
-            retry_after: self.retry_after(now_ms),
-        })?;
+        let index = pick(tried)
+            .or_else(|| pick(&[]))
+            .or_else(|| self.probe_one_that_is_out(tried, now_ms))
+            .ok_or(AllDown {
+                retry_after: self.retry_after(now_ms),
+            })?;
+        Ok(self.picked(index))
+    }
+
+    fn picked(&self, index: usize) -> Picked {
         let backend = self.backends[index].clone();
         backend.in_flight.fetch_add(1, Ordering::Relaxed);
         backend.requests.fetch_add(1, Ordering::Relaxed);
-        Ok(Picked { index, backend })
+        Picked { index, backend }
+    }
+
+    /// One request a second may try a backend that passive failures took out (never one failing its
+    /// health checks): a Gunicorn restarted by a deploy is back long before its `fail_timeout` is over,
+    /// and this finds out at once. With none up, every other request gets the 503 meanwhile.
+    fn probe_one_that_is_out(&self, tried: &[usize], now_ms: u64) -> Option<usize> {
+        // Stored one past the time, so 0 means "never".
+        let stamp = now_ms + 1;
+        (0..self.backends.len()).find(|&i| {
+            let b = &self.backends[i];
+            let last = b.last_probe_ms.load(Ordering::Relaxed);
+            let out = b.down_until_ms.load(Ordering::Relaxed) > now_ms;
+            out && !tried.contains(&i)
+                && !b.failing_checks.load(Ordering::Relaxed)
+                && (last == 0 || stamp.saturating_sub(last) >= PROBE_EVERY_MS)
+                && b.last_probe_ms
+                    .compare_exchange(last, stamp, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+        })
+    }
+
+    /// `Some` when no backend is up: a failed last attempt is then the all-down answer.
+    pub fn all_down(&self) -> Option<AllDown> {
+        let now_ms = self.now_ms();
+        (!self.backends.iter().any(|b| self.is_up(b, now_ms))).then(|| AllDown {
+            retry_after: self.retry_after(now_ms),
+        })
     }
 
     /// When a backend may be back: the earliest end of a passive outage, else the next health check.
@@ -188,6 +233,7 @@ impl Pool {
             .min()
             .unwrap_or(self.fail_timeout)
             .max(Duration::from_secs(1))
+            .min(self.fail_timeout.max(Duration::from_secs(1)))
     }
 
     /// The backend answered: it is healthy as far as requests can tell.
@@ -375,7 +421,7 @@ mod tests {
         let pool = Pool::new(&config(BalancePolicy::RoundRobin, &[2, 1]));
         let mut counts = [0; 2];
         for _ in 0..300 {
-            counts[pool.choose(&[]).expect("up").index] += 1;
+            counts[pool.choose(&[], true).expect("up").index] += 1;
         }
         assert_eq!(counts, [200, 100]);
     }
@@ -383,10 +429,10 @@ mod tests {
     #[tokio::test]
     async fn least_requests_prefers_the_idle_backend() {
         let pool = Pool::new(&config(BalancePolicy::LeastRequests, &[1, 1]));
-        let busy = pool.choose(&[]).expect("up");
+        let busy = pool.choose(&[], true).expect("up");
         // While one request is in flight on `busy`, every new one goes to the other.
         for _ in 0..10 {
-            assert_ne!(pool.choose(&[]).expect("up").index, busy.index);
+            assert_ne!(pool.choose(&[], true).expect("up").index, busy.index);
         }
     }
 
@@ -394,30 +440,35 @@ mod tests {
     async fn first_keeps_to_the_primary_and_retries_go_elsewhere() {
         let pool = Pool::new(&config(BalancePolicy::First, &[1, 1, 1]));
         for _ in 0..5 {
-            assert_eq!(pool.choose(&[]).expect("up").index, 0);
+            assert_eq!(pool.choose(&[], true).expect("up").index, 0);
         }
-        assert_eq!(pool.choose(&[0]).expect("up").index, 1);
+        assert_eq!(pool.choose(&[0], true).expect("up").index, 1);
         // Nowhere else to go: the same backend again (on a new connection).
         let single = Pool::new(&config(BalancePolicy::First, &[1]));
-        assert_eq!(single.choose(&[0]).expect("up").index, 0);
+        assert_eq!(single.choose(&[0], true).expect("up").index, 0);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn failures_take_a_backend_out_until_fail_timeout() {
+    async fn failures_take_a_backend_out_and_a_probe_a_second_brings_it_back() {
         let pool = Pool::new(&config(BalancePolicy::First, &[1, 1]));
         for _ in 0..2 {
-            let picked = pool.choose(&[]).expect("up");
+            let picked = pool.choose(&[], false).expect("up");
             assert_eq!(picked.index, 0);
             pool.record_failure(&picked);
         }
-        // Out: the backup takes the traffic.
-        assert_eq!(pool.choose(&[]).expect("up").index, 1);
-        tokio::time::advance(Duration::from_secs(10)).await;
-        // Back on trial; one success keeps it in.
-        let picked = pool.choose(&[]).expect("up");
-        assert_eq!(picked.index, 0);
-        pool.record_success(&picked, Duration::from_millis(1));
-        assert!(pool.snapshot()[0].up);
+        // Out: the backup takes the traffic; a request that cannot be sent again never probes.
+        assert_eq!(pool.choose(&[], false).expect("up").index, 1);
+        // One replayable request a second tries it again; the others keep to the backup.
+        let probe = pool.choose(&[], true).expect("up");
+        assert_eq!(probe.index, 0);
+        pool.record_failure(&probe);
+        assert_eq!(pool.choose(&[], true).expect("up").index, 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let probe = pool.choose(&[], true).expect("up");
+        assert_eq!(probe.index, 0);
+        pool.record_success(&probe, Duration::from_millis(1));
+        assert!(pool.snapshot()[0].up, "back after one good answer");
+        assert_eq!(pool.choose(&[], false).expect("up").index, 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -425,20 +476,34 @@ mod tests {
         // A lone backend stays in, however often it fails.
         let lone = Pool::new(&config(BalancePolicy::LeastRequests, &[1]));
         for _ in 0..5 {
-            let picked = lone.choose(&[]).expect("up");
+            let picked = lone.choose(&[], false).expect("up");
             lone.record_failure(&picked);
         }
-        assert!(lone.choose(&[]).is_ok());
+        assert!(lone.choose(&[], true).is_ok());
 
         let pool = Pool::new(&config(BalancePolicy::LeastRequests, &[1, 1]));
         for _ in 0..4 {
-            let picked = pool.choose(&[]).expect("up");
+            let picked = pool.choose(&[], false).expect("up");
             pool.record_failure(&picked);
         }
-        let down = pool.choose(&[]).err().expect("all down");
+        // With none up, one request tries each backend that is out, once a second; the rest are told
+        // when to come back.
+        let probes: Vec<usize> = (0..2)
+            .map(|_| pool.choose(&[], true).expect("a probe").index)
+            .collect();
+        assert_eq!(probes, [0, 1]);
+        let down = pool.choose(&[], true).err().expect("all down");
         assert_eq!(down.retry_after, Duration::from_secs(10));
-        tokio::time::advance(Duration::from_secs(7)).await;
-        let down = pool.choose(&[]).err().expect("all down");
+        assert_eq!(
+            pool.all_down().map(|d| d.retry_after),
+            Some(Duration::from_secs(10))
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(pool.choose(&[], true).is_ok(), "the next second's probe");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let _ = pool.choose(&[], true);
+        let _ = pool.choose(&[], true);
+        let down = pool.choose(&[], true).err().expect("all down");
         assert_eq!(down.retry_after, Duration::from_secs(3));
     }
 
@@ -461,7 +526,7 @@ mod tests {
         pool.record_check(&b, &check, false);
         assert!(!pool.snapshot()[0].up);
         for _ in 0..10 {
-            assert_eq!(pool.choose(&[]).expect("one is up").index, 1);
+            assert_eq!(pool.choose(&[], true).expect("one is up").index, 1);
         }
         pool.record_check(&b, &check, true);
         assert!(!pool.snapshot()[0].up, "one pass of two");

@@ -27,7 +27,11 @@ pub type UpstreamClient = Client<UpstreamConnector, RequestBody>;
 /// The largest chunk of an upstream response held at once (see `http1_max_buf_size` below).
 pub const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
 
-pub fn build_client(config: &UpstreamConfig) -> UpstreamClient {
+/// `reuse`: keep idle connections for later requests. The client for non-idempotent requests does not:
+/// a POST written onto a kept-alive connection just as Gunicorn closes it (its `--keep-alive` timer, a
+/// graceful restart) may or may not have run, so it could be neither retried nor trusted. On a new
+/// connection, a failure to connect means it never left, and is retried safely.
+pub fn build_client(config: &UpstreamConfig, reuse: bool) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.connect_timeout));
@@ -50,7 +54,7 @@ pub fn build_client(config: &UpstreamConfig) -> UpstreamClient {
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle)
+        .pool_max_idle_per_host(if reuse { config.pool_max_idle } else { 0 })
         // The read buffer is what one unread response body holds at most between the upstream and a
         // client that does not read (hyper's adaptive default grows to 400 KiB). It also bounds the
         // upstream's response head, which Django keeps far below this.

@@ -6,4 +6,6 @@ from . import views
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("whoami/", views.whoami),
+    path("record/", views.record),
+    path("healthz/", views.health),
 ]

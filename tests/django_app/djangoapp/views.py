@@ -1,5 +1,9 @@
-"""What Django concludes about a request: the facts a proxy gets wrong most often."""
-from django.http import JsonResponse
+"""What Django concludes about a request: the facts a proxy gets wrong most often; and a POST endpoint
+that records each request it ran, so a test can prove no POST ran twice."""
+import os
+
+from django.http import HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 
 
 def whoami(request):
@@ -13,3 +17,18 @@ def whoami(request):
             "x_forwarded_for": request.META.get("HTTP_X_FORWARDED_FOR"),
         }
     )
+
+
+@csrf_exempt
+def record(request):
+    """POST `id=…`: appends the id and this process's id to DJANGO_POST_LOG (one line per run)."""
+    if request.method != "POST":
+        return HttpResponse("POST only", status=405)
+    line = f"{request.POST.get('id', '-')} {os.getpid()}\n"
+    with open(os.environ["DJANGO_POST_LOG"], "a") as log:
+        log.write(line)
+    return HttpResponse("recorded")
+
+
+def health(request):
+    return HttpResponse("ok")
