@@ -450,3 +450,69 @@ async fn reload_changes_the_backends_without_dropping_requests_in_flight() {
     assert_eq!(old.count(), 1);
     proxy.stop().await;
 }
+
+/// `[errors]`: the team's page instead of ours for a 502, and the maintenance switch: while the file
+/// exists every request gets 503 with its contents and the security headers, nothing reaches Gunicorn,
+/// and the allowed network still gets through; removing it ends maintenance.
+#[tokio::test]
+async fn error_pages_and_the_maintenance_switch() {
+    let backend = Backend::start(None).await;
+    let pages = tempfile::tempdir().expect("tempdir");
+    let page = pages.path().join("502.html");
+    std::fs::write(&page, "<h1>We will be right back</h1>").expect("write");
+    let switch = pages.path().join("maintenance.html");
+    let dead = dead_address().await;
+    let proxy = proxy_for(
+        &upstream_section(&[backend.url()], ""),
+        &format!(
+            "[errors]\nbad_gateway = \"{}\"\nmaintenance_file = \"{}\"\n\
+             maintenance_allow = [\"127.0.0.2\"]\nmaintenance_retry_after = \"2m\"\n",
+            page.display(),
+            switch.display()
+        ),
+    )
+    .await;
+    let port = proxy.https.port();
+    let mut client = proxy.client(H2).await;
+    assert_eq!(client.get("/", port).await.0.status(), StatusCode::OK);
+
+    std::fs::write(&switch, "<h1>Upgrading, back at noon</h1>").expect("switch on");
+    let served = backend.count();
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        for _ in 0..2 {
+            let (response, body) = client.get("/admin/", port).await;
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(body, "<h1>Upgrading, back at noon</h1>");
+            assert_eq!(response.headers()["retry-after"], "120");
+            assert!(response.headers().contains_key("content-security-policy"));
+        }
+    }
+    assert_eq!(backend.count(), served, "nothing reached Gunicorn");
+    let mut team = Client::connect_from(
+        Some("127.0.0.2".parse().expect("ip")),
+        proxy.https,
+        "localhost",
+        &proxy.root,
+        H2,
+    )
+    .await
+    .expect("connect from 127.0.0.2");
+    assert_eq!(team.get("/", port).await.0.status(), StatusCode::OK);
+    std::fs::remove_file(&switch).expect("switch off");
+    assert_eq!(client.get("/", port).await.0.status(), StatusCode::OK);
+    proxy.stop().await;
+
+    // The team's 502 page, with our headers, when the backend cannot be reached.
+    let proxy = proxy_for(
+        &format!("url = \"http://{dead}\""),
+        &format!("[errors]\nbad_gateway = \"{}\"\n", page.display()),
+    )
+    .await;
+    let mut client = proxy.client(H1).await;
+    let (response, body) = client.get("/", proxy.https.port()).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(body, "<h1>We will be right back</h1>");
+    assert!(response.headers().contains_key("strict-transport-security"));
+    proxy.stop().await;
+}

@@ -55,6 +55,8 @@ pub struct Config {
     pub static_files: Vec<StaticMount>,
     /// Per-client request budgets for chosen paths (logins).
     pub rate_limits: Vec<RateLimitRule>,
+    /// The team's own pages for 502/503/504, and the maintenance switch.
+    pub errors: ErrorPages,
     /// Legal but probably unintended settings; `check` prints them and `run` logs them.
     pub warnings: Vec<String>,
 }
@@ -300,6 +302,19 @@ pub struct RateLimitRule {
     pub methods: Vec<http::Method>,
     pub requests: u32,
     pub per: Duration,
+}
+
+/// `[errors]`: HTML read at start and on reload, sent instead of the built-in pages.
+#[derive(Debug, Clone, Default)]
+pub struct ErrorPages {
+    pub bad_gateway: Option<bytes::Bytes>,
+    pub service_unavailable: Option<bytes::Bytes>,
+    pub gateway_timeout: Option<bytes::Bytes>,
+    /// While this file exists, every request (but from `maintenance_allow`) gets 503 and the file's
+    /// contents as the page, without reaching Gunicorn.
+    pub maintenance_file: Option<PathBuf>,
+    pub maintenance_allow: Vec<IpNet>,
+    pub maintenance_retry_after: Duration,
 }
 
 /// A directory served under a URL prefix (Django's `STATIC_URL` → `STATIC_ROOT`).

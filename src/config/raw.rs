@@ -60,6 +60,18 @@ pub struct RawConfig {
     pub static_files: Vec<RawStatic>,
     #[serde(default)]
     pub rate_limit: Vec<RawRateLimit>,
+    pub errors: Option<RawErrors>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawErrors {
+    pub bad_gateway: Option<String>,
+    pub service_unavailable: Option<String>,
+    pub gateway_timeout: Option<String>,
+    pub maintenance_file: Option<String>,
+    pub maintenance_allow: Option<Vec<String>>,
+    pub maintenance_retry_after: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -223,8 +223,16 @@ fn the_example_files_documented_defaults_are_the_codes() {
     let path = root.join("config/production.example.toml");
     let text = std::fs::read_to_string(&path).expect("example");
     // Commented lines that show an example rather than the default (`public_https_port`'s default is
-    // "the port of `https`", which the example spells out).
-    const EXAMPLES: [&str; 8] = [
+    // "the port of `https`", which the example spells out; the health-check settings apply only with a
+    // `health_path`, and their defaults are checked in `several_backends_and_error_pages_are_checked`).
+    const EXAMPLES: [&str; 15] = [
+        "urls",
+        "weights",
+        "health_path",
+        "health_interval",
+        "health_timeout",
+        "healthy_threshold",
+        "unhealthy_threshold",
         "workers",
         "public_https_port",
         "health_path",
@@ -395,4 +403,55 @@ fn rate_limits_default_to_post_and_name_their_mistakes() {
             "{field}: {err}"
         );
     }
+}
+
+#[test]
+fn several_backends_and_error_pages_are_checked() {
+    let config = parse(
+        "[server]\ndomains = [\"a.example\"]\n[upstream]\nurls = [\"http://10.0.0.2:8000\", \"unix:/run/g.sock\"]\n\
+         weights = [2, 1]\npolicy = \"first\"\nhealth_path = \"/healthz/\"\n",
+    )
+    .expect("valid");
+    assert_eq!(config.upstream.backends.len(), 2);
+    assert_eq!(config.upstream.backends[0].weight, 2);
+    assert_eq!(config.upstream.policy, BalancePolicy::First);
+    let health = config.upstream.health.expect("health checks");
+    assert_eq!(
+        (health.interval, health.healthy_threshold),
+        (Duration::from_secs(5), 2)
+    );
+
+    for (upstream, wanted) in [
+        (
+            "url = \"http://a:1\"\nurls = [\"http://b:1\"]",
+            "`upstream.urls`: give either",
+        ),
+        ("urls = []", "`upstream.urls`: list at least one"),
+        (
+            "urls = [\"http://a:1\"]\nweights = [1, 2]",
+            "`upstream.weights`: 2 weights for 1",
+        ),
+        ("urls = [\"http://a:1\", \"http://a:1\"]", "is listed twice"),
+        (
+            "url = \"http://a:1\"\nhealth_interval = \"1s\"",
+            "`upstream.health_interval`: only used",
+        ),
+        (
+            "url = \"http://a:1\"\npolicy = \"random\"",
+            "unknown variant `random`",
+        ),
+        ("", "`upstream.url`: missing"),
+    ] {
+        let err = error_of(&format!(
+            "[server]\ndomains = [\"a.example\"]\n[upstream]\n{upstream}\n"
+        ));
+        assert!(err.contains(wanted), "{upstream}: {err}");
+    }
+    let err = error_of(&format!(
+        "{MINIMAL}[errors]\nbad_gateway = \"/nonexistent/502.html\"\n"
+    ));
+    assert!(
+        err.contains("`errors.bad_gateway`: cannot read `/nonexistent/502.html`"),
+        "{err}"
+    );
 }

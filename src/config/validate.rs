@@ -399,6 +399,7 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         metrics: validate_metrics(raw.metrics, ctx, &server, &mut warnings)?,
         static_files: validate_static_files(raw.static_files, ctx)?,
         rate_limits: validate_rate_limits(raw.rate_limit, ctx)?,
+        errors: validate_errors(raw.errors.unwrap_or_default(), ctx)?,
         server,
         tls,
         acme,
@@ -791,6 +792,38 @@ fn validate_metrics(
             }
             Some(listen)
         }
+    })
+}
+
+/// `[errors]`: each page a readable file of at most 1 MiB (read now: a typo is an error at start, not a
+/// blank 502 in an outage); the maintenance file need not exist (its existence is the switch).
+fn validate_errors(e: raw::RawErrors, ctx: &Ctx) -> Result<ErrorPages, ConfigError> {
+    let page = |key: &str, path: Option<String>| -> Result<Option<bytes::Bytes>, ConfigError> {
+        let Some(path) = path else { return Ok(None) };
+        let path = ctx.path(&path);
+        let data = std::fs::read(&path).map_err(|error| {
+            ctx.invalid(key, format!("cannot read `{}`: {error}", path.display()))
+        })?;
+        if data.len() > 1024 * 1024 {
+            return Err(ctx.invalid(key, "an error page must be at most 1 MiB"));
+        }
+        Ok(Some(bytes::Bytes::from(data)))
+    };
+    let mut maintenance_allow = Vec::new();
+    for net in e.maintenance_allow.unwrap_or_default() {
+        maintenance_allow
+            .push(parse_ip_net(&net).map_err(|m| ctx.invalid("errors.maintenance_allow", m))?);
+    }
+    Ok(ErrorPages {
+        bad_gateway: page("errors.bad_gateway", e.bad_gateway)?,
+        service_unavailable: page("errors.service_unavailable", e.service_unavailable)?,
+        gateway_timeout: page("errors.gateway_timeout", e.gateway_timeout)?,
+        maintenance_file: e.maintenance_file.map(|p| ctx.path(&p)),
+        maintenance_allow,
+        maintenance_retry_after: e
+            .maintenance_retry_after
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(60)),
     })
 }
 

@@ -6,6 +6,7 @@
 pub mod cookies;
 pub mod framing;
 pub mod host;
+pub mod maintenance;
 pub mod rate_limit;
 pub mod record;
 pub mod security_headers;
@@ -26,6 +27,7 @@ use crate::body::ProxyBody;
 pub use cookies::CookieHardening;
 pub use framing::RequestHeadCheck;
 pub use host::HostAllowlist;
+pub use maintenance::Maintenance;
 pub use rate_limit::RateLimiter;
 pub use record::RecordResponseLayer;
 pub use security_headers::SecurityHeaderPolicy;

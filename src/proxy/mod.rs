@@ -34,9 +34,9 @@ use hyper_util::rt::TokioIo;
 use tower::Service;
 
 use crate::body::{BodyError, BufferBudget, ProxyBody, RequestBody, held_bytes};
-use crate::config::Config;
+use crate::config::{Config, ErrorPages};
 use crate::context::{ConnInfo, TrustedProxies, UpstreamBackend, UpstreamTiming};
-use crate::response::{Blame, error_page};
+use crate::response::{Blame, ProxyFailure, error_page};
 use headers::{
     ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
 };
@@ -65,6 +65,8 @@ struct Shared {
     buffer_response: u64,
     budget: BufferBudget,
     body_timeout: Duration,
+    /// `[errors]`: the team's own pages for the 502, 503 and 504 the proxy writes.
+    pages: ErrorPages,
 }
 
 impl ProxyService {
@@ -99,6 +101,7 @@ impl ProxyService {
                 buffer_response: config.limits.buffer_response,
                 budget,
                 body_timeout: config.limits.body_timeout,
+                pages: config.errors.clone(),
             }),
         }
     }
@@ -133,7 +136,10 @@ impl Service<Request<Incoming>> for ProxyService {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
-        Box::pin(async move { Ok(shared.forward(req).await) })
+        Box::pin(async move {
+            let response = shared.forward(req).await;
+            Ok(shared.with_custom_page(response))
+        })
     }
 }
 
@@ -383,6 +389,23 @@ fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
 }
 
 impl Shared {
+    /// The configured page in place of our own 502, 503 or 504 (the upstream's own pass as they are).
+    fn with_custom_page(&self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        if response.extensions().get::<ProxyFailure>().is_none() {
+            return response;
+        }
+        let page = match response.status() {
+            StatusCode::BAD_GATEWAY => &self.pages.bad_gateway,
+            StatusCode::SERVICE_UNAVAILABLE => &self.pages.service_unavailable,
+            StatusCode::GATEWAY_TIMEOUT => &self.pages.gateway_timeout,
+            _ => return response,
+        };
+        match page {
+            Some(page) => response.map(|_| ProxyBody::full(page.clone())),
+            None => response,
+        }
+    }
+
     /// One attempt at a response, until `deadline` when the request has one, else until the response
     /// timeout after the whole body has gone upstream (`sent`).
     async fn attempt(

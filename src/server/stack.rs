@@ -17,8 +17,8 @@ use crate::metrics::{Listener, Metrics};
 use crate::middleware::host::HostPorts;
 use crate::middleware::record::RecordResponse;
 use crate::middleware::{
-    CookieHardening, Gated, HostAllowlist, RateLimiter, RecordResponseLayer, RequestHeadCheck,
-    RewriteHeaders, RewriteHeadersLayer, SecurityHeaderPolicy, gate_layer,
+    CookieHardening, Gated, HostAllowlist, Maintenance, RateLimiter, RecordResponseLayer,
+    RequestHeadCheck, RewriteHeaders, RewriteHeadersLayer, SecurityHeaderPolicy, gate_layer,
 };
 use crate::proxy::ProxyService;
 use crate::static_files::{StaticFiles, StaticOrProxy};
@@ -26,7 +26,10 @@ use crate::static_files::{StaticFiles, StaticOrProxy};
 type HttpsStack = RecordResponse<
     RewriteHeaders<
         RewriteHeaders<
-            Gated<Gated<Gated<StaticOrProxy, RateLimiter>, HostAllowlist>, RequestHeadCheck>,
+            Gated<
+                Gated<Gated<Gated<StaticOrProxy, RateLimiter>, Maintenance>, HostAllowlist>,
+                RequestHeadCheck,
+            >,
             CookieHardening,
         >,
         SecurityHeaderPolicy,
@@ -86,6 +89,12 @@ impl Runtime {
             .layer(gate_layer(HostAllowlist::new(
                 config.server.domains.clone(),
                 https_host_ports,
+            )))
+            .layer(gate_layer(Maintenance::new(
+                config.errors.maintenance_file.clone(),
+                config.errors.maintenance_allow.clone(),
+                config.errors.maintenance_retry_after,
+                TrustedProxies::new(config.server.trusted_proxies.clone()),
             )))
             .layer(gate_layer(RateLimiter::new(
                 config.rate_limits.clone(),
