@@ -489,15 +489,7 @@ async fn error_pages_and_the_maintenance_switch() {
         }
     }
     assert_eq!(backend.count(), served, "nothing reached Gunicorn");
-    let mut team = Client::connect_from(
-        Some("127.0.0.2".parse().expect("ip")),
-        proxy.https,
-        "localhost",
-        &proxy.root,
-        H2,
-    )
-    .await
-    .expect("connect from 127.0.0.2");
+    let mut team = proxy.client_from_another_address(H2).await;
     assert_eq!(team.get("/", port).await.0.status(), StatusCode::OK);
     std::fs::remove_file(&switch).expect("switch off");
     assert_eq!(client.get("/", port).await.0.status(), StatusCode::OK);

@@ -85,6 +85,16 @@ impl Running {
         }
     }
 
+    /// The HTTPS address from the "serving" log line, once it is written.
+    async fn serving_at(&self) -> std::net::SocketAddr {
+        let line = self.wait_for_log("portcullis is serving").await;
+        line.split("https=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line}"))
+    }
+
     async fn wait_for_log(&self, needle: &str) -> String {
         let line = || {
             let log = self.log.lock().expect("log");
@@ -121,13 +131,7 @@ async fn sighup_reloads_good_configs_refuses_broken_ones_and_sigterm_drains() {
     let config = dir.path().join("portcullis.toml");
     std::fs::write(&config, config_text(dir.path(), upstream.addr, "")).expect("write");
     let mut proxy = Running::start(&config);
-    let line = proxy.wait_for_log("portcullis is serving").await;
-    let https: std::net::SocketAddr = line
-        .split("https=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line}"));
+    let https = proxy.serving_at().await;
     let root = dir.path().join("state/local/root.crt");
     let mut client = Client::connect(https, "localhost", &root, &[b"h2"])
         .await
@@ -262,13 +266,7 @@ async fn unread_http2_streams_cost_bounded_memory() {
     let config = dir.path().join("portcullis.toml");
     std::fs::write(&config, config_text(dir.path(), upstream.addr, &extra)).expect("write");
     let proxy = Running::start(&config);
-    let line = proxy.wait_for_log("portcullis is serving").await;
-    let https: std::net::SocketAddr = line
-        .split("https=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line}"));
+    let https = proxy.serving_at().await;
     let root = dir.path().join("state/local/root.crt");
     let pid = proxy.child.0.id();
     let port = https.port();

@@ -632,15 +632,7 @@ async fn login_posts_beyond_the_budget_get_429_before_the_upstream() {
         StatusCode::OK
     );
     // Another client address has its own budget.
-    let mut other = Client::connect_from(
-        Some("127.0.0.2".parse().expect("ip")),
-        proxy.https,
-        "localhost",
-        &proxy.root,
-        H2,
-    )
-    .await
-    .expect("connect from 127.0.0.2");
+    let mut other = proxy.client_from_another_address(H2).await;
     assert_eq!(
         other.fetch(post("/admin/login/")).await.0.status(),
         StatusCode::OK

@@ -36,11 +36,12 @@ use tower::Service;
 use crate::body::{BodyError, BufferBudget, ProxyBody, RequestBody, held_bytes};
 use crate::config::{Config, ErrorPages};
 use crate::context::{ConnInfo, TrustedProxies, UpstreamBackend, UpstreamTiming};
+use crate::metrics::BackendGauge;
 use crate::response::{Blame, ProxyFailure, error_page};
 use headers::{
     ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
 };
-use pool::{AllDown, BackendState, Pool};
+use pool::{AllDown, Pool};
 use upstream::{UpstreamClient, build_client};
 
 #[derive(Clone)]
@@ -107,7 +108,7 @@ impl ProxyService {
     }
 
     /// The backends' state, for the metrics.
-    pub fn backends(&self) -> Vec<BackendState> {
+    pub fn backends(&self) -> Vec<BackendGauge> {
         self.shared.pool.snapshot()
     }
 }

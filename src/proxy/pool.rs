@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::upstream::UpstreamClient;
 use crate::body::RequestBody;
 use crate::config::{BalancePolicy, HealthCheck, UpstreamConfig, UpstreamTarget};
+use crate::metrics::BackendGauge;
 
 /// One backend and what is known about it.
 pub struct Backend {
@@ -37,18 +38,6 @@ pub struct Backend {
     failures: AtomicU64,
     response_micros: AtomicU64,
     responses: AtomicU64,
-}
-
-/// What a backend looks like from outside, for the metrics.
-#[derive(Debug, Clone)]
-pub struct BackendState {
-    pub name: Arc<str>,
-    pub up: bool,
-    pub in_flight: usize,
-    pub requests: u64,
-    pub failures: u64,
-    pub response_seconds_sum: f64,
-    pub responses: u64,
 }
 
 /// No backend can take a request now; `retry_after` is when one may.
@@ -275,12 +264,12 @@ impl Pool {
         &self.backends
     }
 
-    pub fn snapshot(&self) -> Vec<BackendState> {
+    pub fn snapshot(&self) -> Vec<BackendGauge> {
         let now_ms = self.now_ms();
         self.backends
             .iter()
-            .map(|b| BackendState {
-                name: b.name.clone(),
+            .map(|b| BackendGauge {
+                name: b.name.to_string(),
                 up: self.is_up(b, now_ms),
                 in_flight: b.in_flight.load(Ordering::Relaxed),
                 requests: b.requests.load(Ordering::Relaxed),

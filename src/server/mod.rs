@@ -21,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::acme::{AcmeStatus, Http01Tokens};
 use crate::body::BufferBudget;
 use crate::config::{Config, ConfigError, Domains, TlsSource};
-use crate::metrics::{BackendGauge, Gauges, Metrics};
+use crate::metrics::{Gauges, Metrics};
 use crate::tls::{CertResolver, TlsError};
 use certificates::provision_certificates;
 use stack::{Fixed, Runtime};
@@ -117,22 +117,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         let (shared, permits, acme_status) = (shared.clone(), permits.clone(), acme_status.clone());
         let max_connections = config.limits.max_connections;
         let render = move || {
-            let backends = shared
-                .current
-                .load()
-                .proxy
-                .backends()
-                .into_iter()
-                .map(|b| BackendGauge {
-                    name: b.name.to_string(),
-                    up: b.up,
-                    in_flight: b.in_flight,
-                    requests: b.requests,
-                    failures: b.failures,
-                    response_seconds_sum: b.response_seconds_sum,
-                    responses: b.responses,
-                })
-                .collect();
+            let backends = shared.current.load().proxy.backends();
             shared.fixed.metrics.render(&Gauges {
                 backends,
                 open_connections: max_connections - permits.available_permits(),

@@ -346,6 +346,19 @@ impl Proxy {
             .expect("TLS connect")
     }
 
+    /// A client from 127.0.0.2: another client address, as far as the proxy can tell.
+    pub async fn client_from_another_address(&self, alpn: &[&[u8]]) -> Client {
+        Client::connect_from(
+            Some(std::net::IpAddr::from([127, 0, 0, 2])),
+            self.https,
+            "localhost",
+            &self.root,
+            alpn,
+        )
+        .await
+        .expect("connect from 127.0.0.2")
+    }
+
     pub async fn stop(mut self) {
         if let Some(server) = self.server.take() {
             server.shutdown();
