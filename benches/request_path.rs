@@ -1,5 +1,6 @@
 //! Micro benchmarks of the per-request work portcullis adds: the security-header layer, the Set-Cookie
-//! rewrite, the forwarded-header rewrite and the redirect builder. `cargo bench --bench request_path`.
+//! rewrite, the forwarded-header rewrite, the redirect builder and choosing a backend (one and two, each
+//! policy). `cargo bench --bench request_path`.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -123,5 +124,29 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(request_path, benches);
+/// Choosing a backend and letting it go again (the in-flight count), as every proxied request does.
+fn choosing_a_backend(c: &mut Criterion) {
+    use portcullis::proxy::pool::Pool;
+    for (name, upstream) in [
+        ("one", "url = \"http://127.0.0.1:8000\"".to_string()),
+        (
+            "two_least_requests",
+            "urls = [\"http://127.0.0.1:8000\", \"http://127.0.0.1:8001\"]".to_string(),
+        ),
+        (
+            "two_round_robin",
+            "urls = [\"http://127.0.0.1:8000\", \"http://127.0.0.1:8001\"]\npolicy = \"round_robin\""
+                .to_string(),
+        ),
+    ] {
+        let text = format!("[server]\ndomains = [\"example.com\"]\n[upstream]\n{upstream}\n");
+        let config = Config::parse(&text, "bench", None).expect("valid");
+        let pool = Pool::new(&config.upstream);
+        c.bench_function(&format!("pool/choose_{name}"), |b| {
+            b.iter(|| black_box(pool.choose(black_box(&[]), true).ok()))
+        });
+    }
+}
+
+criterion_group!(request_path, benches, choosing_a_backend);
 criterion_main!(request_path);
