@@ -137,9 +137,14 @@ class Contender:
 
 
 class Portcullis(Contender):
-    def __init__(self, port, tmp, workers=1):
-        super().__init__("portcullis" if workers == 1 else f"portcullis-{workers}w", port, tmp)
+    def __init__(self, port, tmp, workers=1, backends=1):
+        name = "portcullis" if workers == 1 else f"portcullis-{workers}w"
+        super().__init__(name if backends == 1 else f"{name}-{backends}b", port, tmp)
         self.workers = workers
+        # Two backends are the same upstream under two names (127.0.0.1 and localhost): the proxy
+        # balances between two pools, which is what the cost of choosing is measured on.
+        self.upstream = (f'url = "http://127.0.0.1:{UPSTREAM_PORT}"' if backends == 1 else
+                         f'urls = ["http://127.0.0.1:{UPSTREAM_PORT}", "http://localhost:{UPSTREAM_PORT}"]')
 
     def command(self, cert, key, pem):
         conf = self.tmp / f"{self.name}.toml"
@@ -154,7 +159,7 @@ cert = "{cert}"
 key = "{key}"
 dir = "{self.tmp}/state"
 [upstream]
-url = "http://127.0.0.1:{UPSTREAM_PORT}"
+{self.upstream}
 [[static]]
 url = "/static/"
 dir = "{self.tmp}/static"
@@ -434,7 +439,8 @@ def main():
     upstream = subprocess.Popen(["taskset", "-c", LOAD_CORE, str(ROOT / "target/release/examples/bench_upstream"), str(UPSTREAM_PORT)])
     wait_port(UPSTREAM_PORT)
     contenders = [Portcullis(19443, tmp), Nginx("nginx", 19444, tmp), HAProxy("haproxy", 19445, tmp),
-                  Caddy("caddy", 19446, tmp), Portcullis(19447, tmp, workers=2)]
+                  Caddy("caddy", 19446, tmp), Portcullis(19447, tmp, workers=2),
+                  Portcullis(19448, tmp, backends=2)]
     if args.only:
         keep = set(args.only.split(","))
         contenders = [c for c in contenders if c.name in keep or (c.name == "nginx")]

@@ -133,17 +133,17 @@ impl RequestBody {
         }
     }
 
-    /// Resolves once the whole body has been handed upstream (at once for a buffered one), so the
-    /// upstream's response time is not charged with a slow client's upload.
-    pub fn sent(&mut self) -> oneshot::Receiver<()> {
-        let (tell, told) = oneshot::channel();
+    /// For a streamed body, resolves once the whole body has been handed upstream, so the upstream's
+    /// response time is not charged with a slow client's upload (a buffered one is sent at once).
+    pub fn sent(&mut self) -> Option<oneshot::Receiver<()>> {
         match self {
-            RequestBody::Buffered { .. } => {
-                let _ = tell.send(());
+            RequestBody::Buffered { .. } => None,
+            RequestBody::Streaming { sent, .. } => {
+                let (tell, told) = oneshot::channel();
+                *sent = Some(tell);
+                Some(told)
             }
-            RequestBody::Streaming { sent, .. } => *sent = Some(tell),
         }
-        told
     }
 
     /// The whole body, when it was read before the upstream was contacted: a request that can be sent

@@ -75,8 +75,7 @@ impl StaticFiles {
     }
 
     /// Answers a request whose path is under a mount.
-    async fn serve(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let path = route_path(req.uri().path()).into_owned();
+    async fn serve(&self, req: Request<Incoming>, path: String) -> Response<ProxyBody> {
         let Some(mount) = self.mount_for(&path) else {
             return status_page(StatusCode::NOT_FOUND);
         };
@@ -88,8 +87,9 @@ impl StaticFiles {
             return status_page(StatusCode::NOT_FOUND);
         }
         // `inside` is decoded; ServeDir decodes its URI path again, so it gets it encoded once more.
-        let encoded = percent_encoding::utf8_percent_encode(inside, PATH_INSIDE).to_string();
-        let Ok(uri) = encoded.parse::<Uri>() else {
+        let encoded: std::borrow::Cow<str> =
+            percent_encoding::utf8_percent_encode(inside, PATH_INSIDE).into();
+        let Ok(uri) = Uri::try_from(&*encoded) else {
             return status_page(StatusCode::NOT_FOUND);
         };
         parts.uri = uri;
@@ -165,13 +165,11 @@ impl Service<Request<Incoming>> for StaticOrProxy {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        if self
-            .files
-            .mount_for(&route_path(req.uri().path()))
-            .is_some()
-        {
+        let path = route_path(req.uri().path());
+        if self.files.mount_for(&path).is_some() {
+            let path = path.into_owned();
             let files = self.files.clone();
-            return Box::pin(async move { Ok(files.serve(req).await) });
+            return Box::pin(async move { Ok(files.serve(req, path).await) });
         }
         self.proxy.call(req)
     }

@@ -429,6 +429,30 @@ async fn reload_applies_new_settings_to_the_next_request() {
     // Same connection, next request: the new policy.
     let (response, _) = client.get("/echo", proxy.https.port()).await;
     assert_eq!(response.headers()["x-frame-options"], "SAMEORIGIN");
+
+    // Settings only a restart changes are kept as they run: `config()` tells what is in effect, and the
+    // next reload compares against it.
+    let running = proxy.server().config();
+    let mut config = (*running).clone();
+    config.server.https = "127.0.0.1:1".parse().expect("addr");
+    config.limits.max_connections = 7;
+    config.headers = portcullis::config::Config::parse(
+        &format!("{text}[headers.referrer_policy]\nvalue = \"strict-origin-when-cross-origin\"\n"),
+        "reload",
+        None,
+    )
+    .expect("valid")
+    .headers;
+    proxy.server().reload(config).expect("reload");
+    let now = proxy.server().config();
+    assert_eq!(now.server.https, running.server.https);
+    assert_eq!(now.limits.max_connections, running.limits.max_connections);
+    let (response, _) = client.get("/echo", proxy.https.port()).await;
+    assert_eq!(
+        response.headers()["referrer-policy"],
+        "strict-origin-when-cross-origin",
+        "the rest was applied"
+    );
     proxy.stop().await;
 }
 

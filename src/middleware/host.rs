@@ -160,9 +160,34 @@ pub fn check_host<B>(
         Some(port) if port != ports.default => Some(port),
         _ => None,
     };
+    // Most requests already name the host in normal form: leave those as they are.
+    if let Some(value) = host_header
+        && is_normal(value.as_bytes(), host, port)
+    {
+        return Ok(());
+    }
     let normal = normal_host(host, port).ok_or(HostRejection::Malformed)?;
     req.headers_mut().insert(HOST, normal);
     Ok(())
+}
+
+/// Whether `value` is exactly what `normal_host(host, port)` would write.
+fn is_normal(value: &[u8], host: &str, port: Option<u16>) -> bool {
+    let bracketed = host.contains(':');
+    let name_len = host.len() + if bracketed { 2 } else { 0 };
+    let (name, rest) = value.split_at(name_len.min(value.len()));
+    let name_ok = if bracketed {
+        name.first() == Some(&b'[')
+            && name.last() == Some(&b']')
+            && &name[1..name.len() - 1] == host.as_bytes()
+    } else {
+        name == host.as_bytes()
+    };
+    let port_ok = match port {
+        None => rest.is_empty(),
+        Some(port) => rest.first() == Some(&b':') && rest[1..] == *port.to_string().as_bytes(),
+    };
+    name_ok && port_ok && !name.iter().any(u8::is_ascii_uppercase)
 }
 
 /// `host[:port]`, lowercase, IPv6 in brackets: what Django's `get_host()` will see.

@@ -413,16 +413,18 @@ impl Shared {
         &self,
         client: &UpstreamClient,
         request: Request<RequestBody>,
-        sent: tokio::sync::oneshot::Receiver<()>,
+        sent: Option<tokio::sync::oneshot::Receiver<()>>,
         deadline: Option<Instant>,
     ) -> Result<Response<Incoming>, Failure> {
         let response_timeout = self.response_timeout;
         let clock = async move {
-            let until = match deadline {
-                Some(deadline) => deadline,
-                None => {
+            let until = match (deadline, sent) {
+                (Some(deadline), _) => deadline,
+                (None, sent) => {
                     // A body that fails ends too (and the request with it); either way the clock runs.
-                    let _ = sent.await;
+                    if let Some(sent) = sent {
+                        let _ = sent.await;
+                    }
                     Instant::now() + response_timeout
                 }
             };
