@@ -247,7 +247,7 @@ impl Metrics {
                 "acme_failures_total",
                 "counter",
                 "Failed ACME attempts (each is retried with backoff; the old certificate keeps serving).",
-                &one(f64::from(acme.failures)),
+                &one(acme.failures_total as f64),
             );
             if let Some(next) = acme.next_renewal {
                 family(

@@ -72,7 +72,10 @@ impl AcmeError {
 #[derive(Debug, Default, Clone)]
 pub struct AcmeState {
     pub issued: u32,
+    /// Failed attempts in a row (reset by a success): what the backoff follows.
     pub failures: u32,
+    /// Every failed attempt since start, never reset: the `_total` counter.
+    pub failures_total: u64,
     /// When each failed attempt ended (the last 32), to check the backoff schedule.
     pub failed_at: Vec<SystemTime>,
     pub last_error: Option<String>,
@@ -269,6 +272,7 @@ impl AcmeManager {
                     );
                     self.status.update(|s| {
                         s.failures = failures;
+                        s.failures_total += 1;
                         s.failed_at.push(SystemTime::now());
                         if s.failed_at.len() > 32 {
                             s.failed_at.remove(0);

@@ -455,3 +455,22 @@ fn several_backends_and_error_pages_are_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn the_eab_key_is_checked_by_check_not_at_the_first_order() {
+    let acme = |kid: &str, key: &str| {
+        format!(
+            "[server]\ndomains = [\"a.example\"]\n[tls]\nsource = \"acme\"\n[acme]\n\
+             eab = {{ kid = \"{kid}\", hmac_key = \"{key}\" }}\n[upstream]\nurl = \"http://127.0.0.1:1\"\n"
+        )
+    };
+    // 32 bytes, as ZeroSSL and Google issue them.
+    let good = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    assert!(parse(&acme("kid-1", good)).is_ok());
+    let err = error_of(&acme("kid-1", "not+base64/url!"));
+    assert!(err.contains("`acme.eab.hmac_key`: not base64url"), "{err}");
+    let err = error_of(&acme("kid-1", "c2hvcnQ"));
+    assert!(err.contains("decodes to 5 bytes"), "{err}");
+    let err = error_of(&acme(" ", good));
+    assert!(err.contains("`acme.eab.kid`"), "{err}");
+}

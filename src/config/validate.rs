@@ -924,6 +924,34 @@ fn validate_static_files(
     Ok(mounts)
 }
 
+/// External account binding (RFC 8555 §7.3.4): a key id and an HMAC key in base64url, checked here so a
+/// pasted-wrong key fails `check` instead of the first order. CAs issue keys of 32 bytes or more; HMAC
+/// wants at least 16 (RFC 2104 §3).
+fn check_eab(ctx: &Ctx, kid: &str, hmac_key: &str) -> Result<(), ConfigError> {
+    use base64::Engine;
+    if kid.trim().is_empty() {
+        return Err(ctx.invalid("acme.eab.kid", "the key id from the CA must not be empty"));
+    }
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(hmac_key.trim_end_matches('='))
+        .map_err(|e| {
+            ctx.invalid(
+                "acme.eab.hmac_key",
+                format!("not base64url (the alphabet with '-' and '_'): {e}"),
+            )
+        })?;
+    if key.len() < 16 {
+        return Err(ctx.invalid(
+            "acme.eab.hmac_key",
+            format!(
+                "decodes to {} bytes; an HMAC key from the CA has at least 16",
+                key.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_acme(
     a: raw::RawAcme,
     ctx: &Ctx,
@@ -972,7 +1000,13 @@ fn validate_acme(
         contact,
         challenge,
         directory_ca: a.directory_ca.as_deref().map(|p| ctx.path(p)),
-        eab: a.eab.map(|e| (e.kid, e.hmac_key)),
+        eab: match a.eab {
+            None => None,
+            Some(e) => {
+                check_eab(ctx, &e.kid, &e.hmac_key)?;
+                Some((e.kid, e.hmac_key))
+            }
+        },
         renew_check_interval: dur(a.renew_check_interval, 3600),
         retry_base_delay: dur(a.retry_base_delay, 60),
         retry_max_delay: dur(a.retry_max_delay, 6 * 3600),
