@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test, including those against real external programs: curl, pebble (Let's Encrypt's test
-# ACME server), a Django app under Gunicorn and Chromium. Installs what is missing (Debian packages,
-# Django + Gunicorn from PyPI into target/test-venv, playwright-core from npm into tests/browser) and
-# fails loudly if anything is still missing.
+# ACME server), a Django app under Gunicorn, Chromium and systemd-analyze. Installs what is missing
+# (Debian packages, Django + Gunicorn from PyPI into target/test-venv, playwright-core from npm into
+# tests/browser) and fails loudly if anything is still missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if ((${#missing[@]})); then
   echo "installing from Debian: ${missing[*]}"
   if [ "$(id -u)" -ne 0 ]; then
@@ -39,7 +40,7 @@ if [ ! -d "$browser/node_modules/playwright-core" ]; then
   npm ci --prefix "$browser" --no-audit --no-fund --silent
 fi
 
-for program in curl openssl pebble pebble-challtestsrv chromium node "$venv/bin/gunicorn" \
+for program in curl openssl pebble pebble-challtestsrv chromium node systemd-analyze "$venv/bin/gunicorn" \
   "$browser/node_modules/playwright-core/cli.js"; do
   if ! command -v "$program" >/dev/null; then
     echo "error: $program is still missing; the tests that need it would not run" >&2
