@@ -577,9 +577,10 @@ async fn django_admin_works_in_a_real_browser() {
 
 /// A deploy with two real Gunicorns (one gthread with `--keep-alive 2`, one with sync workers) under
 /// steady HTTP/1.1 and HTTP/2 load of GETs and POSTs: each is restarted in turn (SIGTERM, start again),
-/// one gets SIGHUP (a worker reload), then one is killed with SIGKILL and started again. No GET fails; no
-/// POST runs twice; a worker reload loses nothing; the POSTs that fail are at most those in flight when
-/// a Gunicorn closed its listener or died (printed with the counts).
+/// one gets SIGHUP (a worker reload), then one is killed with SIGKILL and started again; before those, one
+/// is restarted the README's zero-loss way (out of `urls`, reload, restart, back in). No GET fails; no
+/// POST runs twice; the drained restart and the worker reload lose nothing; the POSTs that fail are at
+/// most those in flight when a Gunicorn closed its listener or died (printed with the counts).
 #[tokio::test]
 #[ignore = "needs Django and Gunicorn: run scripts/test.sh"]
 async fn deploys_and_a_crash_lose_no_idempotent_request_and_repeat_no_post() {
@@ -604,20 +605,24 @@ async fn deploys_and_a_crash_lose_no_idempotent_request_and_repeat_no_post() {
     let mut sync = Gunicorn::start(&django, &post_log, &["--workers", "3"]).await;
     let proxy = Proxy::start("http://127.0.0.1:1", "").await;
     // The harness's config with the two Gunicorns as the backends.
-    let mut config = (*proxy.server().config()).clone();
-    let backends = portcullis::config::Config::parse(
-        &format!(
-            "[server]\ndomains = [\"localhost\"]\n[upstream]\nurls = [\"{}\", \"{}\"]\n\
-             response_timeout = \"20s\"\nconnect_timeout = \"1s\"\n",
-            gthread.url(),
-            sync.url()
-        ),
-        "backends",
-        None,
-    )
-    .expect("config");
-    config.upstream = backends.upstream;
-    proxy.server().reload(config).expect("reload");
+    // The harness's config with these backends, applied by reload (as `kill -HUP` does).
+    let set_backends = |urls: &[String]| {
+        let mut config = (*proxy.server().config()).clone();
+        let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        let backends = portcullis::config::Config::parse(
+            &format!(
+                "[server]\ndomains = [\"localhost\"]\n[upstream]\nurls = [{}]\n\
+                 response_timeout = \"20s\"\nconnect_timeout = \"1s\"\n",
+                list.join(", ")
+            ),
+            "backends",
+            None,
+        )
+        .expect("config");
+        config.upstream = backends.upstream;
+        proxy.server().reload(config).expect("reload");
+    };
+    set_backends(&[gthread.url(), sync.url()]);
     let port = proxy.https.port();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -668,8 +673,17 @@ async fn deploys_and_a_crash_lose_no_idempotent_request_and_repeat_no_post() {
     }
     let started = std::time::Instant::now();
     let pause = || tokio::time::sleep(Duration::from_secs(3));
-    let failed_so_far = || failed_posts.lock().expect("lock").len();
+    let failed_so_far =
+        || failed_posts.lock().expect("lock").len() + failed_gets.lock().expect("lock").len();
     pause().await;
+    // The README's zero-loss deploy: take the backend out, reload, restart it, put it back, reload.
+    set_backends(&[sync.url()]);
+    pause().await;
+    gthread.restart().await;
+    set_backends(&[gthread.url(), sync.url()]);
+    pause().await;
+    let after_drained_restart = failed_so_far();
+    // The plain way: SIGTERM each Gunicorn in turn while it is in rotation.
     gthread.restart().await;
     pause().await;
     sync.restart().await;
@@ -678,6 +692,8 @@ async fn deploys_and_a_crash_lose_no_idempotent_request_and_repeat_no_post() {
     gthread.signal("HUP");
     pause().await;
     let after_hup = failed_so_far();
+    let failed_posts_so_far = || failed_posts.lock().expect("lock").len();
+    let after_hup_posts = failed_posts_so_far();
     sync.kill().await;
     pause().await;
     sync.spawn().await;
@@ -704,18 +720,24 @@ async fn deploys_and_a_crash_lose_no_idempotent_request_and_repeat_no_post() {
     }
     let repeated: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
     println!(
-        "{gets} GETs ok, {} failed; {} POSTs ok, {} failed ({before_hup} at the two restarts, \
-         {} at the worker reload, {} at the kill): {failed_posts:?}",
+        "{gets} GETs ok, {} failed; {} POSTs ok, {} failed ({after_drained_restart} at the drained \
+         restart, {} at the two plain restarts, {} at the worker reload, {} at the kill): \
+         {failed_posts:?}",
         failed_gets.len(),
         posts_ok.load(Ordering::SeqCst),
         failed_posts.len(),
+        before_hup - after_drained_restart,
         after_hup - before_hup,
-        failed_posts.len() - after_hup,
+        failed_posts.len() - after_hup_posts,
     );
     assert!(gets > 100, "the load ran: {gets} GETs");
     assert!(failed_gets.is_empty(), "GETs failed: {failed_gets:?}");
     assert!(repeated.is_empty(), "POSTs ran twice: {repeated:?}");
-    assert_eq!(after_hup, before_hup, "a worker reload lost a POST");
+    assert_eq!(
+        after_drained_restart, 0,
+        "the drained restart lost a request"
+    );
+    assert_eq!(after_hup, before_hup, "a worker reload lost a request");
     // Gunicorn resets the connections still in its accept queue when SIGTERM closes its listener, and
     // SIGKILL loses what is in flight: a POST there may or may not have run, so it is never sent again.
     // Four clients have at most four requests in flight at each of those three moments.
