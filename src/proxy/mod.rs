@@ -41,7 +41,7 @@ use crate::response::{Blame, ProxyFailure, error_page};
 use headers::{
     ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
 };
-use pool::{AllDown, Pool};
+use pool::{AllDown, Picked, Pool};
 use upstream::{UpstreamClient, build_client};
 
 #[derive(Clone)]
@@ -145,6 +145,8 @@ impl Service<Request<Incoming>> for ProxyService {
 }
 
 impl Shared {
+    /// One request, in order: refuse what cannot be proxied, rewrite the head for the hop, read or wrap
+    /// the body, send it to a backend (with safe retries), pass the response back.
     async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let Some(conn) = req.extensions_mut().remove::<ConnInfo>() else {
             return error_page(
@@ -196,106 +198,54 @@ impl Shared {
         if let Some(upgrade) = upgrade {
             keep_upgrade(&mut parts.headers, upgrade);
         }
-        let mut body = match declared_length {
-            // No body at all (most GETs): nothing to wait for, and the request can be sent again.
-            _ if body.is_end_stream() => RequestBody::buffered(bytes::Bytes::new()),
-            Some(len) if len <= self.buffer_body => {
-                match tokio::time::timeout(self.body_timeout, body.collect()).await {
-                    Ok(Ok(collected)) => RequestBody::buffered(collected.to_bytes()),
-                    Ok(Err(_)) => {
-                        return error_page(
-                            StatusCode::BAD_REQUEST,
-                            Blame::Client,
-                            "request body aborted",
-                        );
-                    }
-                    Err(_) => {
-                        return error_page(
-                            StatusCode::REQUEST_TIMEOUT,
-                            Blame::Client,
-                            "request body too slow",
-                        );
-                    }
-                }
-            }
-            _ => RequestBody::streaming(body, self.max_body, self.body_timeout, declared_length),
+        let body = match self.request_body(body, declared_length).await {
+            Ok(body) => body,
+            Err(answer) => return answer,
         };
-
-        let replay = body.replayable();
-        let idempotent = is_idempotent(&parts.method);
         let started = Instant::now();
-        // One response timeout for every attempt at a request that can be replayed; a streamed body's
-        // single attempt gets its timeout from when the body has gone upstream.
-        let deadline = replay.is_some().then(|| started + self.response_timeout);
-        let mut tried = Vec::new();
-        let mut first_body = Some(body);
-        let (picked, mut response) = loop {
-            let picked = match self.pool.choose(&tried, replay.is_some()) {
-                Ok(picked) => picked,
-                Err(AllDown { retry_after }) => return all_backends_down(retry_after),
-            };
-            tried.push(picked.index);
-            body = match first_body.take() {
-                Some(body) => body,
-                None => RequestBody::buffered(replay.clone().unwrap_or_default()),
-            };
-            let sent = body.sent();
-            let mut uri_parts = http::uri::Parts::default();
-            uri_parts.scheme = Some(Scheme::HTTP);
-            uri_parts.authority = Some(picked.backend.authority.clone());
-            uri_parts.path_and_query = Some(path_and_query.clone());
-            let Ok(uri) = Uri::from_parts(uri_parts) else {
-                return error_page(
-                    StatusCode::BAD_REQUEST,
-                    Blame::Client,
-                    "request target is not a path",
-                );
-            };
-            let mut upstream_req = Request::new(body);
-            *upstream_req.method_mut() = parts.method.clone();
-            *upstream_req.uri_mut() = uri;
-            *upstream_req.version_mut() = Version::HTTP_11;
-            *upstream_req.headers_mut() = parts.headers.clone();
-            let client = if idempotent {
-                &self.client
-            } else {
-                &self.fresh_client
-            };
-            match self.attempt(client, upstream_req, sent, deadline).await {
-                Ok(response) => break (picked, response),
-                Err(Failure::Client(answer)) => return answer,
-                Err(Failure::Timeout) => {
-                    self.pool.record_failure(&picked);
-                    tracing::warn!(backend = %picked.backend.name, timeout = ?self.response_timeout, "upstream did not answer in time");
-                    return error_page(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        Blame::Upstream,
-                        "upstream response timeout",
-                    );
-                }
-                Err(Failure::Upstream { connect, error }) => {
-                    if connect {
-                        self.pool.record_failure(&picked);
-                    }
-                    let retry = replay.is_some()
-                        && (connect || idempotent)
-                        && tried.len() <= self.retries as usize
-                        && deadline.is_some_and(|d| Instant::now() < d);
-                    let chain = error_chain(&error);
-                    if !retry {
-                        // Nothing up any more: the answer that says when to come back.
-                        if let Some(AllDown { retry_after }) = self.pool.all_down()
-                            && connect
-                        {
-                            tracing::warn!(backend = %picked.backend.name, error = %chain, "upstream unreachable");
-                            return all_backends_down(retry_after);
-                        }
-                        return upstream_failure(&picked.backend.name, connect, &chain);
-                    }
-                    tracing::info!(backend = %picked.backend.name, error = %chain, attempt = tried.len(), "retrying on another connection");
-                }
-            }
+        let (picked, response) = match self.send(&parts, &path_and_query, body, started).await {
+            Ok(sent) => sent,
+            Err(answer) => return answer,
         };
+        self.pass_back(picked, response, started, client_upgrade, conn)
+            .await
+    }
+}
+
+/// The path and query to send upstream; `None` for asterisk-form or authority-form targets.
+fn origin_form(uri: &Uri) -> Option<PathAndQuery> {
+    let pq = uri.path_and_query()?;
+    pq.as_str().starts_with('/').then(|| pq.clone())
+}
+
+/// The declared body length. hyper already refuses conflicting or duplicate lengths on HTTP/1.1; this also
+/// covers HTTP/2, where the field is informational but must still be a single number.
+fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
+    let mut values = headers.get_all(CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(());
+    }
+    let text = first.to_str().map_err(|_| ())?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
+    }
+    text.parse().map(Some).map_err(|_| ())
+}
+
+impl Shared {
+    /// The backend's response on its way to the client: a WebSocket 101 becomes a tunnel, hop-by-hop
+    /// fields go, and a response of known, modest size is read whole so Gunicorn is free at once.
+    async fn pass_back(
+        &self,
+        picked: Picked,
+        mut response: Response<Incoming>,
+        started: Instant,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        conn: ConnInfo,
+    ) -> Response<ProxyBody> {
         let upstream_time = started.elapsed();
         self.pool.record_success(&picked, upstream_time);
 
@@ -364,32 +314,125 @@ impl Shared {
         };
         Response::from_parts(parts, body)
     }
-}
 
-/// The path and query to send upstream; `None` for asterisk-form or authority-form targets.
-fn origin_form(uri: &Uri) -> Option<PathAndQuery> {
-    let pq = uri.path_and_query()?;
-    pq.as_str().starts_with('/').then(|| pq.clone())
-}
-
-/// The declared body length. hyper already refuses conflicting or duplicate lengths on HTTP/1.1; this also
-/// covers HTTP/2, where the field is informational but must still be a single number.
-fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    let Some(first) = values.next() else {
-        return Ok(None);
-    };
-    if values.next().is_some() {
-        return Err(());
+    /// The client's body as it goes upstream: read whole when it is small (a slow client then never
+    /// holds a worker, and the request can be sent again), else streamed with its limits.
+    async fn request_body(
+        &self,
+        body: Incoming,
+        declared_length: Option<u64>,
+    ) -> Result<RequestBody, Response<ProxyBody>> {
+        Ok(match declared_length {
+            // No body at all (most GETs): nothing to wait for, and the request can be sent again.
+            _ if body.is_end_stream() => RequestBody::buffered(bytes::Bytes::new()),
+            Some(len) if len <= self.buffer_body => {
+                match tokio::time::timeout(self.body_timeout, body.collect()).await {
+                    Ok(Ok(collected)) => RequestBody::buffered(collected.to_bytes()),
+                    Ok(Err(_)) => {
+                        return Err(error_page(
+                            StatusCode::BAD_REQUEST,
+                            Blame::Client,
+                            "request body aborted",
+                        ));
+                    }
+                    Err(_) => {
+                        return Err(error_page(
+                            StatusCode::REQUEST_TIMEOUT,
+                            Blame::Client,
+                            "request body too slow",
+                        ));
+                    }
+                }
+            }
+            _ => RequestBody::streaming(body, self.max_body, self.body_timeout, declared_length),
+        })
     }
-    let text = first.to_str().map_err(|_| ())?;
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(());
-    }
-    text.parse().map(Some).map_err(|_| ())
-}
 
-impl Shared {
+    /// Sends the request to a backend the pool chooses, again elsewhere where that is safe (see the
+    /// module comment), until one answers with a response head; else the client's answer.
+    async fn send(
+        &self,
+        parts: &http::request::Parts,
+        path_and_query: &PathAndQuery,
+        mut body: RequestBody,
+        started: Instant,
+    ) -> Result<(Picked, Response<Incoming>), Response<ProxyBody>> {
+        let replay = body.replayable();
+        let idempotent = is_idempotent(&parts.method);
+        // One response timeout for every attempt at a request that can be replayed; a streamed body's
+        // single attempt gets its timeout from when the body has gone upstream.
+        let deadline = replay.is_some().then(|| started + self.response_timeout);
+        let mut tried = Vec::new();
+        let mut first_body = Some(body);
+        loop {
+            let picked = match self.pool.choose(&tried, replay.is_some()) {
+                Ok(picked) => picked,
+                Err(AllDown { retry_after }) => return Err(all_backends_down(retry_after)),
+            };
+            tried.push(picked.index);
+            body = match first_body.take() {
+                Some(body) => body,
+                None => RequestBody::buffered(replay.clone().unwrap_or_default()),
+            };
+            let sent = body.sent();
+            let mut uri_parts = http::uri::Parts::default();
+            uri_parts.scheme = Some(Scheme::HTTP);
+            uri_parts.authority = Some(picked.backend.authority.clone());
+            uri_parts.path_and_query = Some(path_and_query.clone());
+            let Ok(uri) = Uri::from_parts(uri_parts) else {
+                return Err(error_page(
+                    StatusCode::BAD_REQUEST,
+                    Blame::Client,
+                    "request target is not a path",
+                ));
+            };
+            let mut upstream_req = Request::new(body);
+            *upstream_req.method_mut() = parts.method.clone();
+            *upstream_req.uri_mut() = uri;
+            *upstream_req.version_mut() = Version::HTTP_11;
+            *upstream_req.headers_mut() = parts.headers.clone();
+            let client = if idempotent {
+                &self.client
+            } else {
+                &self.fresh_client
+            };
+            match self.attempt(client, upstream_req, sent, deadline).await {
+                Ok(response) => return Ok((picked, response)),
+                Err(Failure::Client(answer)) => return Err(answer),
+                Err(Failure::Timeout) => {
+                    self.pool.record_failure(&picked);
+                    tracing::warn!(backend = %picked.backend.name, timeout = ?self.response_timeout, "upstream did not answer in time");
+                    return Err(error_page(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        Blame::Upstream,
+                        "upstream response timeout",
+                    ));
+                }
+                Err(Failure::Upstream { connect, error }) => {
+                    if connect {
+                        self.pool.record_failure(&picked);
+                    }
+                    let retry = replay.is_some()
+                        && (connect || idempotent)
+                        && tried.len() <= self.retries as usize
+                        && deadline.is_some_and(|d| Instant::now() < d);
+                    let chain = error_chain(&error);
+                    if !retry {
+                        // Nothing up any more: the answer that says when to come back.
+                        if let Some(AllDown { retry_after }) = self.pool.all_down()
+                            && connect
+                        {
+                            tracing::warn!(backend = %picked.backend.name, error = %chain, "upstream unreachable");
+                            return Err(all_backends_down(retry_after));
+                        }
+                        return Err(upstream_failure(&picked.backend.name, connect, &chain));
+                    }
+                    tracing::info!(backend = %picked.backend.name, error = %chain, attempt = tried.len(), "retrying on another connection");
+                }
+            }
+        }
+    }
+
     /// The configured page in place of our own 502, 503 or 504 (the upstream's own pass as they are).
     fn with_custom_page(&self, response: Response<ProxyBody>) -> Response<ProxyBody> {
         if response.extensions().get::<ProxyFailure>().is_none() {
