@@ -49,10 +49,17 @@ pub fn status_page(status: StatusCode) -> Response<ProxyBody> {
         status.as_u16(),
         status.canonical_reason().unwrap_or("Error")
     );
-    let body = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
-         <body><h1>{title}</h1></body></html>\n"
-    );
+    html_page(
+        status,
+        format!(
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\
+             <body><h1>{title}</h1></body></html>\n"
+        ),
+    )
+}
+
+/// `body` as an HTML page for `status`, never cached.
+pub fn html_page(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();

@@ -193,19 +193,24 @@ fn is_normal(value: &[u8], host: &str, port: Option<u16>) -> bool {
 /// `host[:port]`, lowercase, IPv6 in brackets: what Django's `get_host()` will see.
 fn normal_host(host: &str, port: Option<u16>) -> Option<HeaderValue> {
     let mut text = String::with_capacity(host.len() + 8);
-    if host.contains(':') {
-        text.push('[');
-        text.push_str(host);
-        text.push(']');
-    } else {
-        text.push_str(host);
-    }
+    push_authority(&mut text, host, port);
     text.make_ascii_lowercase();
-    if let Some(port) = port {
-        text.push(':');
-        text.push_str(&port.to_string());
-    }
     HeaderValue::from_str(&text).ok()
+}
+
+/// `host[:port]` onto `out`, an IPv6 address in brackets (RFC 3986 §3.2.2): for Host and Location.
+pub fn push_authority(out: &mut String, host: &str, port: Option<u16>) {
+    if host.contains(':') {
+        out.push('[');
+        out.push_str(host);
+        out.push(']');
+    } else {
+        out.push_str(host);
+    }
+    if let Some(port) = port {
+        out.push(':');
+        out.push_str(&port.to_string());
+    }
 }
 
 impl RequestGate for HostAllowlist {

@@ -6,13 +6,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::header::RETRY_AFTER;
 use http::{HeaderValue, Request, Response, StatusCode};
 use ipnet::IpNet;
 
 use super::RequestGate;
 use crate::body::ProxyBody;
 use crate::context::{ConnInfo, TrustedProxies, canonical_ip};
+use crate::response::html_page;
 
 pub struct Maintenance {
     file: Option<PathBuf>,
@@ -66,15 +67,10 @@ impl RequestGate for Maintenance {
             page
         };
         // Not a failure: no error is counted and the HTTP/1.1 connection stays open.
-        let mut response = Response::new(ProxyBody::full(page));
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        let headers = response.headers_mut();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/html; charset=utf-8"),
-        );
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        headers.insert(RETRY_AFTER, self.retry_after.clone());
+        let mut response = html_page(StatusCode::SERVICE_UNAVAILABLE, page);
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, self.retry_after.clone());
         Err(Box::new(response))
     }
 }

@@ -13,7 +13,7 @@ use tower::Service;
 use crate::acme::Http01Tokens;
 use crate::body::ProxyBody;
 use crate::config::Domains;
-use crate::middleware::host::{HostPorts, check_host, host_of};
+use crate::middleware::host::{HostPorts, check_host, host_of, push_authority};
 use crate::response::{Blame, error_page, text};
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -117,17 +117,7 @@ pub fn https_location(host: &str, port: u16, path_and_query: &str) -> Option<Hea
     }
     let mut location = String::with_capacity(16 + host.len() + path_and_query.len());
     location.push_str("https://");
-    if host.contains(':') {
-        location.push('[');
-        location.push_str(host);
-        location.push(']');
-    } else {
-        location.push_str(host);
-    }
-    if port != 443 {
-        location.push(':');
-        location.push_str(&port.to_string());
-    }
+    push_authority(&mut location, host, (port != 443).then_some(port));
     // hyper passes raw non-ASCII bytes in targets through; a Location is ASCII, so percent-encode them.
     for byte in path_and_query.bytes() {
         if byte.is_ascii() {
