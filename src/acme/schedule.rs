@@ -118,6 +118,48 @@ mod tests {
         assert_eq!(renewal_time(&c, Some((end, start)), 0.0), c.renew_at());
     }
 
+    /// Let's Encrypt's lifetimes now and to come: `shortlived` (about 6 days), `tlsserver` and `classic`
+    /// moving to 45 days, today's 90. Each renews with a third of its life left (jitter only earlier, by
+    /// at most a thirtieth), and the default backoff (1 min doubling to 6 h) leaves room for many retries
+    /// before the certificate expires; an ARI window wins over the lifetime rule at any lifetime.
+    #[test]
+    fn schedules_hold_for_6_45_and_90_day_lifetimes() {
+        let (base, max) = (Duration::from_secs(60), Duration::from_secs(6 * 3600));
+        for days in [6u64, 45, 90] {
+            let c = cert(days);
+            let lifetime = Duration::from_secs(days * 86_400);
+            let third_left = c.not_after - lifetime / 3;
+            assert_eq!(renewal_time(&c, None, 0.0), third_left, "{days} d");
+            for jitter in [0.25, 0.5, 0.999] {
+                let at = renewal_time(&c, None, jitter);
+                assert!(
+                    at <= third_left,
+                    "{days} d: jitter only moves renewal earlier"
+                );
+                assert!(
+                    at >= third_left - lifetime / 30,
+                    "{days} d: by at most 1/30"
+                );
+            }
+            // Retries that fit between the renewal point and expiry, at the slowest jitter.
+            let mut spent = Duration::ZERO;
+            let mut retries = 0;
+            while spent < lifetime / 3 {
+                retries += 1;
+                spent += retry_delay(retries, base, max, None, 1.0);
+            }
+            assert!(
+                retries >= 8,
+                "{days} d: only {retries} retries before expiry"
+            );
+            // ARI's window is honoured however long the certificate lives.
+            let start = c.not_before + lifetime / 2;
+            let end = start + Duration::from_secs(3600);
+            let at = renewal_time(&c, Some((start, end)), 0.5);
+            assert!(start <= at && at <= end, "{days} d: inside the ARI window");
+        }
+    }
+
     #[test]
     fn backoff_doubles_caps_and_honours_the_ca() {
         let base = Duration::from_secs(60);
