@@ -174,6 +174,8 @@ pub struct RawHeaders {
     pub permissions_policy: RawHeaderRule,
     #[serde(default)]
     pub cross_origin_opener_policy: RawHeaderRule,
+    #[serde(default)]
+    pub cross_origin_resource_policy: RawHeaderRule,
     pub remove: Option<Vec<String>>,
 }
 

@@ -50,7 +50,8 @@ fn minimal_config_gets_safe_defaults() {
             "x-content-type-options",
             "referrer-policy",
             "permissions-policy",
-            "cross-origin-opener-policy"
+            "cross-origin-opener-policy",
+            "cross-origin-resource-policy"
         ]
     );
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);

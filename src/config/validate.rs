@@ -181,6 +181,14 @@ fn header_defaults() -> Vec<HeaderDefault> {
             value: "same-origin",
             mode: HeaderMode::IfAbsent,
         },
+        // Other sites may not embed our responses (Spectre-class leaks); same-site keeps subdomains
+        // such as a static or media host working.
+        HeaderDefault {
+            key: "headers.cross_origin_resource_policy",
+            name: HeaderName::from_static("cross-origin-resource-policy"),
+            value: "same-site",
+            mode: HeaderMode::IfAbsent,
+        },
     ]
 }
 
@@ -226,7 +234,7 @@ fn validate_headers(
         });
     }
 
-    let chosen: [(&RawHeaderRule, bool); 7] = [
+    let chosen: [(&RawHeaderRule, bool); 8] = [
         (&raw.content_security_policy, true),
         (&raw.content_security_policy_report_only, false),
         (&raw.x_frame_options, true),
@@ -234,6 +242,7 @@ fn validate_headers(
         (&raw.referrer_policy, true),
         (&raw.permissions_policy, true),
         (&raw.cross_origin_opener_policy, true),
+        (&raw.cross_origin_resource_policy, true),
     ];
     let mut rules = Vec::new();
     for (default, (rule, on_by_default)) in header_defaults().into_iter().zip(chosen) {
@@ -259,6 +268,14 @@ fn validate_headers(
                 return Err(ctx.invalid(value_key, "the only value is \"nosniff\""));
             }
             "headers.referrer_policy" => check_referrer_policy(ctx, value_key, value, warnings)?,
+            "headers.cross_origin_resource_policy"
+                if !["same-site", "same-origin", "cross-origin"].contains(&value) =>
+            {
+                return Err(ctx.invalid(
+                    value_key,
+                    "must be \"same-site\", \"same-origin\" or \"cross-origin\"",
+                ));
+            }
             _ => {}
         }
         rules.push(HeaderRule {
