@@ -47,11 +47,6 @@ impl BufferBudget {
             .ok()
             .map(|permit| BudgetHold { _permit: permit })
     }
-
-    /// Bytes left in the budget, for tests and metrics.
-    pub fn available(&self) -> u64 {
-        self.0.available_permits() as u64 * 1024
-    }
 }
 
 /// `data` carrying `hold`: the budget gets it back when the last reference to these bytes is gone,
@@ -83,34 +78,31 @@ pub enum BodyError {
     LongerThanDeclared,
 }
 
-pin_project! {
-    /// A client's request body on its way upstream: either read completely before the upstream is
-    /// contacted (small bodies, so a slow client never holds a Gunicorn worker, as nginx's request
-    /// buffering does), or streamed with a byte limit and a deadline for the whole body.
-    ///
-    /// A streamed body with a declared length holds back the frame that completes it until the client's
-    /// stream has really ended: an HTTP/2 client may send DATA past its `content-length`, which h2 only
-    /// notices at the extra bytes. Forwarding the completing frame first would hand Gunicorn a whole,
-    /// valid-looking request the client had framed wrongly; held back, the upstream sees a cut-off body.
-    #[project = RequestBodyProj]
-    pub enum RequestBody {
-        Buffered { data: Option<Bytes> },
-        Streaming {
-            #[pin]
-            inner: Incoming,
-            remaining: u64,
-            limit: u64,
-            // What the client's Content-Length says is still to come.
-            declared: Option<u64>,
-            held: Option<Bytes>,
-            held_trailers: Option<http::HeaderMap>,
-            // Told when the last byte has gone upstream: the response timeout starts then.
-            sent: Option<oneshot::Sender<()>>,
-            timeout: Duration,
-            // Started at the first poll that has to wait: bodies that arrive at once never allocate a timer.
-            deadline: Option<Pin<Box<Sleep>>>,
-        },
-    }
+/// A client's request body on its way upstream: either read completely before the upstream is
+/// contacted (small bodies, so a slow client never holds a Gunicorn worker, as nginx's request buffering
+/// does), or streamed with a byte limit and a deadline for the whole body.
+pub enum RequestBody {
+    Buffered { data: Option<Bytes> },
+    Streaming(Box<Streamed>),
+}
+
+/// A streamed body with a declared length holds back the frame that completes it until the client's
+/// stream has really ended: an HTTP/2 client may send DATA past its `content-length`, which h2 only
+/// notices at the extra bytes. Forwarding the completing frame first would hand Gunicorn a whole,
+/// valid-looking request the client had framed wrongly; held back, the upstream sees a cut-off body.
+pub struct Streamed {
+    inner: Incoming,
+    remaining: u64,
+    limit: u64,
+    /// What the client's Content-Length says is still to come.
+    declared: Option<u64>,
+    held: Option<Bytes>,
+    held_trailers: Option<http::HeaderMap>,
+    /// Told when the last byte has gone upstream: the response timeout starts then.
+    sent: Option<oneshot::Sender<()>>,
+    timeout: Duration,
+    /// Started at the first poll that has to wait: bodies that arrive at once never allocate a timer.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl RequestBody {
@@ -120,7 +112,7 @@ impl RequestBody {
         timeout: Duration,
         declared: Option<u64>,
     ) -> Self {
-        RequestBody::Streaming {
+        RequestBody::Streaming(Box::new(Streamed {
             inner,
             remaining: limit,
             limit,
@@ -130,7 +122,7 @@ impl RequestBody {
             sent: None,
             timeout,
             deadline: None,
-        }
+        }))
     }
 
     /// For a streamed body, resolves once the whole body has been handed upstream, so the upstream's
@@ -138,9 +130,9 @@ impl RequestBody {
     pub fn sent(&mut self) -> Option<oneshot::Receiver<()>> {
         match self {
             RequestBody::Buffered { .. } => None,
-            RequestBody::Streaming { sent, .. } => {
+            RequestBody::Streaming(streamed) => {
                 let (tell, told) = oneshot::channel();
-                *sent = Some(tell);
+                streamed.sent = Some(tell);
                 Some(told)
             }
         }
@@ -151,7 +143,7 @@ impl RequestBody {
     pub fn replayable(&self) -> Option<Bytes> {
         match self {
             RequestBody::Buffered { data } => Some(data.clone().unwrap_or_default()),
-            RequestBody::Streaming { .. } => None,
+            RequestBody::Streaming(_) => None,
         }
     }
 
@@ -170,73 +162,16 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let (mut inner, remaining, limit, declared, held, held_trailers, sent, timeout, deadline) =
-            match self.project() {
-                RequestBodyProj::Buffered { data } => {
-                    return Poll::Ready(data.take().map(|d| Ok(Frame::data(d))));
-                }
-                RequestBodyProj::Streaming {
-                    inner,
-                    remaining,
-                    limit,
-                    declared,
-                    held,
-                    held_trailers,
-                    sent,
-                    timeout,
-                    deadline,
-                } => (
-                    inner,
-                    remaining,
-                    limit,
-                    declared,
-                    held,
-                    held_trailers,
-                    sent,
-                    timeout,
-                    deadline,
-                ),
-            };
-        if held.is_none()
-            && let Some(trailers) = held_trailers.take()
-        {
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        match self.get_mut() {
+            RequestBody::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RequestBody::Streaming(streamed) => streamed.poll_frame(cx),
         }
-        let frame = poll_streaming(
-            inner.as_mut(),
-            cx,
-            remaining,
-            *limit,
-            declared,
-            held,
-            held_trailers,
-            *timeout,
-            deadline,
-        );
-        // hyper stops polling once the body says it has ended, so the end is told here as well as at
-        // `None`.
-        let ended = match &frame {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => {
-                held.is_none() && held_trailers.is_none() && inner.is_end_stream()
-            }
-            _ => false,
-        };
-        if ended && let Some(tell) = sent.take() {
-            let _ = tell.send(());
-        }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Buffered { data } => data.is_none(),
-            RequestBody::Streaming {
-                inner,
-                held,
-                held_trailers,
-                ..
-            } => held.is_none() && held_trailers.is_none() && inner.is_end_stream(),
+            RequestBody::Streaming(streamed) => streamed.is_end_stream(),
         }
     }
 
@@ -245,71 +180,94 @@ impl Body for RequestBody {
             RequestBody::Buffered { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            RequestBody::Streaming { inner, held, .. } => match held {
+            RequestBody::Streaming(streamed) => match &streamed.held {
                 Some(data) => SizeHint::with_exact(data.len() as u64),
-                None => inner.size_hint(),
+                None => streamed.inner.size_hint(),
             },
         }
     }
 }
 
-/// One step of a streamed request body: size limit, deadline, and the completing frame held back until
-/// the client's stream has ended.
-#[allow(clippy::too_many_arguments)]
-fn poll_streaming(
-    mut inner: Pin<&mut Incoming>,
-    cx: &mut Context<'_>,
-    remaining: &mut u64,
-    limit: u64,
-    declared: &mut Option<u64>,
-    held: &mut Option<Bytes>,
-    held_trailers: &mut Option<http::HeaderMap>,
-    timeout: Duration,
-    deadline: &mut Option<Pin<Box<Sleep>>>,
-) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-    loop {
-        match inner.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let frame = match frame.into_data() {
-                    Ok(data) => {
-                        let len = data.len() as u64;
-                        if len > *remaining {
-                            return Poll::Ready(Some(Err(BodyError::TooLarge(limit))));
-                        }
-                        *remaining -= len;
-                        if len == 0 {
-                            continue;
-                        }
-                        if held.is_some() {
-                            return Poll::Ready(Some(Err(BodyError::LongerThanDeclared)));
-                        }
-                        if let Some(left) = declared {
-                            *left = left.checked_sub(len).ok_or(BodyError::LongerThanDeclared)?;
-                            if *left == 0 && !inner.is_end_stream() {
-                                *held = Some(data);
+impl Streamed {
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.held_trailers.is_none() && self.inner.is_end_stream()
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.held.is_none()
+            && let Some(trailers) = self.held_trailers.take()
+        {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        let frame = self.poll_next(cx);
+        // hyper stops polling once the body says it has ended, so the end is told here as well as at
+        // `None`.
+        let ended = match &frame {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.is_end_stream(),
+            _ => false,
+        };
+        if ended && let Some(tell) = self.sent.take() {
+            let _ = tell.send(());
+        }
+        frame
+    }
+
+    /// One step: size limit, deadline, and the completing frame held back until the client's stream
+    /// has ended.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            let len = data.len() as u64;
+                            if len > self.remaining {
+                                return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit))));
+                            }
+                            self.remaining -= len;
+                            if len == 0 {
                                 continue;
                             }
-                        }
-                        Frame::data(data)
-                    }
-                    Err(trailers) => match (held.take(), trailers.into_trailers()) {
-                        (Some(data), Ok(trailers)) => {
-                            *held_trailers = Some(trailers);
+                            if self.held.is_some() {
+                                return Poll::Ready(Some(Err(BodyError::LongerThanDeclared)));
+                            }
+                            if let Some(left) = &mut self.declared {
+                                *left =
+                                    left.checked_sub(len).ok_or(BodyError::LongerThanDeclared)?;
+                                if *left == 0 && !self.inner.is_end_stream() {
+                                    self.held = Some(data);
+                                    continue;
+                                }
+                            }
                             Frame::data(data)
                         }
-                        (None, Ok(trailers)) => Frame::trailers(trailers),
-                        (_, Err(_)) => continue,
-                    },
-                };
-                return Poll::Ready(Some(Ok(frame)));
-            }
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(BodyError::Client(e)))),
-            Poll::Ready(None) => return Poll::Ready(held.take().map(|d| Ok(Frame::data(d)))),
-            Poll::Pending => {
-                let deadline =
-                    deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                ready!(deadline.as_mut().poll(cx));
-                return Poll::Ready(Some(Err(BodyError::TimedOut(timeout))));
+                        Err(trailers) => match (self.held.take(), trailers.into_trailers()) {
+                            (Some(data), Ok(trailers)) => {
+                                self.held_trailers = Some(trailers);
+                                Frame::data(data)
+                            }
+                            (None, Ok(trailers)) => Frame::trailers(trailers),
+                            (_, Err(_)) => continue,
+                        },
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(BodyError::Client(e)))),
+                Poll::Ready(None) => {
+                    return Poll::Ready(self.held.take().map(|d| Ok(Frame::data(d))));
+                }
+                Poll::Pending => {
+                    let timeout = self.timeout;
+                    let deadline = self
+                        .deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    ready!(deadline.as_mut().poll(cx));
+                    return Poll::Ready(Some(Err(BodyError::TimedOut(timeout))));
+                }
             }
         }
     }

@@ -260,10 +260,6 @@ impl Pool {
         }
     }
 
-    pub fn backends(&self) -> &[Arc<Backend>] {
-        &self.backends
-    }
-
     pub fn snapshot(&self) -> Vec<BackendGauge> {
         let now_ms = self.now_ms();
         self.backends

@@ -72,6 +72,7 @@ impl Runtime {
             default: 80,
             public: None,
         };
+        let trusted_proxies = TrustedProxies::new(config.server.trusted_proxies.clone());
         let proxy = ProxyService::new(&config, public_https_port, fixed.budget.clone());
         let https = ServiceBuilder::new()
             .layer(RecordResponseLayer::new(
@@ -94,11 +95,11 @@ impl Runtime {
                 config.errors.maintenance_file.clone(),
                 config.errors.maintenance_allow.clone(),
                 config.errors.maintenance_retry_after,
-                TrustedProxies::new(config.server.trusted_proxies.clone()),
+                trusted_proxies.clone(),
             )))
             .layer(gate_layer(RateLimiter::new(
                 config.rate_limits.clone(),
-                TrustedProxies::new(config.server.trusted_proxies.clone()),
+                trusted_proxies,
             )))
             .service(StaticOrProxy::new(
                 StaticFiles::new(&config.static_files, &fixed.budget),
