@@ -11,7 +11,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-for target in set_cookie request_headers host_and_redirect path_normalisation config; do
+for target in set_cookie request_headers host_and_redirect path_normalisation config proxy_header; do
   echo "== fuzz $target for ${seconds}s"
   # libFuzzer exits non-zero and writes fuzz/artifacts/<target>/crash-* when a property fails.
   if ! cargo fuzz run "$target" --sanitizer none -- -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then

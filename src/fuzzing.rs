@@ -9,6 +9,7 @@ use crate::middleware::host::{HostPorts, check_host, host_of};
 use crate::proxy::headers::{ForwardingPolicy, join_cookie_fields, remove_hop_by_hop};
 use crate::route_path::route_path;
 use crate::server::plain::https_location;
+use crate::server::proxy_protocol::{self, Step};
 
 /// Hardening a Set-Cookie only appends, yields a valid header value, and is idempotent.
 pub fn set_cookie(data: &[u8]) {
@@ -210,5 +211,18 @@ pub fn config(data: &[u8]) {
     };
     if let Err(error) = Config::parse(text, "fuzz.toml", None) {
         assert!(error.to_string().starts_with("fuzz.toml"), "{error}");
+    }
+}
+
+/// PROXY protocol framing never asks for zero bytes, never reads past the longest header it allows,
+/// and a header it accepts is accepted again on exactly the bytes it took (nothing after it mattered).
+pub fn proxy_header(data: &[u8]) {
+    let (step, taken) = proxy_protocol::frame(data);
+    assert!(taken <= proxy_protocol::LONGEST, "read {taken} bytes");
+    if let Step::Done(client) = step {
+        assert_eq!(
+            proxy_protocol::frame(&data[..taken]),
+            (Step::Done(client), taken)
+        );
     }
 }

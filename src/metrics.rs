@@ -31,6 +31,35 @@ impl Listener {
     }
 }
 
+/// Why a connection was closed at its PROXY protocol header (`server.proxy_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyHeaderRefusal {
+    /// A header from a peer that is not a listed balancer.
+    Untrusted,
+    /// A listed balancer's connection without one.
+    Missing,
+    Malformed,
+    Timeout,
+}
+
+impl ProxyHeaderRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyHeaderRefusal::Untrusted => "untrusted",
+            ProxyHeaderRefusal::Missing => "missing",
+            ProxyHeaderRefusal::Malformed => "malformed",
+            ProxyHeaderRefusal::Timeout => "timeout",
+        }
+    }
+}
+
+const PROXY_HEADER_REFUSALS: [ProxyHeaderRefusal; 4] = [
+    ProxyHeaderRefusal::Untrusted,
+    ProxyHeaderRefusal::Missing,
+    ProxyHeaderRefusal::Malformed,
+    ProxyHeaderRefusal::Timeout,
+];
+
 const LISTENERS: [Listener; 2] = [Listener::Https, Listener::Http];
 const BLAMES: [Blame; 3] = [Blame::Client, Blame::Upstream, Blame::Proxy];
 
@@ -40,6 +69,7 @@ pub struct Metrics {
     connections_accepted: AtomicU64,
     connections_refused: AtomicU64,
     handshake_failures: AtomicU64,
+    proxy_header_refusals: [AtomicU64; 4],
     /// By listener, then status class 1xx..5xx.
     responses: [[AtomicU64; 5]; 2],
     /// Responses the proxy wrote instead of the upstream, by who caused them.
@@ -59,6 +89,10 @@ impl Metrics {
 
     pub fn handshake_failed(&self) {
         self.handshake_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn proxy_header_refused(&self, reason: ProxyHeaderRefusal) {
+        self.proxy_header_refusals[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn count_response(
@@ -121,6 +155,21 @@ impl Metrics {
             "counter",
             "TLS handshakes that failed or timed out (limits.handshake_timeout).",
             &one(read(&self.handshake_failures) as f64),
+        );
+        let refusals: Vec<(String, f64)> = PROXY_HEADER_REFUSALS
+            .iter()
+            .map(|&reason| {
+                (
+                    format!("{{reason=\"{}\"}}", reason.as_str()),
+                    read(&self.proxy_header_refusals[reason as usize]) as f64,
+                )
+            })
+            .collect();
+        family(
+            "proxy_protocol_refused_total",
+            "counter",
+            "Connections closed at their PROXY protocol header (server.proxy_protocol), by reason.",
+            &refusals,
         );
         let mut by_class = Vec::new();
         for listener in LISTENERS {

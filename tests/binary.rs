@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -55,73 +53,6 @@ fn check_accepts_the_shipped_configs_and_names_the_key_and_line_of_a_mistake() {
         stderr.contains("connect_timeout"),
         "says what is allowed: {stderr}"
     );
-}
-
-struct Running {
-    child: KillOnDrop,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Running {
-    fn start(config: &std::path::Path) -> Running {
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start portcullis");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().expect("log").push(line);
-            }
-        });
-        Running {
-            child: KillOnDrop(child),
-            log,
-        }
-    }
-
-    /// The HTTPS address from the "serving" log line, once it is written.
-    async fn serving_at(&self) -> std::net::SocketAddr {
-        let line = self.wait_for_log("portcullis is serving").await;
-        line.split("https=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line}"))
-    }
-
-    async fn wait_for_log(&self, needle: &str) -> String {
-        let line = || {
-            let log = self.log.lock().expect("log");
-            log.iter().find(|l| l.contains(needle)).cloned()
-        };
-        wait_for(
-            &format!("a log line with {needle:?}"),
-            LIMIT,
-            || std::future::ready(line()),
-            || format!("{:#?}", self.log.lock().expect("log")),
-        )
-        .await
-    }
-
-    /// Writes a new config, sends SIGHUP and returns the log line that answers it.
-    async fn reload(&self, path: &std::path::Path, text: String, answer: &str) -> String {
-        std::fs::write(path, text).expect("write config");
-        self.signal("HUP");
-        self.wait_for_log(answer).await
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.0.id().to_string()])
-            .status();
-        assert!(status.is_ok_and(|s| s.success()), "kill -{name}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

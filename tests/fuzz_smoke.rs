@@ -173,3 +173,20 @@ fn config_parsing() {
         2_000,
     );
 }
+
+#[test]
+fn proxy_protocol_header() {
+    run(
+        "proxy_header",
+        &[
+            b"PROXY TCP4 127.0.0.2 127.0.0.1 40000 443\r\nGET / HTTP/1.1\r\n",
+            b"PROXY TCP6 2001:db8::7 ::1 5 443\r\n",
+            b"PROXY UNKNOWN\r\n\x16\x03\x01",
+            b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\x7f\x00\x00\x02\x7f\x00\x00\x01\x9c\x40\x01\xbb\x16",
+            b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x27\x20\x01\x0d\xb8\0\0\0\0\0\0\0\0\0\0\0\x07\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\x01\x00\x05\x01\xbb\x02\x00\x03a.b",
+            b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00",
+            b"GET / HTTP/1.1\r\n",
+        ],
+        fuzzing::proxy_header,
+    );
+}

@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub public_https_port: Option<u16>,
     pub health_path: Option<String>,
     pub trusted_proxies: Vec<IpNet>,
+    /// Load balancers that open every connection with a PROXY protocol header (v1 or v2); from
+    /// them the header is required, from anyone else it is refused. Empty: PROXY protocol off.
+    pub proxy_protocol: Vec<IpNet>,
     pub shutdown_grace: Duration,
 }
 

@@ -84,6 +84,7 @@ pub struct RawServer {
     pub public_https_port: Option<u16>,
     pub health_path: Option<String>,
     pub trusted_proxies: Option<Vec<String>>,
+    pub proxy_protocol: Option<Vec<String>>,
     pub shutdown_grace: Option<HumanDuration>,
 }
 

@@ -226,7 +226,7 @@ fn the_example_files_documented_defaults_are_the_codes() {
     // Commented lines that show an example rather than the default (`public_https_port`'s default is
     // "the port of `https`", which the example spells out; the health-check settings apply only with a
     // `health_path`, and their defaults are checked in `several_backends_and_error_pages_are_checked`).
-    const EXAMPLES: [&str; 15] = [
+    const EXAMPLES: [&str; 16] = [
         "urls",
         "weights",
         "health_path",
@@ -238,6 +238,7 @@ fn the_example_files_documented_defaults_are_the_codes() {
         "public_https_port",
         "health_path",
         "trusted_proxies",
+        "proxy_protocol",
         "cert",
         "key",
         "directory_ca",

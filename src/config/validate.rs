@@ -474,6 +474,10 @@ fn validate_server(s: raw::RawServer, ctx: &Ctx) -> Result<ServerConfig, ConfigE
         trusted_proxies
             .push(parse_ip_net(&p).map_err(|m| ctx.invalid("server.trusted_proxies", m))?);
     }
+    let mut proxy_protocol = Vec::new();
+    for p in s.proxy_protocol.unwrap_or_default() {
+        proxy_protocol.push(parse_ip_net(&p).map_err(|m| ctx.invalid("server.proxy_protocol", m))?);
+    }
     Ok(ServerConfig {
         https,
         http,
@@ -482,6 +486,7 @@ fn validate_server(s: raw::RawServer, ctx: &Ctx) -> Result<ServerConfig, ConfigE
         public_https_port,
         health_path,
         trusted_proxies,
+        proxy_protocol,
         shutdown_grace: s
             .shutdown_grace
             .map(|d| d.0)

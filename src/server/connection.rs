@@ -94,8 +94,33 @@ pub type TrackedBody<B> = ObservedBody<B, InFlight>;
 
 impl BodyObserver for InFlight {}
 
+/// The client behind a PROXY protocol header, when `server.proxy_protocol` lists the peer; `None`: the
+/// connection is refused (logged and counted) before TLS or HTTP sees a byte.
+async fn client_of(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    runtime: &Runtime,
+    shared: &Shared,
+) -> Option<SocketAddr> {
+    let server = &runtime.config.server;
+    let timeout = runtime.config.limits.handshake_timeout;
+    match super::proxy_protocol::client_address(tcp, peer, &server.proxy_protocol, timeout).await {
+        Ok(client) => Some(client),
+        Err(refused) => {
+            match refused.reason {
+                Some(reason) => {
+                    tracing::warn!(%peer, reason = reason.as_str(), "PROXY protocol: {refused}; closing");
+                    shared.fixed.metrics.proxy_header_refused(reason);
+                }
+                None => tracing::debug!(%peer, "PROXY protocol: {refused}"),
+            }
+            None
+        }
+    }
+}
+
 pub async fn serve_tls(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
@@ -103,6 +128,9 @@ pub async fn serve_tls(
     permit: OwnedSemaphorePermit,
 ) {
     let runtime = shared.current.load_full();
+    let Some(peer) = client_of(&mut tcp, peer, &runtime, &shared).await else {
+        return;
+    };
     let stream = match tokio::time::timeout(
         runtime.config.limits.handshake_timeout,
         acceptor.accept(tcp),
@@ -152,13 +180,16 @@ pub async fn serve_tls(
 }
 
 pub async fn serve_plain(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
     permit: OwnedSemaphorePermit,
 ) {
     let runtime = shared.current.load_full();
+    let Some(peer) = client_of(&mut tcp, peer, &runtime, &shared).await else {
+        return;
+    };
     let info = ConnInfo {
         peer,
         sni: None,

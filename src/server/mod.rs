@@ -5,6 +5,7 @@
 mod certificates;
 mod connection;
 pub mod plain;
+pub mod proxy_protocol;
 mod stack;
 
 use std::net::SocketAddr;

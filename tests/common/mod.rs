@@ -651,3 +651,73 @@ pub fn init_test_logging() {
         .with_test_writer()
         .try_init();
 }
+
+/// The `portcullis` binary run as an operator runs it, its log lines collected as they are written.
+pub struct Running {
+    pub child: KillOnDrop,
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Running {
+    pub fn start(config: &std::path::Path) -> Running {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start portcullis");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok)
+            {
+                sink.lock().expect("log").push(line);
+            }
+        });
+        Running {
+            child: KillOnDrop(child),
+            log,
+        }
+    }
+
+    /// The HTTPS address from the "serving" log line, once it is written.
+    pub async fn serving_at(&self) -> std::net::SocketAddr {
+        let line = self.wait_for_log("portcullis is serving").await;
+        line.split("https=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line}"))
+    }
+
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let line = || {
+            let log = self.log.lock().expect("log");
+            log.iter().find(|l| l.contains(needle)).cloned()
+        };
+        wait_for(
+            &format!("a log line with {needle:?}"),
+            LIMIT,
+            || std::future::ready(line()),
+            || format!("{:#?}", self.log.lock().expect("log")),
+        )
+        .await
+    }
+
+    /// Writes a new config, sends SIGHUP and returns the log line that answers it.
+    pub async fn reload(&self, path: &std::path::Path, text: String, answer: &str) -> String {
+        std::fs::write(path, text).expect("write config");
+        self.signal("HUP");
+        self.wait_for_log(answer).await
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.0.id().to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name}");
+    }
+}
