@@ -163,6 +163,10 @@ impl Pebble {
     }
 }
 
+/// The names most tests order for.
+const NAMES: &[&str] = &[DOMAIN, "www.portcullis.test"];
+
+#[allow(clippy::too_many_arguments)]
 fn acme_config(
     https: u16,
     http: u16,
@@ -170,12 +174,14 @@ fn acme_config(
     pebble: &Pebble,
     upstream: &Upstream,
     challenge: &str,
+    names: &[&str],
+    acme_extra: &str,
 ) -> Config {
     let text = format!(
-        "[server]\nhttps = \"127.0.0.1:{https}\"\nhttp = \"127.0.0.1:{http}\"\ndomains = [\"{DOMAIN}\", \"www.{DOMAIN}\"]\nshutdown_grace = \"2s\"\n\
+        "[server]\nhttps = \"127.0.0.1:{https}\"\nhttp = \"127.0.0.1:{http}\"\ndomains = {names:?}\nshutdown_grace = \"2s\"\n\
          [tls]\nsource = \"acme\"\ndir = \"{}\"\n\
          [acme]\ndirectory = \"{}\"\ndirectory_ca = \"{}\"\ncontact = [\"mailto:ops@portcullis.test\"]\nchallenge = \"{challenge}\"\n\
-         retry_base_delay = \"1s\"\nretry_max_delay = \"8s\"\nrenew_check_interval = \"1s\"\n{}\
+         retry_base_delay = \"1s\"\nretry_max_delay = \"8s\"\nrenew_check_interval = \"1s\"\n{acme_extra}{}\
          [upstream]\nurl = \"http://{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
         state.display(),
         pebble.directory_url,
@@ -247,7 +253,16 @@ impl Issued {
         let pebble = Pebble::start(http, https, validity_secs, require_eab).await;
         let upstream = Upstream::start().await;
         let state = tempfile::tempdir().expect("state");
-        let config = acme_config(https, http, state.path(), &pebble, &upstream, challenge);
+        let config = acme_config(
+            https,
+            http,
+            state.path(),
+            &pebble,
+            &upstream,
+            challenge,
+            NAMES,
+            "",
+        );
         let server = portcullis::server::start(config.clone())
             .await
             .expect("start");
@@ -542,4 +557,109 @@ async fn acme_outage_keeps_the_old_certificate_and_backs_off() {
     );
     assert!(snapshot.last_error.is_some());
     stop(issued.server).await;
+}
+
+#[tokio::test]
+#[ignore = "needs pebble: run scripts/test.sh"]
+async fn ip_addresses_get_certificates_by_either_challenge_and_an_unoffered_profile_is_named() {
+    for challenge in ["http-01", "tls-alpn-01"] {
+        let (https, http) = (fixed_port(), fixed_port());
+        let pebble = Pebble::start(http, https, 3600, false).await;
+        let upstream = Upstream::start().await;
+        let state = tempfile::tempdir().expect("state");
+        let names = ["127.0.0.1"];
+        let config = acme_config(
+            https,
+            http,
+            state.path(),
+            &pebble,
+            &upstream,
+            challenge,
+            &names,
+            "",
+        );
+        let server = portcullis::server::start(config).await.expect("start");
+        let root = pebble.issuing_root(state.path()).await;
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{https}").parse().expect("addr");
+        // A client connecting by address sends no SNI (RFC 6066 §3); the IP certificate answers it.
+        let leaf = wait_for(
+            &format!("an IP certificate by {challenge}"),
+            Duration::from_secs(60),
+            || async {
+                let tls = tls_connect(addr, "127.0.0.1", &root, H2).await.ok()?;
+                tls.get_ref()
+                    .1
+                    .peer_certificates()?
+                    .first()
+                    .map(|c| c.to_vec())
+            },
+            || format!("pebble log:\n{}", pebble.log()),
+        )
+        .await;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).expect("parse");
+        let san = parsed
+            .subject_alternative_name()
+            .expect("san")
+            .expect("present");
+        assert!(
+            san.value.general_names.iter().any(|n| matches!(
+                n,
+                x509_parser::extensions::GeneralName::IPAddress([127, 0, 0, 1])
+            )),
+            "{:?}",
+            san.value.general_names
+        );
+        let status = server.acme_status.clone().expect("acme").snapshot();
+        assert_eq!(
+            (status.orders_placed, status.failures),
+            (1, 0),
+            "{challenge}: {status:?}"
+        );
+        let mut client = Client::connect(addr, "127.0.0.1", &root, H2)
+            .await
+            .expect("connect");
+        let req = http::Request::builder()
+            .uri(format!("https://127.0.0.1:{https}/echo"))
+            .body(full(""))
+            .expect("request");
+        assert_eq!(client.fetch(req).await.0.status(), StatusCode::OK);
+        stop(server).await;
+    }
+
+    // pebble 2.4 advertises no profiles: a configured one fails the order with the key named, and
+    // nothing is issued.
+    let (https, http) = (fixed_port(), fixed_port());
+    let pebble = Pebble::start(http, https, 3600, false).await;
+    let upstream = Upstream::start().await;
+    let state = tempfile::tempdir().expect("state");
+    let config = acme_config(
+        https,
+        http,
+        state.path(),
+        &pebble,
+        &upstream,
+        "tls-alpn-01",
+        NAMES,
+        "profile = \"tlsserver\"\n",
+    );
+    let server = portcullis::server::start(config).await.expect("start");
+    let status = server.acme_status.clone().expect("acme");
+    let error = wait_for(
+        "the order to fail on the profile",
+        LIMIT,
+        || std::future::ready(status.snapshot().last_error),
+        || format!("{:?}", status.snapshot()),
+    )
+    .await;
+    assert!(
+        error.contains("acme.profile = \"tlsserver\"")
+            && error.contains("offers no certificate profiles"),
+        "{error}"
+    );
+    // Refused before anything was sent to the CA.
+    assert_eq!(
+        (status.snapshot().issued, status.snapshot().orders_placed),
+        (0, 0)
+    );
+    stop(server).await;
 }

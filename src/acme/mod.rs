@@ -239,7 +239,9 @@ impl AcmeManager {
 
             let failures = self.status.snapshot().failures;
             let kind = self.challenge_for_attempt(failures);
-            let attempt = tokio::time::timeout(ISSUANCE_TIMEOUT, self.obtain(kind.clone())).await;
+            let replacing = current.as_ref().map(|c| c.leaf_der.clone());
+            let attempt =
+                tokio::time::timeout(ISSUANCE_TIMEOUT, self.obtain(kind.clone(), replacing)).await;
             match attempt.unwrap_or(Err(AcmeError::Timeout(ISSUANCE_TIMEOUT))) {
                 Ok(new) => {
                     tracing::info!(
@@ -393,10 +395,24 @@ impl AcmeManager {
         Ok(account)
     }
 
-    async fn obtain(&mut self, kind: ChallengeType) -> Result<Current, AcmeError> {
+    /// Orders, validates and installs a certificate. `replacing`: the leaf of the certificate this
+    /// account issued that the new one replaces (named in the order where the CA offers ARI).
+    async fn obtain(
+        &mut self,
+        kind: ChallengeType,
+        replacing: Option<Vec<u8>>,
+    ) -> Result<Current, AcmeError> {
         let account = self.account().await?;
-        self.status.update(|s| s.orders_placed += 1);
-        let (chain_pem, key_pem) = self.issue(&account, kind).await?;
+        // The CA's ARI support is learnt when the renewal time is computed; ask now if that never ran.
+        if replacing.is_some() && self.ari_supported.is_none() {
+            let _ = tokio::time::timeout(
+                ARI_TIMEOUT,
+                self.ari_window(replacing.as_deref().unwrap_or_default()),
+            )
+            .await;
+        }
+        let replacing = replacing.filter(|_| self.ari_supported == Some(true));
+        let (chain_pem, key_pem) = self.issue(&account, kind, replacing.as_deref()).await?;
         let certified = certified_key_from_pem(
             chain_pem.as_bytes(),
             key_pem.as_bytes(),
@@ -436,13 +452,40 @@ impl AcmeManager {
         &self,
         account: &Account,
         kind: ChallengeType,
+        replacing: Option<&[u8]>,
     ) -> Result<(String, String), AcmeError> {
-        let identifiers: Vec<Identifier> = self
-            .domains
-            .iter()
-            .map(|d| Identifier::Dns(d.to_string()))
-            .collect();
-        let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+        let identifiers = order_identifiers(&self.domains);
+        let offered: Vec<&str> = account.profiles().map(|p| p.name).collect();
+        let profile = order_profile(
+            self.config.profile.as_deref(),
+            &offered,
+            self.domains.has_ip(),
+            &self.config.directory_url,
+        )?;
+        let replaced_der =
+            replacing.map(|der| rustls_pki_types::CertificateDer::from(der.to_vec()));
+        let replaces = replaced_der
+            .as_ref()
+            .and_then(|der| CertificateIdentifier::try_from(der).ok());
+        let request = new_order_request(&identifiers, profile, replaces.clone());
+        self.status.update(|s| s.orders_placed += 1);
+        let mut order = match account.new_order(&request).await {
+            Ok(order) => {
+                if replaces.is_some() {
+                    tracing::info!("renewal order names the certificate it replaces (RFC 9773 §5)");
+                }
+                order
+            }
+            // RFC 9773 §5: a CA may refuse the `replaces` (already replaced, not this account's, or
+            // not implemented); the renewal must not fail for it.
+            Err(e) if replaces.is_some() && !is_rate_limited(&e) => {
+                tracing::info!(error = %e, "the CA refused the order naming the certificate it replaces; ordering without `replaces`");
+                account
+                    .new_order(&new_order_request(&identifiers, profile, None))
+                    .await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut published = Published {
             resolver: &self.resolver,
             tokens: &self.tokens,
@@ -454,6 +497,10 @@ impl AcmeManager {
             while let Some(authorization) = authorizations.next().await {
                 let mut authorization = authorization?;
                 let identifier = authorization.identifier().to_string();
+                let ip = match authorization.identifier().identifier {
+                    Identifier::Ip(ip) => Some(*ip),
+                    _ => None,
+                };
                 match authorization.status {
                     AuthorizationStatus::Pending => {}
                     AuthorizationStatus::Valid => continue,
@@ -475,9 +522,12 @@ impl AcmeManager {
                             &identifier,
                             key_authorization.digest().as_ref(),
                         )?;
-                        self.resolver
-                            .set_challenge(&identifier, Some(Arc::new(cert)));
-                        published.alpn_names.push(identifier.clone());
+                        // RFC 8738 §6: the CA asks for an IP address by its reverse-DNS name.
+                        let sni = ip
+                            .map(reverse_dns_name)
+                            .unwrap_or_else(|| identifier.clone());
+                        self.resolver.set_challenge(&sni, Some(Arc::new(cert)));
+                        published.alpn_names.push(sni);
                     }
                     _ => {
                         self.tokens
@@ -500,6 +550,83 @@ impl AcmeManager {
         let key_pem = order.finalize().await?;
         let chain_pem = order.poll_certificate(&retry).await?;
         Ok((chain_pem, key_pem))
+    }
+}
+
+/// The order's identifiers: DNS names, and IP addresses as `ip` identifiers (RFC 8738 §3).
+fn order_identifiers(domains: &Domains) -> Vec<Identifier> {
+    domains
+        .iter()
+        .map(|d| match d.parse::<std::net::IpAddr>() {
+            Ok(ip) => Identifier::Ip(ip),
+            Err(_) => Identifier::Dns(d.to_string()),
+        })
+        .collect()
+}
+
+/// The profile to order under, checked against what the CA's directory offers (`meta.profiles`):
+/// the configured one must be offered; unset, IP addresses get `shortlived` where it is (Let's Encrypt
+/// issues IP certificates under no other), else the CA's default.
+fn order_profile<'a>(
+    configured: Option<&'a str>,
+    offered: &[&str],
+    has_ip: bool,
+    directory: &str,
+) -> Result<Option<&'a str>, AcmeError> {
+    match configured {
+        Some(profile) if offered.contains(&profile) => Ok(Some(profile)),
+        Some(profile) if offered.is_empty() => Err(AcmeError::Order(format!(
+            "acme.profile = \"{profile}\", but the CA at {directory} offers no certificate profiles; remove acme.profile"
+        ))),
+        Some(profile) => {
+            let mut names = offered.to_vec();
+            names.sort_unstable();
+            Err(AcmeError::Order(format!(
+                "acme.profile = \"{profile}\" is not offered by the CA at {directory}; it offers: {}",
+                names.join(", ")
+            )))
+        }
+        None if has_ip && offered.contains(&"shortlived") => Ok(Some("shortlived")),
+        None => Ok(None),
+    }
+}
+
+/// The newOrder request (RFC 8555 §7.4, with RFC 9773 §5 `replaces` and the profiles extension).
+fn new_order_request<'a>(
+    identifiers: &'a [Identifier],
+    profile: Option<&'a str>,
+    replaces: Option<CertificateIdentifier<'a>>,
+) -> NewOrder<'a> {
+    let mut request = NewOrder::new(identifiers);
+    if let Some(profile) = profile {
+        request = request.profile(profile);
+    }
+    if let Some(replaces) = replaces {
+        request = request.replaces(replaces);
+    }
+    request
+}
+
+fn is_rate_limited(error: &instant_acme::Error) -> bool {
+    matches!(error, instant_acme::Error::Api(problem)
+        if problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:rateLimited"))
+}
+
+/// `1.0.0.127.in-addr.arpa` / the nibble form under `ip6.arpa` (RFC 1035 §3.5, RFC 3596 §2.5).
+fn reverse_dns_name(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            format!("{d}.{c}.{b}.{a}.in-addr.arpa")
+        }
+        std::net::IpAddr::V6(v6) => {
+            let mut name = String::with_capacity(72);
+            for byte in v6.octets().iter().rev() {
+                name.push_str(&format!("{:x}.{:x}.", byte & 0xf, byte >> 4));
+            }
+            name.push_str("ip6.arpa");
+            name
+        }
     }
 }
 
@@ -616,6 +743,102 @@ mod tests {
     }
 
     #[test]
+    fn an_ip_challenge_certificate_names_the_address_and_answers_its_reverse_name() {
+        let cert = challenge_certificate("127.0.0.1", &[1u8; 32]).expect("certificate");
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert.cert[0]).expect("parse");
+        let san = parsed
+            .subject_alternative_name()
+            .expect("san")
+            .expect("present");
+        assert!(matches!(
+            san.value.general_names[..],
+            [x509_parser::extensions::GeneralName::IPAddress([
+                127, 0, 0, 1
+            ])]
+        ));
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        assert_eq!(reverse_dns_name(ip("192.0.2.5")), "5.2.0.192.in-addr.arpa");
+        // RFC 3596 §2.5's example.
+        assert_eq!(
+            reverse_dns_name(ip("4321:0:1:2:3:4:567:89ab")),
+            "b.a.9.8.7.6.5.0.4.0.0.0.3.0.0.0.2.0.0.0.1.0.0.0.0.0.0.0.1.2.3.4.ip6.arpa"
+        );
+    }
+
+    #[test]
+    fn the_profile_is_one_the_ca_offers_and_ip_addresses_get_shortlived() {
+        let lets_encrypt = ["classic", "tlsserver", "shortlived"];
+        let dir = "https://acme.example/dir";
+        let choose = |configured, offered: &[&str], has_ip| {
+            order_profile(configured, offered, has_ip, dir).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            choose(Some("tlsserver"), &lets_encrypt, false),
+            Ok(Some("tlsserver"))
+        );
+        assert_eq!(choose(None, &lets_encrypt, false), Ok(None));
+        assert_eq!(choose(None, &lets_encrypt, true), Ok(Some("shortlived")));
+        // A CA without profiles (pebble 2.4) orders with none, IPs or not.
+        assert_eq!(choose(None, &[], true), Ok(None));
+        let unknown = choose(Some("longlived"), &lets_encrypt, false).expect_err("refused");
+        assert!(
+            unknown.contains("acme.profile = \"longlived\"")
+                && unknown.contains("classic, shortlived, tlsserver"),
+            "{unknown}"
+        );
+        let none = choose(Some("tlsserver"), &[], false).expect_err("refused");
+        assert!(none.contains("offers no certificate profiles"), "{none}");
+    }
+
+    #[test]
+    fn new_order_bodies_carry_ip_identifiers_the_profile_and_replaces() {
+        let domains = Domains::new(vec![
+            "example.com".into(),
+            "192.0.2.5".into(),
+            "2001:db8::1".into(),
+        ]);
+        let identifiers = order_identifiers(&domains);
+        let plain =
+            serde_json::to_value(new_order_request(&identifiers, None, None)).expect("json");
+        assert_eq!(
+            plain,
+            serde_json::json!({ "identifiers": [
+                { "type": "dns", "value": "example.com" },
+                { "type": "ip", "value": "192.0.2.5" },
+                { "type": "ip", "value": "2001:db8::1" },
+            ]})
+        );
+        // A leaf with an authority key identifier, as every CA issues them (RFC 9773 §4.1 needs it).
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(vec![0xaa; 20]);
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let mut leaf = CertificateParams::new(vec!["example.com".to_string()]).expect("params");
+        leaf.use_authority_key_identifier_extension = true;
+        leaf.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x01, 0x02, 0x03]));
+        let leaf = leaf
+            .signed_by(&KeyPair::generate().expect("key"), &issuer)
+            .expect("leaf");
+        let replaces = CertificateIdentifier::try_from(leaf.der()).expect("identifier");
+        let renewal = serde_json::to_value(new_order_request(
+            &identifiers[..1],
+            Some("tlsserver"),
+            Some(replaces),
+        ))
+        .expect("json");
+        // RFC 9773 §4.1: base64url(AKI keyIdentifier) "." base64url(serial).
+        assert_eq!(
+            renewal,
+            serde_json::json!({
+                "identifiers": [{ "type": "dns", "value": "example.com" }],
+                "profile": "tlsserver",
+                "replaces": "qqqqqqqqqqqqqqqqqqqqqqqqqqo.AQID",
+            })
+        );
+    }
+
+    #[test]
     fn challenge_alternates_to_the_fallback_after_a_failure() {
         let config = AcmeConfig {
             directory_url: "https://acme.example/dir".into(),
@@ -623,6 +846,7 @@ mod tests {
             challenge: ConfiguredChallenge::TlsAlpn01,
             directory_ca: None,
             eab: None,
+            profile: None,
             renew_check_interval: Duration::from_secs(3600),
             retry_base_delay: Duration::from_secs(60),
             retry_max_delay: Duration::from_secs(3600),

@@ -126,6 +126,9 @@ pub struct AcmeConfig {
     pub challenge: ChallengeType,
     pub directory_ca: Option<PathBuf>,
     pub eab: Option<(String, String)>,
+    /// The certificate profile to order (`classic`, `tlsserver`, `shortlived` at Let's Encrypt);
+    /// `None`: the CA's default, or `shortlived` for IP addresses where the CA offers it.
+    pub profile: Option<String>,
     pub renew_check_interval: Duration,
     pub retry_base_delay: Duration,
     pub retry_max_delay: Duration,

@@ -105,6 +105,7 @@ pub struct RawAcme {
     pub challenge: Option<ChallengeType>,
     pub directory_ca: Option<String>,
     pub eab: Option<RawEab>,
+    pub profile: Option<String>,
     pub renew_check_interval: Option<HumanDuration>,
     pub retry_base_delay: Option<HumanDuration>,
     pub retry_max_delay: Option<HumanDuration>,

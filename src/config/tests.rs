@@ -226,7 +226,7 @@ fn the_example_files_documented_defaults_are_the_codes() {
     // Commented lines that show an example rather than the default (`public_https_port`'s default is
     // "the port of `https`", which the example spells out; the health-check settings apply only with a
     // `health_path`, and their defaults are checked in `several_backends_and_error_pages_are_checked`).
-    const EXAMPLES: [&str; 16] = [
+    const EXAMPLES: [&str; 17] = [
         "urls",
         "weights",
         "health_path",
@@ -243,6 +243,7 @@ fn the_example_files_documented_defaults_are_the_codes() {
         "key",
         "directory_ca",
         "eab",
+        "profile",
     ];
     let mut in_real_section = false;
     let mut uncommented = Vec::new();
@@ -475,4 +476,33 @@ fn the_eab_key_is_checked_by_check_not_at_the_first_order() {
     assert!(err.contains("decodes to 5 bytes"), "{err}");
     let err = error_of(&acme(" ", good));
     assert!(err.contains("`acme.eab.kid`"), "{err}");
+}
+
+#[test]
+fn acme_profiles_are_names_and_ip_certificates_are_allowed() {
+    let acme = |domains: &str, profile: &str| {
+        format!(
+            "[server]\ndomains = {domains}\n[tls]\nsource = \"acme\"\n[acme]\n{profile}\
+             [upstream]\nurl = \"http://127.0.0.1:1\"\n"
+        )
+    };
+    let config = parse(&acme("[\"a.example\", \"192.0.2.5\"]", "")).expect("IPs may be ordered");
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    let config = parse(&acme("[\"a.example\"]", "profile = \"tlsserver\"\n")).expect("valid");
+    assert_eq!(
+        config.acme.expect("acme").profile.as_deref(),
+        Some("tlsserver")
+    );
+    let err = error_of(&acme("[\"a.example\"]", "profile = \"short lived\"\n"));
+    assert!(
+        err.contains("`acme.profile`") && err.contains("not a profile name"),
+        "{err}"
+    );
+    // Let's Encrypt issues IP certificates only under shortlived: another profile is legal but warned.
+    let config = parse(&acme("[\"192.0.2.5\"]", "profile = \"classic\"\n")).expect("valid");
+    assert!(
+        config.warnings.iter().any(|w| w.contains("shortlived")),
+        "{:?}",
+        config.warnings
+    );
 }

@@ -407,6 +407,14 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         }
         (None, _) => None,
     };
+    if let Some(profile) = acme.as_ref().and_then(|a| a.profile.as_deref())
+        && server.domains.has_ip()
+        && profile != "shortlived"
+    {
+        warnings.push(format!(
+            "acme.profile = \"{profile}\" with IP addresses in server.domains: Let's Encrypt issues IP certificates only under \"shortlived\""
+        ));
+    }
     Ok(Config {
         upstream: validate_upstream(raw.upstream, ctx)?,
         headers: validate_headers(raw.headers, ctx, &mut warnings)?,
@@ -1008,10 +1016,15 @@ fn validate_acme(
             "http-01 needs the plain listener: set server.http",
         ));
     }
-    if server.domains.has_ip() {
+    if let Some(profile) = &a.profile
+        && (profile.is_empty()
+            || !profile
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+    {
         return Err(ctx.invalid(
-            "server.domains",
-            "ACME certificates are for DNS names; remove IP addresses",
+            "acme.profile",
+            format!("`{profile}` is not a profile name (the CA's directory lists them: `classic`, `tlsserver`, `shortlived` at Let's Encrypt)"),
         ));
     }
     let dur = |d: Option<units::HumanDuration>, default: u64| {
@@ -1029,6 +1042,7 @@ fn validate_acme(
                 Some((e.kid, e.hmac_key))
             }
         },
+        profile: a.profile,
         renew_check_interval: dur(a.renew_check_interval, 3600),
         retry_base_delay: dur(a.retry_base_delay, 60),
         retry_max_delay: dur(a.retry_max_delay, 6 * 3600),
