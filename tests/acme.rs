@@ -231,6 +231,52 @@ async fn request_through(https: u16, root: &Path) -> StatusCode {
     client.fetch(req).await.0.status()
 }
 
+/// pebble validating against fresh ports, an upstream, and the proxy started ordering from pebble.
+struct Ordering {
+    https: u16,
+    pebble: Pebble,
+    upstream: Upstream,
+    state: tempfile::TempDir,
+    config: Config,
+    server: RunningServer,
+}
+
+impl Ordering {
+    async fn start(
+        validity_secs: u64,
+        challenge: &str,
+        require_eab: bool,
+        names: &[&str],
+        acme_extra: &str,
+    ) -> Ordering {
+        let (https, http) = (fixed_port(), fixed_port());
+        let pebble = Pebble::start(http, https, validity_secs, require_eab).await;
+        let upstream = Upstream::start().await;
+        let state = tempfile::tempdir().expect("state");
+        let config = acme_config(
+            https,
+            http,
+            state.path(),
+            &pebble,
+            &upstream,
+            challenge,
+            names,
+            acme_extra,
+        );
+        let server = portcullis::server::start(config.clone())
+            .await
+            .expect("start");
+        Ordering {
+            https,
+            pebble,
+            upstream,
+            state,
+            config,
+            server,
+        }
+    }
+}
+
 /// pebble, an upstream and the proxy ordering from pebble, up to the first certificate being served.
 struct Issued {
     https: u16,
@@ -249,23 +295,14 @@ impl Issued {
     }
 
     async fn launch(validity_secs: u64, challenge: &str, require_eab: bool) -> Issued {
-        let (https, http) = (fixed_port(), fixed_port());
-        let pebble = Pebble::start(http, https, validity_secs, require_eab).await;
-        let upstream = Upstream::start().await;
-        let state = tempfile::tempdir().expect("state");
-        let config = acme_config(
+        let Ordering {
             https,
-            http,
-            state.path(),
-            &pebble,
-            &upstream,
-            challenge,
-            NAMES,
-            "",
-        );
-        let server = portcullis::server::start(config.clone())
-            .await
-            .expect("start");
+            pebble,
+            upstream,
+            state,
+            config,
+            server,
+        } = Ordering::start(validity_secs, challenge, require_eab, NAMES, "").await;
         let root = pebble.issuing_root(state.path()).await;
         let first = wait_for_certificate(https, &root, &pebble).await;
         Issued {
@@ -563,22 +600,9 @@ async fn acme_outage_keeps_the_old_certificate_and_backs_off() {
 #[ignore = "needs pebble: run scripts/test.sh"]
 async fn ip_addresses_get_certificates_by_either_challenge_and_an_unoffered_profile_is_named() {
     for challenge in ["http-01", "tls-alpn-01"] {
-        let (https, http) = (fixed_port(), fixed_port());
-        let pebble = Pebble::start(http, https, 3600, false).await;
-        let upstream = Upstream::start().await;
-        let state = tempfile::tempdir().expect("state");
-        let names = ["127.0.0.1"];
-        let config = acme_config(
-            https,
-            http,
-            state.path(),
-            &pebble,
-            &upstream,
-            challenge,
-            &names,
-            "",
-        );
-        let server = portcullis::server::start(config).await.expect("start");
+        let ordering = Ordering::start(3600, challenge, false, &["127.0.0.1"], "").await;
+        let (https, pebble, server) = (ordering.https, &ordering.pebble, &ordering.server);
+        let state = &ordering.state;
         let root = pebble.issuing_root(state.path()).await;
         let addr: std::net::SocketAddr = format!("127.0.0.1:{https}").parse().expect("addr");
         // A client connecting by address sends no SNI (RFC 6066 §3); the IP certificate answers it.
@@ -623,26 +647,20 @@ async fn ip_addresses_get_certificates_by_either_challenge_and_an_unoffered_prof
             .body(full(""))
             .expect("request");
         assert_eq!(client.fetch(req).await.0.status(), StatusCode::OK);
-        stop(server).await;
+        stop(ordering.server).await;
     }
 
     // pebble 2.4 advertises no profiles: a configured one fails the order with the key named, and
     // nothing is issued.
-    let (https, http) = (fixed_port(), fixed_port());
-    let pebble = Pebble::start(http, https, 3600, false).await;
-    let upstream = Upstream::start().await;
-    let state = tempfile::tempdir().expect("state");
-    let config = acme_config(
-        https,
-        http,
-        state.path(),
-        &pebble,
-        &upstream,
+    let ordering = Ordering::start(
+        3600,
         "tls-alpn-01",
+        false,
         NAMES,
         "profile = \"tlsserver\"\n",
-    );
-    let server = portcullis::server::start(config).await.expect("start");
+    )
+    .await;
+    let server = ordering.server;
     let status = server.acme_status.clone().expect("acme");
     let error = wait_for(
         "the order to fail on the profile",
