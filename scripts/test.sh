@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test, including those against real external programs: curl, pebble (Let's Encrypt's test
-# ACME server), a Django app under Gunicorn, Chromium, systemd-analyze and HAProxy. Installs what is missing
+# ACME server), a Django app under Gunicorn, Chromium, systemd-analyze, HAProxy and GoAccess. Installs what is missing
 # (Debian packages, Django + Gunicorn from PyPI into target/test-venv, playwright-core from npm into
 # tests/browser) and fails loudly if anything is still missing.
 set -euo pipefail
@@ -16,6 +16,7 @@ command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v haproxy >/dev/null || missing+=(haproxy)
+command -v goaccess >/dev/null || missing+=(goaccess)
 if ((${#missing[@]})); then
   echo "installing from Debian: ${missing[*]}"
   if [ "$(id -u)" -ne 0 ]; then
@@ -41,7 +42,7 @@ if [ ! -d "$browser/node_modules/playwright-core" ]; then
   npm ci --prefix "$browser" --no-audit --no-fund --silent
 fi
 
-for program in curl openssl pebble pebble-challtestsrv chromium node systemd-analyze haproxy "$venv/bin/gunicorn" \
+for program in curl openssl pebble pebble-challtestsrv chromium node systemd-analyze haproxy goaccess "$venv/bin/gunicorn" \
   "$browser/node_modules/playwright-core/cli.js"; do
   if ! command -v "$program" >/dev/null; then
     echo "error: $program is still missing; the tests that need it would not run" >&2

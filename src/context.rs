@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
@@ -35,6 +35,12 @@ pub struct UpstreamTiming(pub Duration);
 /// Which backend answered (as configured: `http://10.0.0.2:8000`); set with `UpstreamTiming`.
 #[derive(Debug, Clone)]
 pub struct UpstreamBackend(pub Arc<str>);
+
+/// The path an upstream response named in `X-Accel-Redirect` (nginx's protocol, which django-sendfile2
+/// speaks): set by the proxy service on a bodiless response, served from an `internal` `[[static]]` mount
+/// by `static_files::StaticOrProxy`.
+#[derive(Clone, Debug)]
+pub struct AccelRedirect(pub HeaderValue);
 
 /// The load balancers (`server.trusted_proxies`) whose `X-Forwarded-For` we believe.
 #[derive(Debug, Clone, Default)]

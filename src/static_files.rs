@@ -5,6 +5,8 @@
 //! compressed storage writes them). Its file access goes through `DirectFs` (below), not `tokio::fs`.
 //! Symbolic links are followed like nginx does (`collectstatic --link` makes them on purpose) unless the
 //! mount says `symlinks = "inside"`: then a file whose real path is outside the folder is a 404.
+//! An `internal` mount serves only the files an upstream response names in `X-Accel-Redirect` (Django's
+//! private media behind a login check, without a worker streaming the file); requested directly, a 404.
 
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
@@ -15,8 +17,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CACHE_CONTROL};
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE, EXPIRES, SET_COOKIE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
@@ -26,6 +28,7 @@ use tower_http::services::fs::{Backend, DefaultServeDirFallback, File};
 
 use crate::body::{BufferBudget, ProxyBody, held_bytes};
 use crate::config::{StaticMount, SymlinkPolicy};
+use crate::context::{AccelRedirect, UpstreamBackend, UpstreamTiming};
 use crate::proxy::ProxyService;
 use crate::response::{Blame, error_page, status_page};
 use crate::route_path::route_path;
@@ -35,15 +38,21 @@ struct Mount {
     url: String,
     files: ServeDir<DefaultServeDirFallback, DirectFs>,
     cache_control: Option<HeaderValue>,
+    internal: bool,
 }
 
 /// The configured mounts, longest prefix first.
-pub struct StaticFiles(Vec<Mount>);
+pub struct StaticFiles {
+    mounts: Vec<Mount>,
+    /// Whether any mount is `internal`: only then are upstream responses inspected for a redirect.
+    has_internal: bool,
+}
 
 impl StaticFiles {
     pub fn new(mounts: &[StaticMount], budget: &BufferBudget) -> StaticFiles {
-        StaticFiles(
-            mounts
+        StaticFiles {
+            has_internal: mounts.iter().any(|m| m.internal),
+            mounts: mounts
                 .iter()
                 .map(|m| {
                     let inside = (m.symlinks == SymlinkPolicy::Inside).then(|| {
@@ -64,24 +73,93 @@ impl StaticFiles {
                             .precompressed_gzip()
                             .with_buf_chunk_size(CHUNK),
                         cache_control: m.cache_control.clone(),
+                        internal: m.internal,
                     }
                 })
                 .collect(),
-        )
+        }
     }
 
+    /// The mount a path is under, internal or not.
     fn mount_for(&self, path: &str) -> Option<&Mount> {
-        self.0.iter().find(|m| path.starts_with(&m.url))
+        self.mounts.iter().find(|m| path.starts_with(&m.url))
     }
 
-    /// Answers a request whose path is under a mount.
+    /// Answers a request whose path is under a mount; an internal one is not there for clients.
     async fn serve(&self, req: Request<Incoming>, path: String) -> Response<ProxyBody> {
-        let Some(mount) = self.mount_for(&path) else {
-            return status_page(StatusCode::NOT_FOUND);
+        match self.mount_for(&path) {
+            Some(mount) if !mount.internal => {
+                let (parts, _body) = req.into_parts();
+                mount.serve(parts, &path).await
+            }
+            _ => status_page(StatusCode::NOT_FOUND),
+        }
+    }
+
+    /// Serves the file an upstream response named in `X-Accel-Redirect`, as nginx does: the method
+    /// becomes GET (HEAD stays HEAD), the client's conditional and range headers apply, the upstream body
+    /// is dropped, and the upstream's `Content-Type`, `Content-Disposition`, `Cache-Control`, `Expires`
+    /// and `Set-Cookie` are kept. A path under no internal mount is the upstream's mistake: 502.
+    async fn serve_redirect(
+        &self,
+        mut parts: http::request::Parts,
+        target: &HeaderValue,
+        upstream: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        // The value is a URI path (percent-encoded, perhaps with a query); routed like a request's.
+        let raw = target.to_str().unwrap_or("");
+        let raw_path = raw.split_once('?').map_or(raw, |(path, _)| path);
+        let path = route_path(raw_path);
+        let mount = match self.mount_for(&path) {
+            Some(mount) if mount.internal && raw_path.starts_with('/') => mount,
+            _ => {
+                tracing::warn!(
+                    target = raw,
+                    "upstream sent X-Accel-Redirect to a path under no `[[static]]` mount with `internal = true`"
+                );
+                return error_page(
+                    StatusCode::BAD_GATEWAY,
+                    Blame::Upstream,
+                    "X-Accel-Redirect outside the internal mounts",
+                );
+            }
         };
-        let (mut parts, _body) = req.into_parts();
+        if parts.method != Method::HEAD {
+            parts.method = Method::GET;
+        }
+        let (upstream, _placeholder) = upstream.into_parts();
+        let mut response = mount.serve(parts, &path).await;
+        let served =
+            response.status().is_success() || response.status() == StatusCode::NOT_MODIFIED;
+        let headers = response.headers_mut();
+        // What describes the file is the app's to say; a 404 page keeps its own type.
+        for name in [CONTENT_TYPE, CONTENT_DISPOSITION, CACHE_CONTROL, EXPIRES] {
+            match upstream.headers.get(&name) {
+                Some(value) if served => {
+                    headers.insert(name, value.clone());
+                }
+                _ => {}
+            }
+        }
+        for cookie in upstream.headers.get_all(SET_COOKIE) {
+            headers.append(SET_COOKIE, cookie.clone());
+        }
+        // The access log names the backend and its time, as for any proxied request.
+        if let Some(timing) = upstream.extensions.get::<UpstreamTiming>() {
+            response.extensions_mut().insert(*timing);
+        }
+        if let Some(backend) = upstream.extensions.get::<UpstreamBackend>() {
+            response.extensions_mut().insert(backend.clone());
+        }
+        response
+    }
+}
+
+impl Mount {
+    /// Serves `path` (a `route_path`, under this mount) with the request's method and headers.
+    async fn serve(&self, mut parts: http::request::Parts, path: &str) -> Response<ProxyBody> {
         // The path inside the folder keeps its leading '/'; the query is irrelevant to a file.
-        let inside = &path[mount.url.len() - 1..];
+        let inside = &path[self.url.len() - 1..];
         // Missing, hidden and malformed all look the same from outside: an ordinary 404.
         if is_hidden(inside) {
             return status_page(StatusCode::NOT_FOUND);
@@ -94,7 +172,7 @@ impl StaticFiles {
         };
         parts.uri = uri;
         let request = Request::from_parts(parts, Empty::<Bytes>::new());
-        let Ok(response) = mount.files.clone().oneshot(request).await;
+        let Ok(response) = self.files.clone().oneshot(request).await;
         match response.status() {
             StatusCode::NOT_FOUND => status_page(StatusCode::NOT_FOUND),
             StatusCode::METHOD_NOT_ALLOWED => {
@@ -115,7 +193,7 @@ impl StaticFiles {
             ),
             _ => {
                 let mut response = response.map(ProxyBody::file);
-                if let Some(value) = &mount.cache_control {
+                if let Some(value) = &self.cache_control {
                     response.headers_mut().insert(CACHE_CONTROL, value.clone());
                 }
                 response
@@ -171,7 +249,24 @@ impl Service<Request<Incoming>> for StaticOrProxy {
             let files = self.files.clone();
             return Box::pin(async move { Ok(files.serve(req, path).await) });
         }
-        self.proxy.call(req)
+        if !self.files.has_internal {
+            return self.proxy.call(req);
+        }
+        // Kept for a redirect to a file: the method and the headers that shape its answer.
+        let mut kept = Request::new(());
+        *kept.method_mut() = req.method().clone();
+        *kept.headers_mut() = req.headers().clone();
+        let (kept, ()) = kept.into_parts();
+        let files = self.files.clone();
+        let proxied = self.proxy.call(req);
+        Box::pin(async move {
+            let Ok(response) = proxied.await;
+            let target = response.extensions().get::<AccelRedirect>().cloned();
+            Ok(match target {
+                Some(AccelRedirect(target)) => files.serve_redirect(kept, &target, response).await,
+                None => response,
+            })
+        })
     }
 }
 
@@ -336,6 +431,7 @@ mod tests {
             dir: dir.clone(),
             cache_control: None,
             symlinks: SymlinkPolicy::Follow,
+            internal: false,
         };
         // The config sorts longest first; StaticFiles keeps that order.
         let files = StaticFiles::new(

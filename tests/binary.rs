@@ -164,6 +164,93 @@ async fn json_logs_have_one_object_per_line_with_the_access_fields() {
     assert_eq!(access["aborted"], false);
 }
 
+/// `log.access_format = "combined"`: Apache/nginx combined lines plus the request time, alone on standard
+/// output, matched by the pattern log tools use, escaped so a client cannot forge a line; and read by
+/// GoAccess's own `COMBINED` format when Debian's `goaccess` is installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_access_log_lines_are_what_log_tools_parse() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        config_text(
+            dir.path(),
+            upstream.addr,
+            "[log]\naccess_format = \"combined\"\n",
+        ),
+    )
+    .expect("write");
+    let proxy = Running::start(&config);
+    let https = proxy.serving_at().await;
+    let root = dir.path().join("state/local/root.crt");
+    let mut client = Client::connect(https, "localhost", &root, &[b"h2"])
+        .await
+        .expect("connect");
+    let req = request("GET", "/echo?x=1", https.port())
+        .header("referer", "https://localhost/from")
+        .header("user-agent", "Mozilla/5.0 \"quoted\" \\ agent")
+        .body(full(""))
+        .expect("request");
+    assert_eq!(client.fetch(req).await.0.status(), StatusCode::OK);
+    let mut client = Client::connect(https, "localhost", &root, &[b"http/1.1"])
+        .await
+        .expect("connect");
+    assert_eq!(
+        client.get("/static-missing", https.port()).await.0.status(),
+        StatusCode::OK
+    );
+    let lines = proxy.wait_for_output(2).await;
+    let pattern = regex::Regex::new(concat!(
+        r#"^(?P<client>\S+) - - \[(?P<time>\d{2}/[A-Z][a-z]{2}/\d{4}:\d{2}:\d{2}:\d{2} \+0000)\] "#,
+        r#""(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) (?P<bytes>\d+|-) "#,
+        r#""(?P<referer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)" (?P<seconds>\d+\.\d{3})$"#
+    ))
+    .expect("pattern");
+    let first = pattern
+        .captures(&lines[0])
+        .unwrap_or_else(|| panic!("not a combined line: {}", lines[0]));
+    assert_eq!(&first["client"], "127.0.0.1");
+    assert_eq!(&first["request"], "GET /echo?x=1 HTTP/2.0");
+    assert_eq!(&first["status"], "200");
+    assert!(first["bytes"].parse::<u64>().is_ok_and(|b| b > 0));
+    assert_eq!(&first["referer"], "https://localhost/from");
+    assert_eq!(&first["agent"], r#"Mozilla/5.0 \"quoted\" \\ agent"#);
+    let second = pattern
+        .captures(&lines[1])
+        .unwrap_or_else(|| panic!("not a combined line: {}", lines[1]));
+    assert_eq!(&second["request"], "GET /static-missing HTTP/1.1");
+    assert_eq!((&second["referer"], &second["agent"]), ("-", "-"));
+    // Nothing else is on standard output, and the access lines are not in the main log.
+    assert!(
+        !proxy
+            .log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains("portcullis::access"))
+    );
+
+    if Command::new("goaccess").arg("--version").output().is_ok() {
+        let log = dir.path().join("access.log");
+        std::fs::write(&log, lines.join("\n") + "\n").expect("write");
+        let report = Command::new("goaccess")
+            .arg(&log)
+            .args(["--log-format=COMBINED", "-o", "json", "--no-global-config"])
+            .output()
+            .expect("goaccess");
+        let text = String::from_utf8_lossy(&report.stdout);
+        assert!(
+            report.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&report.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_str(&text).expect("goaccess JSON");
+        assert_eq!(json["general"]["valid_requests"], 2, "{text}");
+        assert_eq!(json["general"]["failed_requests"], 0, "{text}");
+    }
+}
+
 /// This process's view of another's resident memory, in bytes.
 fn resident_bytes(pid: u32) -> u64 {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).expect("statm");

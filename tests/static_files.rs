@@ -287,3 +287,109 @@ async fn symlinks_out_of_the_folder_are_followed_or_refused_as_configured() {
         proxy.stop().await;
     }
 }
+
+/// Private media as Django serves it behind a login check: the app answers with `X-Accel-Redirect`
+/// and an `internal` mount sends the file (nginx's protocol; django-sendfile2's nginx backend).
+#[tokio::test]
+async fn x_accel_redirect_serves_internal_files_that_clients_cannot_ask_for() {
+    let private = tempfile::tempdir().expect("tempdir");
+    std::fs::write(private.path().join("report.pdf"), b"%PDF-1.7 the report").expect("write");
+    std::fs::write(private.path().join(".secret"), b"hidden").expect("write");
+    let public = static_root();
+    let (upstream, proxy) = Proxy::with_upstream(&format!(
+        "[[static]]\nurl = \"/private/\"\ndir = \"{}\"\ninternal = true\n\
+         [[static]]\nurl = \"/static/\"\ndir = \"{}\"\n",
+        private.path().display(),
+        public.path().display()
+    ))
+    .await;
+    let port = proxy.https.port();
+    let header = |response: &http::Response<()>, name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    for alpn in [H1, H2] {
+        let mut client = proxy.client(alpn).await;
+        // Asked for directly, the internal folder does not exist, and the app is not asked either.
+        let before = upstream.count();
+        for path in ["/private/report.pdf", "/private/", "/%70rivate/report.pdf"] {
+            let (response, body) = client.get(path, port).await;
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}: {body}");
+            assert!(!body.contains("%PDF"), "{path}");
+        }
+        assert_eq!(upstream.count(), before);
+
+        // Through the app: the file, described as the app said, with none of the instructions.
+        let (response, body) = client.get("/accel?to=/private/report.pdf", port).await;
+        assert_eq!(response.status(), StatusCode::OK, "{body}");
+        assert_eq!(body, "%PDF-1.7 the report");
+        assert_eq!(header(&response, "content-type"), "application/pdf");
+        assert_eq!(
+            header(&response, "content-disposition"),
+            "attachment; filename=\"report.pdf\""
+        );
+        assert!(header(&response, "set-cookie").contains("sessionid=refreshed"));
+        assert!(header(&response, "set-cookie").contains("Secure"));
+        assert!(header(&response, "x-content-type-options") == "nosniff");
+        for gone in ["x-accel-redirect", "x-accel-buffering", "x-app-only"] {
+            assert!(!response.headers().contains_key(gone), "{gone} leaked");
+        }
+        let modified = header(&response, "last-modified");
+        assert!(!modified.is_empty());
+
+        // The client's range and conditional headers apply to the file; any method becomes GET.
+        let fetch = |method: &str, headers: &[(&str, &str)]| {
+            let mut req = request(method, "/accel?to=/private/report.pdf", port);
+            for (name, value) in headers {
+                req = req.header(*name, *value);
+            }
+            req.body(full("")).expect("request")
+        };
+        let (response, body) = client.fetch(fetch("GET", &[("range", "bytes=0-3")])).await;
+        assert_eq!(response.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(body, "%PDF");
+        let (response, body) = client
+            .fetch(fetch("GET", &[("if-modified-since", &modified)]))
+            .await;
+        assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{body}");
+        let (response, body) = client.fetch(fetch("POST", &[])).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body, "%PDF-1.7 the report");
+        let (response, body) = client.fetch(fetch("HEAD", &[])).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(header(&response, "content-length"), "19");
+        assert!(body.is_empty());
+
+        // A missing or hidden file is a 404 like any other; a path under no internal mount (a public
+        // one, or one that climbs out) is the app's mistake, a 502, and reads nothing.
+        for (to, status) in [
+            ("/private/missing.pdf", StatusCode::NOT_FOUND),
+            ("/private/.secret", StatusCode::NOT_FOUND),
+            ("/private/%2e%2e/etc/passwd", StatusCode::BAD_GATEWAY),
+            ("/private/../static/css/app.css", StatusCode::BAD_GATEWAY),
+            ("/static/css/app.css", StatusCode::BAD_GATEWAY),
+            ("private/report.pdf", StatusCode::BAD_GATEWAY),
+        ] {
+            let (response, body) = client.get(&format!("/accel?to={to}"), port).await;
+            assert_eq!(response.status(), status, "{to}: {body}");
+            assert!(!body.contains("hidden") && !body.contains("body {"), "{to}");
+            assert!(!response.headers().contains_key("x-accel-redirect"));
+        }
+    }
+    proxy.stop().await;
+
+    // Without an internal mount the instruction is refused, never passed to the client.
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
+    let mut client = proxy.client(H1).await;
+    let (response, body) = client
+        .get("/accel?to=/private/report.pdf", proxy.https.port())
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY, "{body}");
+    assert!(!body.contains("placeholder"));
+    assert!(!response.headers().contains_key("x-accel-redirect"));
+    proxy.stop().await;
+}

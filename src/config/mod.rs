@@ -301,6 +301,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// `log.access_format`: `text` and `json` name `log.format` (the access log is one of its events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    Text,
+    Json,
+    Combined,
+}
+
 /// At most `requests` requests per `per` from one client to paths starting with `path`, for `methods`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitRule {
@@ -331,6 +340,8 @@ pub struct StaticMount {
     pub dir: PathBuf,
     pub cache_control: Option<HeaderValue>,
     pub symlinks: SymlinkPolicy,
+    /// Reachable only through an upstream response's `X-Accel-Redirect`; a direct request is a 404.
+    pub internal: bool,
 }
 
 /// Whether a `[[static]]` folder's symbolic links may lead out of it.
@@ -347,7 +358,18 @@ pub enum SymlinkPolicy {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
-    pub access: bool,
+    pub access: AccessLog,
+}
+
+/// Where and how the access log is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    /// An event on the `portcullis::access` target, in `log.format`, on standard error.
+    Events,
+    /// Apache/nginx "combined" lines plus the request time, alone on standard output, for GoAccess,
+    /// fail2ban and log shippers that expect them.
+    Combined,
 }
 
 impl Config {

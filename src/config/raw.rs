@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 use super::units::{ByteSize, HumanDuration};
-use super::{BalancePolicy, ChallengeType, LogFormat, SymlinkPolicy};
+use super::{AccessFormat, BalancePolicy, ChallengeType, LogFormat, SymlinkPolicy};
 
 // The string choices parse straight into enums: a wrong one is a parse error that names the key, its
 // line and the values allowed (serde's "unknown variant `x`, expected one of …").
@@ -224,6 +224,7 @@ pub struct RawStatic {
     pub dir: String,
     pub cache_control: Option<String>,
     pub symlinks: Option<SymlinkPolicy>,
+    pub internal: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,4 +239,5 @@ pub struct RawLog {
     pub format: Option<LogFormat>,
     pub level: Option<String>,
     pub access: Option<bool>,
+    pub access_format: Option<AccessFormat>,
 }

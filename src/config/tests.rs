@@ -103,6 +103,19 @@ fn invalid_values_name_key_and_line() {
         err.contains("`log.format`: unknown variant `xml`, expected `text` or `json`"),
         "{err}"
     );
+    let err = error_of(&format!(
+        "{MINIMAL}[log]\nformat = \"text\"\naccess_format = \"json\"\n"
+    ));
+    assert!(
+        err.contains("`log.access_format`: `text` and `json` access lines")
+            && err.contains("or use `combined`"),
+        "{err}"
+    );
+    let err = error_of(&format!("{MINIMAL}[log]\naccess_format = \"clf\"\n"));
+    assert!(
+        err.contains("expected one of `text`, `json`, `combined`"),
+        "{err}"
+    );
     let err = error_of(&format!("{MINIMAL}[cookies]\nsame_site = \"sometimes\"\n"));
     assert!(
         err.contains("`cookies.same_site`: unknown variant"),

@@ -790,10 +790,29 @@ fn validate_log(l: raw::RawLog, ctx: &Ctx) -> Result<LogConfig, ConfigError> {
             format!("`{level}` is not a level (error, warn, info, debug, trace)"),
         ));
     }
+    let access = match (l.access.unwrap_or(true), l.access_format) {
+        (false, _) => AccessLog::Off,
+        (true, Some(AccessFormat::Combined)) => AccessLog::Combined,
+        (true, None) => AccessLog::Events,
+        (true, Some(named)) => {
+            let same = matches!(
+                (named, format),
+                (AccessFormat::Text, LogFormat::Text) | (AccessFormat::Json, LogFormat::Json)
+            );
+            if !same {
+                return Err(ctx.invalid(
+                    "log.access_format",
+                    "`text` and `json` access lines are events of the main log and follow `log.format`; \
+                     set `log.format` instead, or use `combined`",
+                ));
+            }
+            AccessLog::Events
+        }
+    };
     Ok(LogConfig {
         format,
         level,
-        access: l.access.unwrap_or(true),
+        access,
     })
 }
 
@@ -948,6 +967,7 @@ fn validate_static_files(
             dir,
             cache_control,
             symlinks,
+            internal: s.internal.unwrap_or(false),
         });
     }
     mounts.sort_by_key(|m| std::cmp::Reverse(m.url.len()));

@@ -2,34 +2,37 @@
 //! whether or not the access log is on, and the access log writes one line per request (method, host,
 //! path, status, bytes, duration, upstream duration, client) when the response body is finished or
 //! abandoned, so `bytes` and `duration` are real. One layer, because both read the same facts once.
+//! The line is an event in the main log's format, or a "combined" line on standard output.
 
+use std::io::Write;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::{BodyObserver, ObservedBody};
+use crate::config::AccessLog;
 use crate::context::{ConnInfo, UpstreamBackend, UpstreamTiming, canonical_ip};
 use crate::metrics::{Listener, Metrics};
 use crate::response::ProxyFailure;
 
 #[derive(Clone)]
 pub struct RecordResponseLayer {
-    enabled: bool,
+    access: AccessLog,
     metrics: Arc<Metrics>,
     listener: Listener,
 }
 
 impl RecordResponseLayer {
-    pub fn new(enabled: bool, metrics: Arc<Metrics>, listener: Listener) -> Self {
+    pub fn new(access: AccessLog, metrics: Arc<Metrics>, listener: Listener) -> Self {
         RecordResponseLayer {
-            enabled,
+            access,
             metrics,
             listener,
         }
@@ -41,7 +44,7 @@ impl<S> Layer<S> for RecordResponseLayer {
     fn layer(&self, inner: S) -> RecordResponse<S> {
         RecordResponse {
             inner,
-            enabled: self.enabled,
+            access: self.access,
             metrics: self.metrics.clone(),
             listener: self.listener,
         }
@@ -51,7 +54,7 @@ impl<S> Layer<S> for RecordResponseLayer {
 #[derive(Clone)]
 pub struct RecordResponse<S> {
     inner: S,
-    enabled: bool,
+    access: AccessLog,
     metrics: Arc<Metrics>,
     listener: Listener,
 }
@@ -62,6 +65,15 @@ struct RequestFacts {
     uri: Uri,
     client: Option<IpAddr>,
     start: Instant,
+    /// Only for combined lines, which also name these.
+    combined: Option<CombinedFacts>,
+}
+
+struct CombinedFacts {
+    received: SystemTime,
+    version: Version,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
 }
 
 /// One access-log line in the making: filled in as the response goes out, written when it is dropped.
@@ -78,6 +90,14 @@ pub struct Entry {
 impl Drop for Entry {
     fn drop(&mut self) {
         let r = &self.request;
+        if let Some(combined) = &r.combined {
+            let mut line = combined_line(r, combined, self.status, self.bytes);
+            line.push('\n');
+            // One write per line to a locked stdout, so lines from two threads never interleave; a closed
+            // stdout (a gone pipe) must not take the request down with it.
+            let _ = std::io::stdout().lock().write_all(line.as_bytes());
+            return;
+        }
         let host = r.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-");
         let client = r.client.map(tracing::field::display);
         let millis = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
@@ -115,7 +135,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let facts = self.enabled.then(|| RequestFacts {
+        let access = self.access;
+        let facts = (access != AccessLog::Off).then(|| RequestFacts {
             method: req.method().clone(),
             // HTTP/2 carries the host in `:authority`; the Host guard adds the header later.
             host: req.headers().get(http::header::HOST).cloned().or_else(|| {
@@ -129,6 +150,12 @@ where
                 .get::<ConnInfo>()
                 .map(|c| canonical_ip(c.peer.ip())),
             start: Instant::now(),
+            combined: (access == AccessLog::Combined).then(|| CombinedFacts {
+                received: SystemTime::now(),
+                version: req.version(),
+                referer: req.headers().get(http::header::REFERER).cloned(),
+                user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            }),
         });
         RecordResponseFuture {
             inner: self.inner.call(req),
@@ -181,6 +208,60 @@ where
     }
 }
 
+/// The Apache/nginx "combined" format with nginx's `$request_time` (seconds, millisecond resolution) added:
+/// `client - - [02/Dec/2026:21:49:13 +0000] "GET /path?q HTTP/1.1" 200 512 "referer" "agent" 0.004`.
+/// GoAccess reads it as `%h %^[%d:%t %^] "%r" %s %b "%R" "%u" %T`. Quoted fields are escaped as nginx
+/// does (`"`, `\` and bytes outside printable ASCII as `\xHH`), so a client cannot forge a line.
+fn combined_line(r: &RequestFacts, c: &CombinedFacts, status: StatusCode, bytes: u64) -> String {
+    const DATE: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+        "[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000"
+    );
+    let received = time::OffsetDateTime::from(c.received);
+    let date = received.format(DATE).unwrap_or_else(|_| "-".into());
+    let client = r
+        .client
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| "-".into());
+    let target = r
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or_else(|| r.uri.path());
+    let request = format!("{} {} {:?}", r.method, target, c.version);
+    let header = |value: &Option<HeaderValue>| match value {
+        Some(v) => escape_log_field(v.as_bytes()),
+        None => "-".to_string(),
+    };
+    let bytes = if bytes == 0 {
+        "-".to_string()
+    } else {
+        bytes.to_string()
+    };
+    format!(
+        "{client} - - [{date}] \"{}\" {} {bytes} \"{}\" \"{}\" {:.3}",
+        escape_log_field(request.as_bytes()),
+        status.as_u16(),
+        header(&c.referer),
+        header(&c.user_agent),
+        r.start.elapsed().as_secs_f64(),
+    )
+}
+
+fn escape_log_field(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for &b in raw {
+        match b {
+            b'"' | b'\\' => {
+                out.push('\\');
+                out.push(b as char);
+            }
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\x{b:02X}")),
+        }
+    }
+    out
+}
+
 /// The response body, counting bytes; the log line is written when it is dropped.
 pub type LoggedBody<B> = ObservedBody<B, Option<Entry>>;
 
@@ -220,7 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_response_is_counted_whether_or_not_the_log_is_on() {
-        for log in [true, false] {
+        for log in [AccessLog::Events, AccessLog::Off] {
             let metrics = Arc::new(Metrics::default());
             let inner = service_fn(|req: Request<()>| async move {
                 let response = match req.uri().path() {
@@ -260,9 +341,35 @@ mod tests {
                 "portcullis_responses_total{listener=\"https\",code=\"5xx\"} 1",
                 "portcullis_errors_total{blame=\"upstream\"} 1",
             ] {
-                assert!(text.contains(line), "log = {log}: {line} in\n{text}");
+                assert!(text.contains(line), "log = {log:?}: {line} in\n{text}");
             }
         }
+    }
+
+    #[test]
+    fn combined_lines_escape_what_a_client_controls() {
+        let facts = RequestFacts {
+            method: Method::POST,
+            host: None,
+            uri: Uri::from_static("/admin/login/?next=%22x"),
+            client: Some(IpAddr::from([192, 0, 2, 7])),
+            start: Instant::now(),
+            combined: Some(CombinedFacts {
+                // 2026-12-02 21:49:13 UTC.
+                received: SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_248_153),
+                version: Version::HTTP_11,
+                referer: None,
+                user_agent: Some(HeaderValue::from_bytes(b"a\"b\\c\t\xff").expect("value")),
+            }),
+        };
+        let combined = facts.combined.as_ref().expect("combined");
+        let line = combined_line(&facts, combined, StatusCode::TOO_MANY_REQUESTS, 0);
+        let (head, seconds) = line.rsplit_once(' ').expect("time at the end");
+        assert_eq!(
+            head,
+            r#"192.0.2.7 - - [02/Dec/2026:21:49:13 +0000] "POST /admin/login/?next=%22x HTTP/1.1" 429 - "-" "a\"b\\c\x09\xFF""#
+        );
+        assert!(seconds.parse::<f64>().is_ok(), "{seconds}");
     }
 
     /// Records what the body observer was told, for the `ObservedBody` test.

@@ -35,7 +35,7 @@ use tower::Service;
 
 use crate::body::{BodyError, BufferBudget, ProxyBody, RequestBody, held_bytes};
 use crate::config::{Config, ErrorPages};
-use crate::context::{ConnInfo, TrustedProxies, UpstreamBackend, UpstreamTiming};
+use crate::context::{AccelRedirect, ConnInfo, TrustedProxies, UpstreamBackend, UpstreamTiming};
 use crate::metrics::BackendGauge;
 use crate::response::{Blame, ProxyFailure, error_page};
 use headers::{
@@ -68,6 +68,8 @@ struct Shared {
     body_timeout: Duration,
     /// `[errors]`: the team's own pages for the 502, 503 and 504 the proxy writes.
     pages: ErrorPages,
+    /// Whether an `internal` `[[static]]` mount can take an upstream's `X-Accel-Redirect`.
+    accel_redirect: bool,
 }
 
 impl ProxyService {
@@ -103,6 +105,7 @@ impl ProxyService {
                 budget,
                 body_timeout: config.limits.body_timeout,
                 pages: config.errors.clone(),
+                accel_redirect: config.static_files.iter().any(|m| m.internal),
             }),
         }
     }
@@ -111,6 +114,22 @@ impl ProxyService {
     pub fn backends(&self) -> Vec<BackendGauge> {
         self.shared.pool.snapshot()
     }
+}
+
+/// nginx's `X-Accel-*` response fields are instructions to the proxy, never for the client: all are
+/// removed, and the redirect target (if any) returned.
+fn take_accel_headers(headers: &mut http::HeaderMap) -> Option<http::HeaderValue> {
+    const INSTRUCTIONS: [&str; 4] = [
+        "x-accel-buffering",
+        "x-accel-charset",
+        "x-accel-expires",
+        "x-accel-limit-rate",
+    ];
+    let target = headers.remove("x-accel-redirect");
+    for name in INSTRUCTIONS {
+        headers.remove(name);
+    }
+    target
 }
 
 /// Why one attempt got no response.
@@ -278,6 +297,22 @@ impl Shared {
         parts
             .extensions
             .insert(UpstreamBackend(picked.backend.name.clone()));
+        if let Some(target) = take_accel_headers(&mut parts.headers) {
+            if !self.accel_redirect {
+                tracing::warn!(
+                    target = ?target,
+                    "upstream sent X-Accel-Redirect, but no `[[static]]` mount has `internal = true`"
+                );
+                return error_page(
+                    StatusCode::BAD_GATEWAY,
+                    Blame::Upstream,
+                    "X-Accel-Redirect without an internal mount",
+                );
+            }
+            // The body is the app's placeholder; the file replaces it (static_files::StaticOrProxy).
+            parts.extensions.insert(AccelRedirect(target));
+            return Response::from_parts(parts, ProxyBody::empty());
+        }
         // A response of known, modest size is read whole at once: the upstream connection goes back to
         // the pool and the Gunicorn worker is free, however slowly the client reads (what nginx's
         // proxy_buffering does). Streaming responses (no Content-Length: SSE, downloads) pass through.

@@ -225,6 +225,25 @@ async fn upstream_handler(
             uploads_completed.fetch_add(1, Ordering::SeqCst);
             Response::new(full(total.to_string()))
         }
+        "/accel" => {
+            // nginx's X-Accel-Redirect, as django-sendfile2 answers: the file to send in `?to=`, the
+            // instructions and the file's description in headers, and a body the proxy must drop.
+            let to = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("to="))
+                .unwrap_or("/private/missing")
+                .to_string();
+            Response::builder()
+                .header("x-accel-redirect", to)
+                .header("x-accel-buffering", "no")
+                .header("content-type", "application/pdf")
+                .header("content-disposition", "attachment; filename=\"report.pdf\"")
+                .header("set-cookie", "sessionid=refreshed; Path=/")
+                .header("x-app-only", "not for a file")
+                .body(full("placeholder the proxy must drop"))
+                .expect("response")
+        }
         "/medium" => {
             // 200 KiB with a Content-Length: under limits.buffer_response, so read whole by the proxy.
             Response::builder()
@@ -655,32 +674,67 @@ pub fn init_test_logging() {
 /// The `portcullis` binary run as an operator runs it, its log lines collected as they are written.
 pub struct Running {
     pub child: KillOnDrop,
+    /// Standard error: the log.
     pub log: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Standard output (the combined access log, `--print-config`).
+    pub out: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// Collects a child's output stream line by line as it is written.
+fn collect_lines(
+    stream: impl std::io::Read + Send + 'static,
+) -> Arc<std::sync::Mutex<Vec<String>>> {
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stream)).map_while(Result::ok) {
+            sink.lock().expect("lines").push(line);
+        }
+    });
+    lines
 }
 
 impl Running {
     pub fn start(config: &std::path::Path) -> Running {
+        Running::with_args(&["run".as_ref(), "--config".as_ref(), config.as_os_str()])
+    }
+
+    /// `portcullis` with these arguments (`run --config F`, `reverse-proxy ...`).
+    pub fn with_args(args: &[&std::ffi::OsStr]) -> Running {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(std::process::Stdio::null())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start portcullis");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in
-                std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok)
-            {
-                sink.lock().expect("log").push(line);
-            }
-        });
+        let log = collect_lines(child.stderr.take().expect("stderr"));
+        let out = collect_lines(child.stdout.take().expect("stdout"));
         Running {
             child: KillOnDrop(child),
             log,
+            out,
         }
+    }
+
+    /// The first `count` lines of standard output, once they are written.
+    pub async fn wait_for_output(&self, count: usize) -> Vec<String> {
+        let lines = || {
+            let out = self.out.lock().expect("out");
+            (out.len() >= count).then(|| out[..count].to_vec())
+        };
+        wait_for(
+            &format!("{count} lines on standard output"),
+            LIMIT,
+            || std::future::ready(lines()),
+            || {
+                format!(
+                    "{:#?}\nlog: {:#?}",
+                    self.out.lock().expect("out"),
+                    self.log.lock().expect("log")
+                )
+            },
+        )
+        .await
     }
 
     /// The HTTPS address from the "serving" log line, once it is written.

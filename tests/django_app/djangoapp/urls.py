@@ -8,4 +8,5 @@ urlpatterns = [
     path("whoami/", views.whoami),
     path("record/", views.record),
     path("healthz/", views.health),
+    path("media/<path:name>", views.private_media),
 ]

@@ -1,7 +1,10 @@
-"""What Django concludes about a request: the facts a proxy gets wrong most often; and a POST endpoint
-that records each request it ran, so a test can prove no POST ran twice."""
+"""What Django concludes about a request: the facts a proxy gets wrong most often; a POST endpoint
+that records each request it ran, so a test can prove no POST ran twice; and private media sent by the
+proxy after a login check (X-Accel-Redirect, as django-sendfile2's nginx backend answers)."""
+import mimetypes
 import os
 
+from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -32,3 +35,13 @@ def record(request):
 
 def health(request):
     return HttpResponse("ok")
+
+
+@login_required(login_url="/admin/login/")
+def private_media(request, name):
+    """The proxy's internal `/protected/` mount sends the file; Django only decides who may have it."""
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    response = HttpResponse(content_type=content_type)
+    response["X-Accel-Redirect"] = f"/protected/{name}"
+    response["Content-Disposition"] = f'attachment; filename="{os.path.basename(name)}"'
+    return response
