@@ -484,6 +484,167 @@ async fn django_private_media_is_sent_by_the_proxy_after_the_login_check() {
     proxy.stop().await;
 }
 
+/// `curl` with these arguments; its output, which must be a success.
+fn curl(args: &[&str]) -> String {
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl is installed (scripts/test.sh installs it)");
+    assert!(
+        output.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The first minute of a new user: `portcullis reverse-proxy --domain localhost --to ...` in front of
+/// the Django app, no config file. curl sees HTTPS from the local CA, the security headers, hardened
+/// cookies, the redirect from http:// and the static files; `--print-config` is a config `check` accepts.
+#[tokio::test]
+#[ignore = "needs Django, Gunicorn and curl: run scripts/test.sh"]
+async fn the_one_line_start_serves_django_with_every_default() {
+    let django = Django::start(Bind::Tcp).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let upstream = django
+        .upstream_url
+        .trim_start_matches("http://")
+        .to_string();
+    let mounted = format!("/static/={}", django.static_root.display());
+    let state_arg = state.path().join("state").display().to_string();
+    let mut args = vec![
+        "reverse-proxy",
+        "--domain",
+        "localhost",
+        "--to",
+        &upstream,
+        "--static",
+        &mounted,
+        "--https",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--state",
+        &state_arg,
+    ];
+
+    let printed = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(&args)
+        .arg("--print-config")
+        .output()
+        .expect("print-config");
+    assert!(printed.status.success());
+    let text = String::from_utf8_lossy(&printed.stdout).into_owned();
+    assert!(text.contains("source = \"local\""), "{text}");
+    let file = state.path().join("portcullis.toml");
+    std::fs::write(&file, &text).expect("write");
+    let checked = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .expect("check");
+    assert!(
+        checked.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    // `init` writes the same file, and never over one.
+    let initialised = state.path().join("init.toml");
+    let init_output = initialised.display().to_string();
+    args[0] = "init";
+    let init = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(args)
+            .args(["--output", &init_output])
+            .output()
+            .expect("init")
+    };
+    assert!(init(&args).status.success());
+    let written = std::fs::read_to_string(&initialised).expect("init wrote");
+    assert_eq!(
+        written.lines().skip(1).collect::<Vec<_>>(),
+        text.lines().skip(1).collect::<Vec<_>>()
+    );
+    let again = init(&args);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
+    args[0] = "reverse-proxy";
+
+    let proxy = Running::with_args(&args.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>());
+    let serving = proxy.wait_for_log("portcullis is serving").await;
+    let https = proxy.serving_at().await;
+    let http: std::net::SocketAddr = serving
+        .split("http=Some(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no plain address in {serving}"));
+    // It printed what it runs.
+    assert!(proxy.wait_for_output(1).await[0].starts_with("# Written by `"));
+    let root = state
+        .path()
+        .join("state/local/root.crt")
+        .display()
+        .to_string();
+    let resolve = format!("localhost:{}:127.0.0.1", https.port());
+    let base = format!("https://localhost:{}", https.port());
+    let curl_https = |path: &str| {
+        let (root, resolve, url) = (root.clone(), resolve.clone(), format!("{base}{path}"));
+        tokio::task::spawn_blocking(move || {
+            curl(&["--cacert", &root, "--resolve", &resolve, "--include", &url])
+        })
+    };
+
+    let login = curl_https("/admin/login/")
+        .await
+        .expect("curl")
+        .to_ascii_lowercase();
+    assert!(login.starts_with("http/2 200"), "{login}");
+    for header in [
+        "strict-transport-security: max-age=",
+        "content-security-policy:",
+        "x-content-type-options: nosniff",
+        "x-frame-options: deny",
+        "cross-origin-opener-policy: same-origin",
+    ] {
+        assert!(login.contains(header), "{header} missing:\n{login}");
+    }
+    let csrf_cookie = login
+        .lines()
+        .find(|l| l.starts_with("set-cookie: csrftoken="))
+        .unwrap_or_else(|| panic!("no csrftoken cookie:\n{login}"));
+    assert!(
+        csrf_cookie.contains("secure") && csrf_cookie.contains("samesite=lax"),
+        "{csrf_cookie}"
+    );
+    assert!(!csrf_cookie.contains("httponly"), "{csrf_cookie}");
+    assert!(!login.contains("server: gunicorn"));
+
+    let stylesheet = curl_https("/static/admin/css/base.css")
+        .await
+        .expect("curl");
+    assert!(stylesheet.starts_with("HTTP/2 200"), "{stylesheet}");
+    assert!(stylesheet.contains("content-type: text/css"));
+
+    let plain = format!("http://localhost:{}/admin/?next=1", http.port());
+    let redirect = tokio::task::spawn_blocking(move || curl(&["--include", &plain]))
+        .await
+        .expect("curl")
+        .to_ascii_lowercase();
+    assert!(redirect.starts_with("http/1.1 308"), "{redirect}");
+    assert!(
+        redirect.contains(&format!(
+            "location: https://localhost:{}/admin/?next=1",
+            https.port()
+        )),
+        "{redirect}"
+    );
+
+    proxy.signal("TERM");
+    proxy.wait_for_log("stopped").await;
+}
+
 /// The login budget against the real app: every spelling of the login path that Django routes to the
 /// login view (Gunicorn percent-decodes the target) spends the same budget, and once it is spent none of
 /// them reaches Gunicorn. Spellings Django does not route (it 404s them) are harmless either way.

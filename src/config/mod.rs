@@ -2,6 +2,7 @@
 //! runs on. Every error names the key, the line and what is allowed; every default is chosen for a Django
 //! app behind Gunicorn and written down in `config/production.example.toml`.
 
+pub mod generate;
 mod raw;
 pub mod units;
 mod validate;

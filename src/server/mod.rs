@@ -9,7 +9,7 @@ pub mod proxy_protocol;
 mod stack;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -349,9 +349,13 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     new
 }
 
-/// Runs until SIGTERM or SIGINT, reloading `config_path` on SIGHUP. A config that fails to load or apply
+/// Runs until SIGTERM or SIGINT, taking the config `reload` gives on SIGHUP (the file `origin` names). A config that fails to load or apply
 /// is logged and ignored: the running one keeps serving.
-pub async fn run(config: Config, config_path: &Path) -> Result<(), ServerError> {
+pub async fn run(
+    config: Config,
+    origin: &str,
+    reload: impl Fn() -> Result<Config, ConfigError>,
+) -> Result<(), ServerError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
@@ -362,8 +366,8 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), ServerError> 
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => {
-                tracing::info!(config = %config_path.display(), "SIGHUP: reloading");
-                match Config::load(config_path) {
+                tracing::info!(config = origin, "SIGHUP: reloading");
+                match reload() {
                     Ok(new) => {
                         if let Err(e) = server.reload(new) {
                             tracing::error!(error = %e, "reload failed; the previous config keeps serving");
