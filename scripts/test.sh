@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test, including those against real external programs: curl, pebble (Let's Encrypt's test
-# ACME server), a Django app under Gunicorn, Chromium, systemd-analyze, HAProxy and GoAccess. Installs what is missing
+# ACME server), a Django app under Gunicorn, Chromium, systemd-analyze, HAProxy, GoAccess
+# and podman (the container image, scripts/image.sh). Installs what is missing
 # (Debian packages, Django + Gunicorn from PyPI into target/test-venv, playwright-core from npm into
 # tests/browser) and fails loudly if anything is still missing.
 set -euo pipefail
@@ -49,6 +50,10 @@ for program in curl openssl pebble pebble-challtestsrv chromium node systemd-ana
     exit 1
   fi
 done
+
+# The container image, built from the Dockerfile with podman on bases made from Debian packages.
+export PORTCULLIS_TEST_IMAGE="localhost/portcullis:test"
+scripts/image.sh "$PORTCULLIS_TEST_IMAGE"
 
 export PORTCULLIS_TEST_VENV="$venv"
 export PORTCULLIS_TEST_NODE_MODULES="$browser/node_modules"

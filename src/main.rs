@@ -132,6 +132,9 @@ fn main() -> ExitCode {
             Ok(config) => serve(config, &path.display().to_string(), || Config::load(&path)),
             Err(e) => {
                 eprintln!("error: {e}");
+                if !path.exists() {
+                    eprintln!("{}", missing_config_hint(&path));
+                }
                 ExitCode::FAILURE
             }
         },
@@ -194,6 +197,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// What to do about a config file that is not there, in a container or not.
+fn missing_config_hint(path: &std::path::Path) -> String {
+    let shown = path.display();
+    format!(
+        "hint: write one (`portcullis init --domain example.com --to 127.0.0.1:8000`) and pass it with \
+         --config FILE; in the container image, mount it read-only at {shown} \
+         (`-v ./portcullis.toml:{shown}:ro`), and the state folder at /certs; or start without a file: \
+         `portcullis reverse-proxy --domain example.com --to 127.0.0.1:8000`"
+    )
 }
 
 /// Serves until SIGTERM/SIGINT; SIGHUP calls `reload` for the next config.

@@ -2,6 +2,8 @@
 //! rustls/hyper clients. Everything stays on loopback; every wait is bounded.
 #![allow(dead_code)]
 
+pub mod pebble;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
