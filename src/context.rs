@@ -99,9 +99,33 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The key a client's budgets and failures are kept under: IPv4 as is; IPv6 by its /64, which one host
+/// usually controls whole.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_clients_share_their_slash_64() {
+        let a = client_key("2001:db8:1:2:aaaa::1".parse().expect("ip"));
+        let b = client_key("2001:db8:1:2:bbbb::2".parse().expect("ip"));
+        let c = client_key("2001:db8:1:3::1".parse().expect("ip"));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let v4: IpAddr = "192.0.2.1".parse().expect("ip");
+        assert_eq!(client_key(v4), v4);
+    }
 
     #[test]
     fn the_client_is_the_peer_unless_a_trusted_proxy_says_otherwise() {

@@ -12,6 +12,7 @@ pub mod middleware;
 pub mod proxy;
 pub mod response;
 pub mod route_path;
+pub mod security;
 pub mod server;
 pub mod static_files;
 pub mod tls;

@@ -14,6 +14,7 @@ use http_body_util::Full;
 
 use crate::acme::AcmeState;
 use crate::response::{Blame, ProxyFailure};
+use crate::security::SecurityCause;
 
 /// Which listener a response went out on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,8 @@ pub struct Metrics {
     failures: [AtomicU64; 3],
     upstream_count: AtomicU64,
     upstream_micros: AtomicU64,
+    /// Security events (refusals and notes), by `SecurityCause`.
+    security_events: [AtomicU64; SecurityCause::ALL.len()],
 }
 
 impl Metrics {
@@ -89,6 +92,11 @@ impl Metrics {
 
     pub fn handshake_failed(&self) {
         self.handshake_failures.fetch_add(1, Ordering::Relaxed);
+        self.security_event(SecurityCause::TlsHandshake);
+    }
+
+    pub fn security_event(&self, cause: SecurityCause) {
+        self.security_events[cause as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn proxy_header_refused(&self, reason: ProxyHeaderRefusal) {
@@ -205,6 +213,22 @@ impl Metrics {
             "Error responses the proxy wrote itself instead of the upstream's, by cause: client (a \
              4xx it refused), upstream (502/504), proxy (500).",
             &by_blame,
+        );
+        let by_cause: Vec<_> = SecurityCause::ALL
+            .iter()
+            .map(|&cause| {
+                (
+                    format!("{{cause=\"{}\"}}", cause.as_str()),
+                    read(&self.security_events[cause as usize]) as f64,
+                )
+            })
+            .collect();
+        family(
+            "security_events_total",
+            "counter",
+            "Requests and connections refused or noted as suspicious, by cause (the security log's \
+             `cause`; every TLS handshake failure counts, though the log aggregates them).",
+            &by_cause,
         );
         family(
             "upstream_response_seconds",

@@ -5,6 +5,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
+use crate::security::{SecurityCause, SecurityEvent};
 
 /// Where a failure came from, for the log line (RFC-style: client → 4xx, upstream → 502/504, ours → 500).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +40,44 @@ pub fn error_page(status: StatusCode, blame: Blame, reason: &'static str) -> Res
         .extensions_mut()
         .insert(ProxyFailure { blame, reason });
     response
+}
+
+/// A request refused for the client's doing that the security log should see: `error_page` with
+/// `Blame::Client`, marked with `event` (written and counted by `middleware::record`).
+pub fn refusal(
+    status: StatusCode,
+    reason: &'static str,
+    event: SecurityEvent,
+) -> Response<ProxyBody> {
+    let mut response = error_page(status, Blame::Client, reason);
+    response.extensions_mut().insert(event);
+    response
+}
+
+/// `refusal` with its own page: for refusals a site owner may hit by design and needs told how to allow.
+pub fn refusal_page(
+    status: StatusCode,
+    reason: &'static str,
+    event: SecurityEvent,
+    html: impl Into<bytes::Bytes>,
+) -> Response<ProxyBody> {
+    let mut response = html_page(status, html);
+    let extensions = response.extensions_mut();
+    extensions.insert(ProxyFailure {
+        blame: Blame::Client,
+        reason,
+    });
+    extensions.insert(event);
+    response
+}
+
+/// `refusal` for `cause` with nothing more to say.
+pub fn refused(
+    status: StatusCode,
+    reason: &'static str,
+    cause: SecurityCause,
+) -> Response<ProxyBody> {
+    refusal(status, reason, SecurityEvent::new(cause))
 }
 
 /// A small HTML page for `status` with no internals: for answers that are not failures (a static file

@@ -58,6 +58,10 @@ pub struct Config {
     pub rate_limits: Vec<RateLimitRule>,
     /// The team's own pages for 502/503/504, and the maintenance switch.
     pub errors: ErrorPages,
+    /// Unsafe cross-origin requests from browsers refused, reported or let be.
+    pub cross_origin: CrossOriginPolicy,
+    /// Clients locked out of a login form after repeated failures.
+    pub login_lockouts: Vec<LoginLockoutRule>,
     /// Legal but probably unintended settings; `check` prints them and `run` logs them.
     pub warnings: Vec<String>,
 }
@@ -311,6 +315,40 @@ pub enum AccessFormat {
     Combined,
 }
 
+/// After `failures` failed POSTs to `path` (answered with one of `failure_status`) within `window`, that
+/// client's POSTs there get 429 for `lockout`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginLockoutRule {
+    pub path: String,
+    pub failures: u32,
+    pub window: Duration,
+    pub lockout: Duration,
+    pub failure_status: Vec<u16>,
+}
+
+/// `cross_origin.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrossOriginMode {
+    /// Refuse with 403.
+    Enforce,
+    /// Let through, and write a security event.
+    Report,
+    Off,
+}
+
+/// `[cross_origin]`: what unsafe requests from other sites' pages may reach the app.
+#[derive(Debug, Clone)]
+pub struct CrossOriginPolicy {
+    pub mode: CrossOriginMode,
+    /// Origins allowed to send them, as a browser writes them: `https://pay.example.net`.
+    pub trusted_origins: Vec<String>,
+    /// Path prefixes (in `route_path`'s form) that take them from anyone: SAML, payment returns.
+    pub exempt: Vec<String>,
+    /// Whether sibling subdomains (`Sec-Fetch-Site: same-site`) count as ours.
+    pub allow_same_site: bool,
+}
+
 /// At most `requests` requests per `per` from one client to paths starting with `path`, for `methods`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitRule {
@@ -472,6 +510,39 @@ impl Config {
                 humantime::format_duration(rule.per)
             ));
         }
+        for rule in &self.login_lockouts {
+            out.push_str(&format!(
+                "lockout:  POST {}* after {} failed logins ({}) within {}, for {} per client\n",
+                rule.path,
+                rule.failures,
+                rule.failure_status
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                humantime::format_duration(rule.window),
+                humantime::format_duration(rule.lockout)
+            ));
+        }
+        let co = &self.cross_origin;
+        out.push_str(&match co.mode {
+            CrossOriginMode::Off => "cross-origin: off\n".to_string(),
+            mode => format!(
+                "cross-origin: {} for unsafe methods (trusted: {}; exempt: {}; same-site {})\n",
+                if mode == CrossOriginMode::Enforce {
+                    "refused"
+                } else {
+                    "reported"
+                },
+                none_if_empty(&co.trusted_origins),
+                none_if_empty(&co.exempt),
+                if co.allow_same_site {
+                    "allowed"
+                } else {
+                    "refused"
+                },
+            ),
+        });
         for mount in &self.static_files {
             out.push_str(&format!(
                 "static:   {} → {}\n",
@@ -484,6 +555,14 @@ impl Config {
             None => out.push_str("metrics:  off\n"),
         }
         out
+    }
+}
+
+fn none_if_empty(list: &[String]) -> String {
+    if list.is_empty() {
+        "none".into()
+    } else {
+        list.join(", ")
     }
 }
 

@@ -4,7 +4,9 @@
 use serde::Deserialize;
 
 use super::units::{ByteSize, HumanDuration};
-use super::{AccessFormat, BalancePolicy, ChallengeType, LogFormat, SymlinkPolicy};
+use super::{
+    AccessFormat, BalancePolicy, ChallengeType, CrossOriginMode, LogFormat, SymlinkPolicy,
+};
 
 // The string choices parse straight into enums: a wrong one is a parse error that names the key, its
 // line and the values allowed (serde's "unknown variant `x`, expected one of …").
@@ -61,6 +63,29 @@ pub struct RawConfig {
     #[serde(default)]
     pub rate_limit: Vec<RawRateLimit>,
     pub errors: Option<RawErrors>,
+    #[serde(default)]
+    pub cross_origin: RawCrossOrigin,
+    #[serde(default)]
+    pub login_lockout: Vec<RawLoginLockout>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLoginLockout {
+    pub path: String,
+    pub failures: Option<u32>,
+    pub window: Option<HumanDuration>,
+    pub lockout: Option<HumanDuration>,
+    pub failure_status: Option<Vec<u16>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCrossOrigin {
+    pub mode: Option<CrossOriginMode>,
+    pub trusted_origins: Option<Vec<String>>,
+    pub exempt: Option<Vec<String>>,
+    pub allow_same_site: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

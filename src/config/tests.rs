@@ -519,3 +519,109 @@ fn acme_profiles_are_names_and_ip_certificates_are_allowed() {
         config.warnings
     );
 }
+
+#[test]
+fn cross_origin_protection_is_on_by_default_and_names_its_mistakes() {
+    let config = parse(MINIMAL).expect("valid");
+    assert_eq!(config.cross_origin.mode, CrossOriginMode::Enforce);
+    assert!(!config.cross_origin.allow_same_site);
+    let config = parse(&format!(
+        "{MINIMAL}[cross_origin]\nmode = \"report\"\ntrusted_origins = [\"HTTPS://Pay.Example.net:443\", \"https://sso.example.org:8443/\"]\nexempt = [\"/saml/acs/\"]\n"
+    ))
+    .expect("valid");
+    assert_eq!(config.cross_origin.mode, CrossOriginMode::Report);
+    assert_eq!(
+        config.cross_origin.trusted_origins,
+        ["https://pay.example.net", "https://sso.example.org:8443"],
+        "stored as browsers send Origin"
+    );
+    assert!(
+        config.summary().contains(
+            "cross-origin: reported for unsafe methods (trusted: https://pay.example.net, https://sso.example.org:8443; exempt: /saml/acs/; same-site refused)"
+        ),
+        "{}",
+        config.summary()
+    );
+    for (line, key, expected) in [
+        (
+            "mode = \"block\"",
+            "cross_origin.mode",
+            "expected one of `enforce`, `report`, `off`",
+        ),
+        (
+            "trusted_origins = [\"pay.example.net\"]",
+            "cross_origin.trusted_origins",
+            "is not an origin",
+        ),
+        (
+            "trusted_origins = [\"https://pay.example.net/return/\"]",
+            "cross_origin.trusted_origins",
+            "is not an origin",
+        ),
+        (
+            "exempt = [\"saml/\"]",
+            "cross_origin.exempt",
+            "must be a path prefix",
+        ),
+    ] {
+        let err = error_of(&format!("{MINIMAL}[cross_origin]\n{line}\n"));
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains(expected),
+            "{line}: {err}"
+        );
+    }
+}
+
+#[test]
+fn login_lockouts_have_safe_defaults_and_name_their_mistakes() {
+    let config = parse(&format!(
+        "{MINIMAL}[[login_lockout]]\npath = \"/admin/login/\"\n"
+    ))
+    .expect("valid");
+    let rule = &config.login_lockouts[0];
+    assert_eq!(
+        (
+            rule.failures,
+            rule.window,
+            rule.lockout,
+            rule.failure_status.as_slice()
+        ),
+        (
+            5,
+            Duration::from_secs(900),
+            Duration::from_secs(900),
+            [200, 400, 401].as_slice()
+        )
+    );
+    assert!(
+        config.summary().contains(
+            "lockout:  POST /admin/login/* after 5 failed logins (200/400/401) within 15m, for 15m per client"
+        ),
+        "{}",
+        config.summary()
+    );
+    for (line, field, expected) in [
+        ("path = \"login\"", "path", "must be a path"),
+        ("failures = 0", "failures", "must be 1..=1000"),
+        ("window = \"0s\"", "window", "between 1s and 7d"),
+        ("lockout = \"30d\"", "lockout", "between 1s and 7d"),
+        (
+            "failure_status = [302]",
+            "failure_status",
+            "a redirect is a success",
+        ),
+        ("failure_status = []", "failure_status", "at least one"),
+    ] {
+        let mut entry = vec!["path = \"/login/\""];
+        entry.retain(|l| !l.starts_with(field));
+        entry.push(line);
+        let err = error_of(&format!(
+            "{MINIMAL}[[login_lockout]]\n{}\n",
+            entry.join("\n")
+        ));
+        assert!(
+            err.contains(&format!("`login_lockout[0].{field}`")) && err.contains(expected),
+            "{line}: {err}"
+        );
+    }
+}

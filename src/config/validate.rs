@@ -425,6 +425,8 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         static_files: validate_static_files(raw.static_files, ctx)?,
         rate_limits: validate_rate_limits(raw.rate_limit, ctx)?,
         errors: validate_errors(raw.errors.unwrap_or_default(), ctx)?,
+        cross_origin: validate_cross_origin(raw.cross_origin, ctx)?,
+        login_lockouts: validate_login_lockouts(raw.login_lockout, ctx)?,
         server,
         tls,
         acme,
@@ -914,6 +916,123 @@ fn validate_rate_limits(
         });
     }
     Ok(rules)
+}
+
+/// `[[login_lockout]]`: a login path, and how many failures in what window lock a client out for how
+/// long. Failures are the statuses a failed login gets: Django's forms answer 200 (the form again), API
+/// logins 400 or 401. A redirect is a success.
+fn validate_login_lockouts(
+    raw: Vec<raw::RawLoginLockout>,
+    ctx: &Ctx,
+) -> Result<Vec<LoginLockoutRule>, ConfigError> {
+    let mut rules = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("login_lockout[{i}].{field}");
+        if !r.path.starts_with('/') || r.path.contains(['?', '#', '%']) {
+            return Err(ctx.invalid(
+                &key("path"),
+                format!("`{}` must be a path like \"/admin/login/\"", r.path),
+            ));
+        }
+        let failures = r.failures.unwrap_or(5);
+        if !(1..=1000).contains(&failures) {
+            return Err(ctx.invalid(&key("failures"), "must be 1..=1000"));
+        }
+        let window = r
+            .window
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(15 * 60));
+        let lockout = r
+            .lockout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(15 * 60));
+        for (field, value) in [("window", window), ("lockout", lockout)] {
+            if value < Duration::from_secs(1) || value > Duration::from_secs(7 * 24 * 3600) {
+                return Err(ctx.invalid(&key(field), "must be between 1s and 7d"));
+            }
+        }
+        let failure_status = r.failure_status.unwrap_or_else(|| vec![200, 400, 401]);
+        if failure_status.is_empty() {
+            return Err(ctx.invalid(&key("failure_status"), "list at least one status"));
+        }
+        if let Some(bad) = failure_status
+            .iter()
+            .find(|s| !(200..600).contains(*s) || (300..400).contains(*s))
+        {
+            return Err(ctx.invalid(
+                &key("failure_status"),
+                format!("{bad}: a failure is a 2xx, 4xx or 5xx status (a redirect is a success)"),
+            ));
+        }
+        rules.push(LoginLockoutRule {
+            path: r.path,
+            failures,
+            window,
+            lockout,
+            failure_status,
+        });
+    }
+    Ok(rules)
+}
+
+/// `[cross_origin]`: on by default (as Go's `CrossOriginProtection`); trusted origins written the way a
+/// browser sends `Origin` (scheme, host, port only when not the default), exempt paths as plain prefixes.
+fn validate_cross_origin(
+    c: raw::RawCrossOrigin,
+    ctx: &Ctx,
+) -> Result<CrossOriginPolicy, ConfigError> {
+    let mut trusted_origins = Vec::new();
+    for origin in c.trusted_origins.unwrap_or_default() {
+        match serialised_origin(&origin) {
+            Some(s) => trusted_origins.push(s),
+            None => {
+                return Err(ctx.invalid(
+                    "cross_origin.trusted_origins",
+                    format!(
+                        "`{origin}` is not an origin: write scheme and host (and a port only if not the default), like \"https://pay.example.net\""
+                    ),
+                ));
+            }
+        }
+    }
+    let mut exempt = Vec::new();
+    for path in c.exempt.unwrap_or_default() {
+        if !path.starts_with('/') || path.contains(['?', '#', '%']) {
+            return Err(ctx.invalid(
+                "cross_origin.exempt",
+                format!("`{path}` must be a path prefix like \"/saml/acs/\""),
+            ));
+        }
+        exempt.push(path);
+    }
+    Ok(CrossOriginPolicy {
+        mode: c.mode.unwrap_or(CrossOriginMode::Enforce),
+        trusted_origins,
+        exempt,
+        allow_same_site: c.allow_same_site.unwrap_or(false),
+    })
+}
+
+/// `https://Pay.Example.net:443` as a browser's `Origin` header writes it (RFC 6454 §6.2): lowercase,
+/// no default port, no path; `None` if it is not an origin at all.
+fn serialised_origin(origin: &str) -> Option<String> {
+    let uri: http::Uri = origin.parse().ok()?;
+    let default_port = match uri.scheme_str()? {
+        "https" => 443,
+        "http" => 80,
+        _ => return None,
+    };
+    let authority = uri.authority()?;
+    if authority.as_str().contains('@') || !matches!(uri.path(), "" | "/") || uri.query().is_some()
+    {
+        return None;
+    }
+    let host = authority.host().to_ascii_lowercase();
+    let scheme = uri.scheme_str()?;
+    Some(match authority.port_u16() {
+        Some(port) if port != default_port => format!("{scheme}://{host}:{port}"),
+        _ => format!("{scheme}://{host}"),
+    })
 }
 
 /// `[[static]]`: each prefix a plain path ending in `/`, each folder present now (a typo must not become

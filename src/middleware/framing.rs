@@ -17,7 +17,8 @@ use http::{Request, Response, StatusCode, Version};
 
 use super::RequestGate;
 use crate::body::ProxyBody;
-use crate::response::{Blame, error_page};
+use crate::response::refused;
+use crate::security::SecurityCause;
 
 pub struct RequestHeadCheck {
     max_headers: usize,
@@ -74,16 +75,16 @@ impl RequestGate for RequestHeadCheck {
     fn admit<B>(&self, req: &mut Request<B>) -> Result<(), Box<Response<ProxyBody>>> {
         if req.version() >= Version::HTTP_2 {
             if field_count(req.headers()) > self.max_headers {
-                return Err(Box::new(error_page(
+                return Err(Box::new(refused(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    Blame::Client,
                     "more header fields than limits.max_headers",
+                    SecurityCause::TooLarge,
                 )));
             }
             return Ok(());
         }
         check_transfer_encoding(req.headers())
-            .map_err(|(status, reason)| Box::new(error_page(status, Blame::Client, reason)))
+            .map_err(|(status, reason)| Box::new(refused(status, reason, SecurityCause::Malformed)))
     }
 }
 

@@ -12,7 +12,8 @@ use super::RequestGate;
 use crate::body::ProxyBody;
 use crate::config::Domains;
 use crate::context::ConnInfo;
-use crate::response::{Blame, error_page};
+use crate::response::refused;
+use crate::security::SecurityCause;
 
 /// The ports a Host may name on one listener: the scheme's default (443) and the one clients reach us
 /// on (`public_https_port`, or the bound port). No port at all is fine. `public: None` allows any port:
@@ -221,10 +222,10 @@ impl RequestGate for HostAllowlist {
             .and_then(|c| c.sni.clone());
         check_host(req, &self.domains, self.ports, sni.as_deref()).map_err(|rejection| {
             tracing::debug!(host = ?req.headers().get(HOST), uri = %req.uri(), sni = ?sni, "{}", rejection.reason());
-            Box::new(error_page(
+            Box::new(refused(
                 rejection.status(),
-                Blame::Client,
                 rejection.reason(),
+                SecurityCause::ForeignHost,
             ))
         })
     }

@@ -1,11 +1,14 @@
 //! Tower middleware on the request path. Response rewrites (security headers, cookie hardening) share one
 //! layer type, `RewriteHeadersLayer`, parameterised by what they rewrite; request checks that may answer
-//! instead of the app (the head checks, the Host guard, login rate limits) share `gate_layer`;
+//! instead of the app (the head checks, the Host guard, login rate limits) share `gate_layer`; checks
+//! that also read the app's answer (cross-origin reports, failed logins) share `guard_layer`;
 //! `RecordResponse` (metrics and the access log) is its own layer because it follows the response body.
 
 pub mod cookies;
+pub mod cross_origin;
 pub mod framing;
 pub mod host;
+pub mod login_lockout;
 pub mod maintenance;
 pub mod rate_limit;
 pub mod record;
@@ -25,8 +28,10 @@ use tower_http::validate_request::{
 use crate::body::ProxyBody;
 
 pub use cookies::CookieHardening;
+pub use cross_origin::CrossOriginGuard;
 pub use framing::RequestHeadCheck;
 pub use host::HostAllowlist;
+pub use login_lockout::LoginLockout;
 pub use maintenance::Maintenance;
 pub use rate_limit::RateLimiter;
 pub use record::RecordResponseLayer;
@@ -149,6 +154,117 @@ pub fn gate_layer<G: RequestGate>(gate: G) -> ValidateRequestHeaderLayer<Gate<G>
 
 /// The service `gate_layer` makes.
 pub type Gated<S, G> = ValidateRequestHeader<S, Gate<G>>;
+
+/// A gate that also sees the answer: `before` refuses the request or lets it through with a note,
+/// `after` reads the response (and may mark it) with that note.
+pub trait RequestGuard: Send + Sync + 'static {
+    type Note: Send + 'static;
+    fn before<B>(&self, req: &mut Request<B>) -> Result<Self::Note, Box<Response<ProxyBody>>>;
+    fn after(&self, note: Self::Note, response: &mut Response<ProxyBody>);
+}
+
+pub struct GuardLayer<G>(Arc<G>);
+
+impl<G> Clone for GuardLayer<G> {
+    fn clone(&self) -> Self {
+        GuardLayer(self.0.clone())
+    }
+}
+
+/// The layer that runs `guard` around the inner service.
+pub fn guard_layer<G: RequestGuard>(guard: G) -> GuardLayer<G> {
+    GuardLayer(Arc::new(guard))
+}
+
+impl<S, G> Layer<S> for GuardLayer<G> {
+    type Service = Guarded<S, G>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Guarded {
+            inner,
+            guard: self.0.clone(),
+        }
+    }
+}
+
+pub struct Guarded<S, G> {
+    inner: S,
+    guard: Arc<G>,
+}
+
+impl<S: Clone, G> Clone for Guarded<S, G> {
+    fn clone(&self) -> Self {
+        Guarded {
+            inner: self.inner.clone(),
+            guard: self.guard.clone(),
+        }
+    }
+}
+
+impl<S, G, ReqBody> Service<Request<ReqBody>> for Guarded<S, G>
+where
+    S: Service<Request<ReqBody>, Response = Response<ProxyBody>>,
+    G: RequestGuard,
+{
+    type Response = Response<ProxyBody>;
+    type Error = S::Error;
+    type Future = GuardedFuture<S::Future, G>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        match self.guard.before(&mut req) {
+            Ok(note) => GuardedFuture::Inner {
+                inner: self.inner.call(req),
+                guard: self.guard.clone(),
+                note: Some(note),
+            },
+            Err(answer) => GuardedFuture::Refused {
+                answer: Some(answer),
+            },
+        }
+    }
+}
+
+pin_project! {
+    #[project = GuardedProjection]
+    pub enum GuardedFuture<F, G: RequestGuard> {
+        Inner {
+            #[pin]
+            inner: F,
+            guard: Arc<G>,
+            note: Option<G::Note>,
+        },
+        Refused {
+            answer: Option<Box<Response<ProxyBody>>>,
+        },
+    }
+}
+
+impl<F, G, E> Future for GuardedFuture<F, G>
+where
+    F: Future<Output = Result<Response<ProxyBody>, E>>,
+    G: RequestGuard,
+{
+    type Output = Result<Response<ProxyBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            GuardedProjection::Inner { inner, guard, note } => {
+                let mut response = ready!(inner.poll(cx))?;
+                if let Some(note) = note.take() {
+                    guard.after(note, &mut response);
+                }
+                Poll::Ready(Ok(response))
+            }
+            GuardedProjection::Refused { answer } => match answer.take() {
+                Some(answer) => Poll::Ready(Ok(*answer)),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

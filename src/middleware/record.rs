@@ -2,7 +2,8 @@
 //! whether or not the access log is on, and the access log writes one line per request (method, host,
 //! path, status, bytes, duration, upstream duration, client) when the response body is finished or
 //! abandoned, so `bytes` and `duration` are real. One layer, because both read the same facts once.
-//! The line is an event in the main log's format, or a "combined" line on standard output.
+//! The line is an event in the main log's format, or a "combined" line on standard output. A response
+//! marked with a `SecurityEvent` also goes to the security log and its counter, here, once.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -18,23 +19,31 @@ use tower::{Layer, Service};
 
 use crate::body::{BodyObserver, ObservedBody};
 use crate::config::AccessLog;
-use crate::context::{ConnInfo, UpstreamBackend, UpstreamTiming, canonical_ip};
+use crate::context::{ConnInfo, TrustedProxies, UpstreamBackend, UpstreamTiming};
 use crate::metrics::{Listener, Metrics};
 use crate::response::ProxyFailure;
+use crate::security::{EventPlace, SecurityEvent, write_event};
 
 #[derive(Clone)]
 pub struct RecordResponseLayer {
     access: AccessLog,
     metrics: Arc<Metrics>,
     listener: Listener,
+    trusted_proxies: TrustedProxies,
 }
 
 impl RecordResponseLayer {
-    pub fn new(access: AccessLog, metrics: Arc<Metrics>, listener: Listener) -> Self {
+    pub fn new(
+        access: AccessLog,
+        metrics: Arc<Metrics>,
+        listener: Listener,
+        trusted_proxies: TrustedProxies,
+    ) -> Self {
         RecordResponseLayer {
             access,
             metrics,
             listener,
+            trusted_proxies,
         }
     }
 }
@@ -47,6 +56,7 @@ impl<S> Layer<S> for RecordResponseLayer {
             access: self.access,
             metrics: self.metrics.clone(),
             listener: self.listener,
+            trusted_proxies: self.trusted_proxies.clone(),
         }
     }
 }
@@ -57,12 +67,14 @@ pub struct RecordResponse<S> {
     access: AccessLog,
     metrics: Arc<Metrics>,
     listener: Listener,
+    trusted_proxies: TrustedProxies,
 }
 
 struct RequestFacts {
     method: Method,
     host: Option<HeaderValue>,
     uri: Uri,
+    /// The client behind trusted load balancers (`server.trusted_proxies`), else the peer.
     client: Option<IpAddr>,
     start: Instant,
     /// Only for combined lines, which also name these.
@@ -136,7 +148,8 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let access = self.access;
-        let facts = (access != AccessLog::Off).then(|| RequestFacts {
+        // Always taken (a few reference counts): a refusal needs them for the security log.
+        let facts = Some(RequestFacts {
             method: req.method().clone(),
             // HTTP/2 carries the host in `:authority`; the Host guard adds the header later.
             host: req.headers().get(http::header::HOST).cloned().or_else(|| {
@@ -148,7 +161,7 @@ where
             client: req
                 .extensions()
                 .get::<ConnInfo>()
-                .map(|c| canonical_ip(c.peer.ip())),
+                .map(|c| self.trusted_proxies.client_ip(req.headers(), c.peer.ip())),
             start: Instant::now(),
             combined: (access == AccessLog::Combined).then(|| CombinedFacts {
                 received: SystemTime::now(),
@@ -160,6 +173,7 @@ where
         RecordResponseFuture {
             inner: self.inner.call(req),
             facts,
+            access,
             metrics: self.metrics.clone(),
             listener: self.listener,
         }
@@ -171,6 +185,7 @@ pin_project! {
         #[pin]
         inner: F,
         facts: Option<RequestFacts>,
+        access: AccessLog,
         metrics: Arc<Metrics>,
         listener: Listener,
     }
@@ -195,7 +210,22 @@ where
             failure.as_ref(),
             upstream,
         );
-        let entry = this.facts.take().map(|request| Entry {
+        if let Some(event) = response.extensions().get::<SecurityEvent>() {
+            this.metrics.security_event(event.cause);
+            let facts = this.facts.as_ref();
+            let host = facts
+                .and_then(|f| f.host.as_ref())
+                .and_then(|h| h.to_str().ok());
+            let place = EventPlace {
+                client: facts.and_then(|f| f.client),
+                host,
+                method: facts.map(|f| f.method.as_str()),
+                path: facts.map(|f| f.uri.path()),
+            };
+            write_event(event, place, 1);
+        }
+        let facts = this.facts.take().filter(|_| *this.access != AccessLog::Off);
+        let entry = facts.map(|request| Entry {
             request,
             status: response.status(),
             upstream,
@@ -321,6 +351,7 @@ mod tests {
                     log,
                     metrics.clone(),
                     Listener::Https,
+                    TrustedProxies::default(),
                 ))
                 .service(inner);
             for path in ["/", "/down"] {

@@ -37,7 +37,8 @@ use crate::body::{BodyError, BufferBudget, ProxyBody, RequestBody, held_bytes};
 use crate::config::{Config, ErrorPages};
 use crate::context::{AccelRedirect, ConnInfo, TrustedProxies, UpstreamBackend, UpstreamTiming};
 use crate::metrics::BackendGauge;
-use crate::response::{Blame, ProxyFailure, error_page};
+use crate::response::{Blame, ProxyFailure, error_page, refused};
+use crate::security::SecurityCause;
 use headers::{
     ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
 };
@@ -197,10 +198,10 @@ impl Shared {
                 );
             }
             Ok(Some(len)) if len > self.max_body => {
-                return error_page(
+                return refused(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    Blame::Client,
                     "request body over limits.max_body",
+                    SecurityCause::TooLarge,
                 );
             }
             Ok(len) => len,

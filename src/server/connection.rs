@@ -26,8 +26,10 @@ use tower::ServiceExt;
 
 use super::{Runtime, Shared};
 use crate::body::{BodyObserver, ObservedBody};
-use crate::context::ConnInfo;
+use crate::context::{ConnInfo, canonical_ip};
+use crate::metrics::Metrics;
 use crate::response::{Blame, ProxyFailure};
+use crate::security::{EventPlace, SecurityCause, SecurityEvent, write_event};
 use crate::tls::ACME_TLS_ALPN;
 
 /// Requests in flight on one connection and when it last did anything, for the idle timeout.
@@ -141,11 +143,21 @@ pub async fn serve_tls(
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             shared.fixed.metrics.handshake_failed();
+            let reason = e.to_string();
+            shared
+                .fixed
+                .handshake_failures
+                .record(peer.ip(), &reason, std::time::Instant::now());
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
             shared.fixed.metrics.handshake_failed();
+            shared.fixed.handshake_failures.record(
+                peer.ip(),
+                "handshake timed out",
+                std::time::Instant::now(),
+            );
             return;
         }
     };
@@ -235,6 +247,7 @@ async fn serve_http<I, S, B>(
 {
     let peer = info.peer;
     let activity = Activity::new();
+    let metrics = shared.fixed.metrics.clone();
     let service = tracked_service(info, shared, activity.clone(), stack_of);
     let limits = Deadlines {
         first_head: runtime.config.limits.header_read_timeout,
@@ -244,13 +257,35 @@ async fn serve_http<I, S, B>(
         // Upgrades are allowed on both listeners: only the proxy service ever answers 101.
         Protocol::Http1 => {
             let connection = runtime.http1.serve_connection(io, service).with_upgrades();
-            drive(connection, peer, &activity, limits, shutdown).await;
+            if let Some(error) = drive(connection, peer, &activity, limits, shutdown).await {
+                note_malformed_head(&metrics, peer, &error);
+            }
         }
         Protocol::Http2 => {
             let connection = runtime.http2.serve_connection(io, service);
             drive(connection, peer, &activity, limits, shutdown).await;
         }
     }
+}
+
+/// An HTTP/1.1 head hyper could not parse (or that overran `limits.max_header_bytes`) never became a
+/// request, so no layer saw it: it goes to the security log from here. hyper has answered it with 400
+/// or 431 already.
+fn note_malformed_head(metrics: &Metrics, peer: SocketAddr, error: &hyper::Error) {
+    let cause = if error.is_parse_too_large() {
+        SecurityCause::TooLarge
+    } else if error.is_parse() {
+        SecurityCause::Malformed
+    } else {
+        return;
+    };
+    metrics.security_event(cause);
+    let event = SecurityEvent::with_detail(cause, error.to_string());
+    let place = EventPlace {
+        client: Some(canonical_ip(peer.ip())),
+        ..EventPlace::default()
+    };
+    write_event(&event, place, 1);
 }
 
 /// The hyper service for one connection: each request gets the connection's facts, runs through the
@@ -344,14 +379,14 @@ struct Deadlines {
 
 /// Runs a connection to completion; on idleness or server shutdown asks it to close after what is in
 /// flight (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`). A connection that never sent a request head
-/// is dropped outright: there is nothing in flight to finish.
+/// is dropped outright: there is nothing in flight to finish. Returns the connection's error, if any.
 async fn drive<C: GracefulConnection>(
     connection: C,
     peer: SocketAddr,
     activity: &Activity,
     deadlines: Deadlines,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Option<hyper::Error> {
     let mut connection = std::pin::pin!(connection);
     let idle = activity.idle_for(deadlines.idle);
     let mut idle = std::pin::pin!(idle);
@@ -362,15 +397,16 @@ async fn drive<C: GracefulConnection>(
     loop {
         tokio::select! {
             result = connection.as_mut() => {
-                if let Err(e) = result {
+                let error = result.err();
+                if let Some(e) = &error {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
-                return;
+                return error;
             }
             _ = &mut first_head, if waiting_for_first_head => {
                 if activity.requests.load(Ordering::Relaxed) == 0 {
                     tracing::debug!(%peer, "no request head within the header timeout; closing");
-                    return;
+                    return None;
                 }
                 waiting_for_first_head = false;
             }

@@ -23,6 +23,7 @@ use crate::acme::{AcmeStatus, Http01Tokens};
 use crate::body::BufferBudget;
 use crate::config::{Config, ConfigError, Domains, TlsSource};
 use crate::metrics::{Gauges, Metrics};
+use crate::security::HandshakeFailureLog;
 use crate::tls::{CertResolver, TlsError};
 use certificates::provision_certificates;
 use stack::{Fixed, Runtime};
@@ -105,6 +106,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         https_port: https_addr.port(),
         metrics: metrics.clone(),
         budget: BufferBudget::new(config.limits.buffer_memory),
+        handshake_failures: HandshakeFailureLog::new(Duration::from_secs(60)),
     };
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(Runtime::build(config.clone(), &fixed)),

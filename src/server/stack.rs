@@ -17,17 +17,28 @@ use crate::metrics::{Listener, Metrics};
 use crate::middleware::host::HostPorts;
 use crate::middleware::record::RecordResponse;
 use crate::middleware::{
-    CookieHardening, Gated, HostAllowlist, Maintenance, RateLimiter, RecordResponseLayer,
-    RequestHeadCheck, RewriteHeaders, RewriteHeadersLayer, SecurityHeaderPolicy, gate_layer,
+    CookieHardening, CrossOriginGuard, Gated, Guarded, HostAllowlist, LoginLockout, Maintenance,
+    RateLimiter, RecordResponseLayer, RequestHeadCheck, RewriteHeaders, RewriteHeadersLayer,
+    SecurityHeaderPolicy, gate_layer, guard_layer,
 };
 use crate::proxy::ProxyService;
+use crate::security::HandshakeFailureLog;
 use crate::static_files::{StaticFiles, StaticOrProxy};
 
 type HttpsStack = RecordResponse<
     RewriteHeaders<
         RewriteHeaders<
             Gated<
-                Gated<Gated<Gated<StaticOrProxy, RateLimiter>, Maintenance>, HostAllowlist>,
+                Gated<
+                    Gated<
+                        Guarded<
+                            Guarded<Gated<StaticOrProxy, RateLimiter>, LoginLockout>,
+                            CrossOriginGuard,
+                        >,
+                        Maintenance,
+                    >,
+                    HostAllowlist,
+                >,
                 RequestHeadCheck,
             >,
             CookieHardening,
@@ -44,6 +55,8 @@ pub(super) struct Fixed {
     pub(super) https_port: u16,
     pub(super) metrics: Arc<Metrics>,
     pub(super) budget: BufferBudget,
+    /// Handshake failures for the security log, one line per interval.
+    pub(super) handshake_failures: HandshakeFailureLog,
 }
 
 /// Everything the request path reads, built from one validated config.
@@ -79,6 +92,7 @@ impl Runtime {
                 config.log.access,
                 metrics.clone(),
                 Listener::Https,
+                trusted_proxies.clone(),
             ))
             .layer(RewriteHeadersLayer::new(SecurityHeaderPolicy::for_https(
                 &config.headers,
@@ -97,9 +111,16 @@ impl Runtime {
                 config.errors.maintenance_retry_after,
                 trusted_proxies.clone(),
             )))
+            .layer(guard_layer(CrossOriginGuard::new(
+                config.cross_origin.clone(),
+            )))
+            .layer(guard_layer(LoginLockout::new(
+                config.login_lockouts.clone(),
+                trusted_proxies.clone(),
+            )))
             .layer(gate_layer(RateLimiter::new(
                 config.rate_limits.clone(),
-                trusted_proxies,
+                trusted_proxies.clone(),
             )))
             .service(StaticOrProxy::new(
                 StaticFiles::new(&config.static_files, &fixed.budget),
@@ -110,6 +131,7 @@ impl Runtime {
                 config.log.access,
                 metrics.clone(),
                 Listener::Http,
+                trusted_proxies.clone(),
             ))
             .layer(RewriteHeadersLayer::new(
                 SecurityHeaderPolicy::for_plain_http(&config.headers),

@@ -253,6 +253,28 @@ async fn upstream_handler(
                 .body(full(vec![b'm'; 200 * 1024]))
                 .expect("response")
         }
+        // A login form as Django's: a wrong password gets the form again (200), the right one a redirect.
+        // `/login/slow/` takes half a second to decide, as a password hash does.
+        p if p.starts_with("/login/") => {
+            if p == "/login/slow/" {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            if body.as_ref() == b"password=right" {
+                Response::builder()
+                    .status(StatusCode::FOUND)
+                    .header("location", "/")
+                    .body(full(""))
+                    .expect("response")
+            } else {
+                Response::new(full("<form>wrong password</form>"))
+            }
+        }
         "/ws" => {
             let key_present = req.headers().contains_key("sec-websocket-key");
             let on_upgrade = hyper::upgrade::on(&mut req);
