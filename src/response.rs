@@ -71,13 +71,13 @@ pub fn refusal_page(
     response
 }
 
-/// `refusal` for `cause` with nothing more to say.
+/// `refusal` for `cause`, the reason as the event's detail.
 pub fn refused(
     status: StatusCode,
     reason: &'static str,
     cause: SecurityCause,
 ) -> Response<ProxyBody> {
-    refusal(status, reason, SecurityEvent::new(cause))
+    refusal(status, reason, SecurityEvent::with_detail(cause, reason))
 }
 
 /// A small HTML page for `status` with no internals: for answers that are not failures (a static file

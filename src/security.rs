@@ -95,7 +95,7 @@ pub struct EventPlace<'a> {
 pub fn write_event(event: &SecurityEvent, place: EventPlace<'_>, count: u64) {
     tracing::warn!(
         target: "portcullis::security",
-        cause = event.cause.as_str(),
+        cause = %event.cause.as_str(),
         client = place.client.map(tracing::field::display),
         host = place.host,
         method = place.method,

@@ -12,7 +12,12 @@ use http::StatusCode;
 const ALPNS: [&[u8]; 2] = [b"http/1.1", b"h2"];
 
 /// Method, path, request headers, and whether the proxy refuses it.
-type Case = (&'static str, &'static str, Vec<(&'static str, String)>, bool);
+type Case = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, String)>,
+    bool,
+);
 
 fn metric(scrape: &str, cause: &str) -> u64 {
     let needle = format!("portcullis_security_events_total{{cause=\"{cause}\"}} ");

@@ -280,7 +280,7 @@ fn note_malformed_head(metrics: &Metrics, peer: SocketAddr, error: &hyper::Error
         return;
     };
     metrics.security_event(cause);
-    let event = SecurityEvent::with_detail(cause, error.to_string());
+    let event = SecurityEvent::with_detail(cause, format!("unparsable request head: {error}"));
     let place = EventPlace {
         client: Some(canonical_ip(peer.ip())),
         ..EventPlace::default()
