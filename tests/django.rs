@@ -39,6 +39,8 @@ struct Django {
     pub upstream_url: String,
     /// STATIC_ROOT, filled by collectstatic.
     pub static_root: PathBuf,
+    /// Gunicorn's access log: what reached the app.
+    access_log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -111,8 +113,11 @@ impl Django {
                 )
             }
         };
+        let access_log = dir.path().join("access.log");
         let child = Command::new(venv.join("bin/gunicorn"))
             .args(["--no-control-socket", "--workers", "2", "--bind", &bind_arg])
+            .arg("--access-logfile")
+            .arg(&access_log)
             .arg("djangoapp.wsgi:application")
             .current_dir(app_dir())
             .env("DJANGO_DB_PATH", &db)
@@ -127,8 +132,16 @@ impl Django {
             db,
             upstream_url,
             static_root,
+            access_log,
             _dir: dir,
         }
+    }
+
+    /// How many requests for `method path` Gunicorn has logged.
+    fn requests_seen(&self, method: &str, path: &str) -> usize {
+        let log = std::fs::read_to_string(&self.access_log).unwrap_or_default();
+        let needle = format!("\"{method} {path}");
+        log.lines().filter(|l| l.contains(&needle)).count()
     }
 }
 
@@ -320,6 +333,38 @@ async fn admin_login(upstream_url: &str, alpn: &[&[u8]]) {
 /// Logs `admin` in through the proxy's login form, checking the cookie flags on the way; returns the
 /// `Cookie` header of the logged-in session.
 async fn log_in(client: &mut Client, port: u16) -> String {
+    let (csrftoken, response, page) =
+        submit_login(client, port, "correct horse battery staple").await;
+    assert_eq!(
+        response.status(),
+        StatusCode::FOUND,
+        "login must redirect: {page}"
+    );
+    assert_eq!(response.headers()["location"], "/admin/");
+    let cookies = set_cookies(&response);
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("sessionid="))
+        .expect("session cookie");
+    for flag in ["; Secure", "; HttpOnly", "SameSite=Lax"] {
+        assert!(session.contains(flag), "{flag} missing: {session}");
+    }
+    let sessionid = cookie_value(&cookies, "sessionid")
+        .expect("sessionid")
+        .to_string();
+    let csrftoken = cookie_value(&cookies, "csrftoken")
+        .map(str::to_string)
+        .unwrap_or(csrftoken);
+    format!("csrftoken={csrftoken}; sessionid={sessionid}")
+}
+
+/// Opens the admin login form and posts `password` for `admin` with its CSRF token, as a browser does;
+/// returns the CSRF cookie and the answer.
+async fn submit_login(
+    client: &mut Client,
+    port: u16,
+    password: &str,
+) -> (String, http::Response<()>, String) {
     let (response, form) = client.get("/admin/login/?next=/admin/", port).await;
     assert_eq!(response.status(), StatusCode::OK, "{form}");
     let cookies = set_cookies(&response);
@@ -342,8 +387,16 @@ async fn log_in(client: &mut Client, port: u16) -> String {
     let start = form.find(marker).expect("csrf field in form") + marker.len();
     let form_token = &form[start..start + form[start..].find('"').expect("end of token")];
 
+    let password: String = password
+        .bytes()
+        .map(|b| match b {
+            b' ' => "+".to_string(),
+            b if b.is_ascii_alphanumeric() => (b as char).to_string(),
+            b => format!("%{b:02X}"),
+        })
+        .collect();
     let body = format!(
-        "csrfmiddlewaretoken={form_token}&username=admin&password=correct+horse+battery+staple&next=%2Fadmin%2F"
+        "csrfmiddlewaretoken={form_token}&username=admin&password={password}&next=%2Fadmin%2F"
     );
     let req = request("POST", "/admin/login/?next=/admin/", port)
         .header("origin", format!("https://localhost:{port}"))
@@ -356,27 +409,7 @@ async fn log_in(client: &mut Client, port: u16) -> String {
         .body(full(body))
         .expect("request");
     let (response, page) = client.fetch(req).await;
-    assert_eq!(
-        response.status(),
-        StatusCode::FOUND,
-        "login must redirect: {page}"
-    );
-    assert_eq!(response.headers()["location"], "/admin/");
-    let cookies = set_cookies(&response);
-    let session = cookies
-        .iter()
-        .find(|c| c.starts_with("sessionid="))
-        .expect("session cookie");
-    for flag in ["; Secure", "; HttpOnly", "SameSite=Lax"] {
-        assert!(session.contains(flag), "{flag} missing: {session}");
-    }
-    let sessionid = cookie_value(&cookies, "sessionid")
-        .expect("sessionid")
-        .to_string();
-    let csrftoken = cookie_value(&cookies, "csrftoken")
-        .map(str::to_string)
-        .unwrap_or(csrftoken);
-    format!("csrftoken={csrftoken}; sessionid={sessionid}")
+    (csrftoken, response, page)
 }
 
 #[tokio::test]
@@ -725,6 +758,84 @@ async fn django_login_budget_holds_for_every_spelling_of_the_path() {
     proxy.stop().await;
 }
 
+/// The failed-login lockout in front of Django's real admin: failures are the form again (200), a
+/// success the redirect; three failures lock the client out with 429 before Gunicorn sees the POST (its
+/// access log says so), another client address is unaffected, and a success before the limit clears
+/// the count.
+#[tokio::test]
+#[ignore = "needs Django and Gunicorn: run scripts/test.sh"]
+async fn django_failed_logins_lock_the_client_out_before_gunicorn() {
+    let django = Django::start(Bind::Tcp).await;
+    let proxy = Proxy::start(
+        &django.upstream_url,
+        "[[login_lockout]]\npath = \"/admin/login/\"\nfailures = 3\nwindow = \"1h\"\nlockout = \"10m\"\n",
+    )
+    .await;
+    let port = proxy.https.port();
+    let login_posts = || django.requests_seen("POST", "/admin/login/");
+    let attempt = |password: &'static str, alpn: &'static [&'static [u8]], other: bool| {
+        let proxy = &proxy;
+        async move {
+            // A connection per attempt: HTTP/1.1 closes after a refusal.
+            let mut client = if other {
+                proxy.client_from_another_address(alpn).await
+            } else {
+                proxy.client(alpn).await
+            };
+            let (_, response, page) = submit_login(&mut client, port, password).await;
+            (
+                response.status(),
+                response.headers().get("retry-after").cloned(),
+                page,
+            )
+        }
+    };
+    let wrong = "not the password";
+    let right = "correct horse battery staple";
+    for _ in 0..2 {
+        let (status, _, page) = attempt(wrong, H2, false).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            page.contains("Please enter the correct username and password"),
+            "{page}"
+        );
+    }
+    assert_eq!(
+        attempt(right, H1, false).await.0,
+        StatusCode::FOUND,
+        "and the count is cleared"
+    );
+    for _ in 0..3 {
+        assert_eq!(attempt(wrong, H1, false).await.0, StatusCode::OK);
+    }
+    // Gunicorn writes its access line just after it answers.
+    eventually("Gunicorn logged the six logins", || {
+        std::future::ready(login_posts() == 6)
+    })
+    .await;
+    let before = 6;
+    for alpn in [H1, H2] {
+        let (status, retry_after, _) = attempt(right, alpn, false).await;
+        assert_eq!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "locked out, the right password too"
+        );
+        let seconds: u64 = retry_after
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .expect("Retry-After");
+        assert!((590..=600).contains(&seconds), "{seconds}");
+    }
+    // Gunicorn writes its access line after answering; the two refused POSTs never got there.
+    let (status, _, _) = attempt(right, H2, true).await;
+    assert_eq!(status, StatusCode::FOUND, "another client logs in");
+    eventually("Gunicorn logged the other client's login", || {
+        std::future::ready(login_posts() == before + 1)
+    })
+    .await;
+    proxy.stop().await;
+}
+
 /// Django's admin in a real browser (Debian's Chromium driven by playwright-core, `tests/browser/`)
 /// through the proxy with its default headers: log in, then the pages with the most JavaScript and
 /// widgets. Catches what hand-written clients cannot: how a browser splits cookies on HTTP/2, whether the
@@ -732,38 +843,14 @@ async fn django_login_budget_holds_for_every_spelling_of_the_path() {
 #[tokio::test]
 #[ignore = "needs Django, Gunicorn, Chromium and playwright-core: run scripts/test.sh"]
 async fn django_admin_works_in_a_real_browser() {
-    let node_modules = std::env::var_os("PORTCULLIS_TEST_NODE_MODULES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("PORTCULLIS_TEST_NODE_MODULES is not set: run scripts/test.sh, which installs playwright-core")
-        });
-    assert!(
-        node_modules.join("playwright-core").is_dir(),
-        "{}/playwright-core is missing: run scripts/test.sh",
-        node_modules.display()
-    );
     let django = Django::start(Bind::Tcp).await;
     let proxy = Proxy::start(&django.upstream_url, &django.static_mount()).await;
     let base = format!("https://localhost:{}", proxy.https.port());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/django_admin.cjs");
-    let node_path = std::path::absolute(&node_modules).expect("absolute path");
-    // `timeout` bounds the browser; the blocking wait runs off the runtime so the proxy keeps serving.
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("timeout")
-            .args(["120", "node"])
-            .arg(script)
-            .args([base.as_str(), "correct horse battery staple"])
-            .env("NODE_PATH", node_path)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run node (scripts/test.sh installs it)")
-    })
-    .await
-    .expect("browser run");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: serde_json::Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("browser report is not JSON ({e}): {stdout}"));
-    assert!(output.status.success(), "browser run failed: {report}");
+    let report = run_browser(
+        "django_admin.cjs",
+        vec![base, "correct horse battery staple".into()],
+    )
+    .await;
     for list in ["violations", "consoleErrors", "failed"] {
         assert_eq!(
             json_field(&report, list),
@@ -797,6 +884,123 @@ async fn django_admin_works_in_a_real_browser() {
         assert!(colour.starts_with("rgb("), "unstyled: {page}");
     }
     proxy.stop().await;
+}
+
+/// Runs `tests/browser/SCRIPT` under node with playwright-core and Debian's Chromium, bounded in time;
+/// returns the JSON report it prints (a failed run fails the test with the report).
+async fn run_browser(script: &str, args: Vec<String>) -> serde_json::Value {
+    let node_modules = std::env::var_os("PORTCULLIS_TEST_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("PORTCULLIS_TEST_NODE_MODULES is not set: run scripts/test.sh, which installs playwright-core")
+        });
+    assert!(
+        node_modules.join("playwright-core").is_dir(),
+        "{}/playwright-core is missing: run scripts/test.sh",
+        node_modules.display()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/browser")
+        .join(script);
+    let node_path = std::path::absolute(&node_modules).expect("absolute path");
+    // `timeout` bounds the browser; the blocking wait runs off the runtime so the proxy keeps serving.
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("timeout")
+            .args(["120", "node"])
+            .arg(script)
+            .args(args)
+            .env("NODE_PATH", node_path)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run node (scripts/test.sh installs it)")
+    })
+    .await
+    .expect("browser run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("browser report is not JSON ({e}): {stdout}"));
+    assert!(output.status.success(), "browser run failed: {report}");
+    report
+}
+
+/// The attacker's site: a page on another origin (plain HTTP on 127.0.0.1, another site than
+/// `localhost`) whose form posts to `target` on load. Serves that page to every request until dropped.
+async fn attacker_page(target: String) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    let page = format!(
+        "<!doctype html><html><body><form id=\"f\" method=\"post\" action=\"{target}\">\
+         <input name=\"to\" value=\"attacker\"></form>\
+         <script>document.getElementById(\"f\").submit()</script></body></html>"
+    );
+    let task = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut head = vec![0u8; 4096];
+            let _ = tokio::time::timeout(LIMIT, tcp.read(&mut head)).await;
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                page.len()
+            );
+            let _ = tcp.write_all(response.as_bytes()).await;
+        }
+    });
+    (url, task)
+}
+
+/// A CSRF attack from another site in a real browser, against a Django view that is `@csrf_exempt` (so
+/// Django itself would run it): with the default config the proxy refuses the browser's cross-site POST
+/// with its 403 page before Gunicorn; in report mode it reaches the view and is counted as an event.
+/// The admin login in `django_admin_works_in_a_real_browser` runs under the same default, same-origin.
+#[tokio::test]
+#[ignore = "needs Django, Gunicorn, Chromium and playwright-core: run scripts/test.sh"]
+async fn a_cross_site_form_in_a_real_browser_is_refused_by_default() {
+    let django = Django::start(Bind::Tcp).await;
+    for mode in ["enforce", "report"] {
+        let proxy = Proxy::start(
+            &django.upstream_url,
+            &format!("[metrics]\nlisten = \"127.0.0.1:0\"\n[cross_origin]\nmode = \"{mode}\"\n"),
+        )
+        .await;
+        let target = format!("https://localhost:{}/transfer/", proxy.https.port());
+        let (attacker, server) = attacker_page(target.clone()).await;
+        let before = django.requests_seen("POST", "/transfer/");
+        let report = run_browser("cross_site_form.cjs", vec![attacker, target]).await;
+        assert_eq!(report["secFetchSite"], "cross-site", "{report}");
+        let body = report["body"].as_str().unwrap_or_default();
+        let metrics = scrape_metrics(proxy.server().metrics_addr.expect("metrics")).await;
+        if mode == "enforce" {
+            assert_eq!(report["status"], 403, "{report}");
+            assert!(body.contains("cross_origin.exempt"), "{body}");
+            assert!(
+                metrics
+                    .contains("portcullis_security_events_total{cause=\"cross_origin_refused\"} 1")
+            );
+        } else {
+            assert_eq!(report["status"], 200, "{report}");
+            assert_eq!(body, "transferred to attacker");
+            assert!(
+                metrics.contains(
+                    "portcullis_security_events_total{cause=\"cross_origin_reported\"} 1"
+                )
+            );
+            eventually("Gunicorn logged the POST", || {
+                std::future::ready(django.requests_seen("POST", "/transfer/") == before + 1)
+            })
+            .await;
+        }
+        if mode == "enforce" {
+            assert_eq!(
+                django.requests_seen("POST", "/transfer/"),
+                before,
+                "Gunicorn never saw it"
+            );
+        }
+        server.abort();
+        proxy.stop().await;
+    }
 }
 
 /// A deploy with two real Gunicorns (one gthread with `--keep-alive 2`, one with sync workers) under

@@ -7,6 +7,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("whoami/", views.whoami),
     path("record/", views.record),
+    path("transfer/", views.transfer),
     path("healthz/", views.health),
     path("media/<path:name>", views.private_media),
 ]
