@@ -21,7 +21,28 @@ pub fn set_cookie(data: &[u8]) {
         http_only: true,
         same_site: Some(SameSite::Lax),
         http_only_exempt: vec!["csrftoken".into()],
+        session_only: Vec::new(),
     };
+    // With `session_only` the lifetime may go, but never the name and value, and twice is once.
+    let session = CookiePolicy {
+        session_only: vec!["a".into(), "sessionid".into()],
+        ..policy.clone()
+    };
+    if let Some(hardened) = harden_set_cookie(original.as_bytes(), &session) {
+        let name_value = original
+            .as_bytes()
+            .split(|&b| b == b';')
+            .next()
+            .unwrap_or_default();
+        assert!(
+            hardened.as_bytes().starts_with(name_value.trim_ascii_end()),
+            "the name and value stay: {original:?} -> {hardened:?}"
+        );
+        assert!(
+            harden_set_cookie(hardened.as_bytes(), &session).is_none(),
+            "session_only must be idempotent: {original:?} -> {hardened:?}"
+        );
+    }
     let Some(hardened) = harden_set_cookie(original.as_bytes(), &policy) else {
         return;
     };

@@ -79,7 +79,36 @@ pub struct Metrics {
     upstream_micros: AtomicU64,
     /// Security events (refusals and notes), by `SecurityCause`.
     security_events: [AtomicU64; SecurityCause::ALL.len()],
+    /// CSP violation reports by directive (`CSP_DIRECTIVES`, the last slot for any other).
+    csp_reports: [AtomicU64; CSP_DIRECTIVES.len() + 1],
 }
+
+/// The directives a report may name, as label values: a fixed set, so a client cannot grow the
+/// metrics with made-up names.
+const CSP_DIRECTIVES: [&str; 22] = [
+    "default-src",
+    "script-src",
+    "script-src-elem",
+    "script-src-attr",
+    "style-src",
+    "style-src-elem",
+    "style-src-attr",
+    "img-src",
+    "font-src",
+    "connect-src",
+    "media-src",
+    "object-src",
+    "frame-src",
+    "child-src",
+    "worker-src",
+    "manifest-src",
+    "form-action",
+    "frame-ancestors",
+    "base-uri",
+    "trusted-types",
+    "require-trusted-types-for",
+    "fenced-frame-src",
+];
 
 impl Metrics {
     pub fn connection_accepted(&self) {
@@ -93,6 +122,14 @@ impl Metrics {
     pub fn handshake_failed(&self) {
         self.handshake_failures.fetch_add(1, Ordering::Relaxed);
         self.security_event(SecurityCause::TlsHandshake);
+    }
+
+    pub fn csp_report(&self, directive: &str) {
+        let slot = CSP_DIRECTIVES
+            .iter()
+            .position(|d| *d == directive)
+            .unwrap_or(CSP_DIRECTIVES.len());
+        self.csp_reports[slot].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn security_event(&self, cause: SecurityCause) {
@@ -229,6 +266,24 @@ impl Metrics {
             "Requests and connections refused or noted as suspicious, by cause (the security log's \
              `cause`; every TLS handshake failure counts, though the log aggregates them).",
             &by_cause,
+        );
+        let by_directive: Vec<_> = CSP_DIRECTIVES
+            .iter()
+            .chain(&["other"])
+            .zip(&self.csp_reports)
+            .map(|(directive, counter)| {
+                (
+                    format!("{{directive=\"{directive}\"}}"),
+                    read(counter) as f64,
+                )
+            })
+            .filter(|(_, value)| *value > 0.0)
+            .collect();
+        family(
+            "csp_reports_total",
+            "counter",
+            "CSP violation reports received by [csp_reports], by the directive violated.",
+            &by_directive,
         );
         family(
             "upstream_response_seconds",

@@ -28,10 +28,12 @@ pub enum SecurityCause {
     Malformed,
     /// TLS handshakes that failed; aggregated, one event per interval.
     TlsHandshake,
+    /// A browser reported a Content-Security-Policy violation (`[csp_reports]`).
+    CspReport,
 }
 
 impl SecurityCause {
-    pub const ALL: [SecurityCause; 9] = [
+    pub const ALL: [SecurityCause; 10] = [
         SecurityCause::ForeignHost,
         SecurityCause::RateLimited,
         SecurityCause::CrossOriginRefused,
@@ -41,6 +43,7 @@ impl SecurityCause {
         SecurityCause::TooLarge,
         SecurityCause::Malformed,
         SecurityCause::TlsHandshake,
+        SecurityCause::CspReport,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +57,7 @@ impl SecurityCause {
             SecurityCause::TooLarge => "too_large",
             SecurityCause::Malformed => "malformed",
             SecurityCause::TlsHandshake => "tls_handshake",
+            SecurityCause::CspReport => "csp_report",
         }
     }
 }

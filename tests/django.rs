@@ -836,6 +836,77 @@ async fn django_failed_logins_lock_the_client_out_before_gunicorn() {
     proxy.stop().await;
 }
 
+/// The checklist's `SESSION_EXPIRE_AT_BROWSER_CLOSE` and a clean logout, at the edge: with
+/// `cookies.session_only`, Django's session cookie arrives without `Expires`/`Max-Age` (gone when the
+/// browser closes), yet the logout's deletion keeps its `Max-Age=0`; and the admin's logout answer
+/// carries `Clear-Site-Data`.
+#[tokio::test]
+#[ignore = "needs Django and Gunicorn: run scripts/test.sh"]
+async fn django_sessions_end_with_the_browser_and_logout_clears_the_site() {
+    let django = Django::start(Bind::Tcp).await;
+    let proxy = Proxy::start(
+        &django.upstream_url,
+        "[cookies]\nsession_only = [\"sessionid\"]\n[headers.clear_site_data]\npaths = [\"/admin/logout/\"]\n",
+    )
+    .await;
+    let port = proxy.https.port();
+    let mut client = proxy.client(H2).await;
+    let (_, response, page) = submit_login(&mut client, port, "correct horse battery staple").await;
+    assert_eq!(response.status(), StatusCode::FOUND, "{page}");
+    assert!(
+        response.headers().get("clear-site-data").is_none(),
+        "not on login"
+    );
+    let cookies = set_cookies(&response);
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("sessionid="))
+        .expect("session cookie");
+    let lower = session.to_ascii_lowercase();
+    assert!(
+        !lower.contains("expires=") && !lower.contains("max-age="),
+        "a session cookie: {session}"
+    );
+    assert!(
+        session.contains("; Secure") && session.contains("; HttpOnly"),
+        "{session}"
+    );
+    let csrf = cookies
+        .iter()
+        .find(|c| c.starts_with("csrftoken="))
+        .expect("a new csrftoken at login");
+    assert!(
+        csrf.contains("Max-Age="),
+        "other cookies keep their lifetime: {csrf}"
+    );
+    let csrftoken = cookie_value(&cookies, "csrftoken").expect("csrftoken");
+    let sessionid = cookie_value(&cookies, "sessionid").expect("sessionid");
+    let req = request("POST", "/admin/logout/", port)
+        .header("origin", format!("https://localhost:{port}"))
+        .header("referer", format!("https://localhost:{port}/admin/"))
+        .header("cookie", format!("csrftoken={csrftoken}"))
+        .header("cookie", format!("sessionid={sessionid}"))
+        .header("x-csrftoken", csrftoken)
+        .body(full(""))
+        .expect("request");
+    let (response, page) = client.fetch(req).await;
+    assert_eq!(response.status(), StatusCode::OK, "{page}");
+    assert!(page.contains("Logged out"), "{page}");
+    assert_eq!(
+        response.headers()["clear-site-data"],
+        "\"cache\", \"cookies\", \"storage\""
+    );
+    let deletion = set_cookies(&response)
+        .into_iter()
+        .find(|c| c.starts_with("sessionid="))
+        .expect("the session cookie deleted");
+    assert!(
+        deletion.contains("Max-Age=0"),
+        "the deletion stands: {deletion}"
+    );
+    proxy.stop().await;
+}
+
 /// Django's admin in a real browser (Debian's Chromium driven by playwright-core, `tests/browser/`)
 /// through the proxy with its default headers: log in, then the pages with the most JavaScript and
 /// widgets. Catches what hand-written clients cannot: how a browser splits cookies on HTTP/2, whether the
@@ -1001,6 +1072,44 @@ async fn a_cross_site_form_in_a_real_browser_is_refused_by_default() {
         server.abort();
         proxy.stop().await;
     }
+}
+
+/// CSP reports from a real browser: a Django page with an inline script under the proxy's default
+/// policy; Chromium blocks the script, fires `securitypolicyviolation`, and its report reaches the
+/// collector (counted by directive), not Gunicorn.
+#[tokio::test]
+#[ignore = "needs Django, Gunicorn, Chromium and playwright-core: run scripts/test.sh"]
+async fn a_blocked_inline_script_is_reported_by_a_real_browser_to_the_collector() {
+    let django = Django::start(Bind::Tcp).await;
+    let proxy = Proxy::start(
+        &django.upstream_url,
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[csp_reports]\n",
+    )
+    .await;
+    let page = format!("https://localhost:{}/inline-script/", proxy.https.port());
+    let metrics = format!(
+        "http://{}/metrics",
+        proxy.server().metrics_addr.expect("metrics")
+    );
+    let report = run_browser("csp_report.cjs", vec![page, metrics]).await;
+    assert_eq!(
+        report["title"], "inline",
+        "the script was blocked: {report}"
+    );
+    assert_eq!(
+        report["violations"][0]["directive"], "script-src-elem",
+        "{report}"
+    );
+    assert_eq!(
+        report["metric"], "portcullis_csp_reports_total{directive=\"script-src-elem\"} 1",
+        "the report reached the collector: {report}"
+    );
+    assert_eq!(
+        django.requests_seen("POST", "/_portcullis/csp-report"),
+        0,
+        "reports never reach Gunicorn"
+    );
+    proxy.stop().await;
 }
 
 /// A deploy with two real Gunicorns (one gthread with `--keep-alive 2`, one with sync workers) under

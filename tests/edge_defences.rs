@@ -288,3 +288,81 @@ async fn parallel_guesses_cannot_outrun_the_lockout() {
         17
     );
 }
+
+fn csp_report(port: u16, content_type: &str, body: &str) -> http::Request<TestBody> {
+    request("POST", "/_portcullis/csp-report", port)
+        .header("content-type", content_type)
+        .body(full(body.to_string()))
+        .expect("request")
+}
+
+/// The CSP report collector: both report formats accepted (204) and counted by directive, never sent
+/// to the app; the policies name it; wrong methods, types, sizes and floods get their own answers.
+#[tokio::test]
+async fn csp_reports_are_collected_at_the_edge_and_never_reach_the_app() {
+    let (upstream, proxy) = Proxy::with_upstream(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[csp_reports]\nmax_body = \"1KiB\"\nrequests = 5\nper = \"1h\"\n",
+    )
+    .await;
+    let port = proxy.https.port();
+    let mut client = proxy.client(&[b"h2"]).await;
+    let (page, _) = client.get("/page/", port).await;
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .expect("ascii");
+    assert!(
+        csp.ends_with("; report-uri /_portcullis/csp-report; report-to csp-endpoint"),
+        "{csp}"
+    );
+    assert_eq!(
+        page.headers()["reporting-endpoints"],
+        "csp-endpoint=\"/_portcullis/csp-report\""
+    );
+    let before = upstream.count();
+    let level_two = r#"{"csp-report":{"document-uri":"https://localhost/admin/","violated-directive":"script-src-elem","effective-directive":"script-src-elem","blocked-uri":"inline","disposition":"enforce"}}"#;
+    let (answer, _) = client
+        .fetch(csp_report(port, "application/csp-report", level_two))
+        .await;
+    assert_eq!(answer.status(), StatusCode::NO_CONTENT);
+    let reporting_api = r#"[{"type":"csp-violation","url":"https://localhost/","body":{"documentURL":"https://localhost/","effectiveDirective":"img-src","blockedURL":"https://tracker.example/p.gif","disposition":"enforce"}},{"type":"csp-violation","body":{"effectiveDirective":"made-up-src"}}]"#;
+    let (answer, _) = client
+        .fetch(csp_report(port, "application/reports+json", reporting_api))
+        .await;
+    assert_eq!(answer.status(), StatusCode::NO_CONTENT);
+    // Refusals, each its own answer.
+    let (answer, _) = client.get("/_portcullis/csp-report", port).await;
+    assert_eq!(answer.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let mut client = proxy.client(&[b"h2"]).await;
+    let (answer, _) = client
+        .fetch(csp_report(port, "text/plain", level_two))
+        .await;
+    assert_eq!(answer.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let big = format!(
+        r#"{{"csp-report":{{"blocked-uri":"{}"}}}}"#,
+        "a".repeat(2000)
+    );
+    let (answer, _) = client
+        .fetch(csp_report(port, "application/csp-report", &big))
+        .await;
+    assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (answer, _) = client
+        .fetch(csp_report(port, "application/json", "nonsense"))
+        .await;
+    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+    // The budget (5 per hour: two reports, the oversized and the nonsense spent four) runs out.
+    let (answer, _) = client
+        .fetch(csp_report(port, "application/csp-report", level_two))
+        .await;
+    assert_eq!(answer.status(), StatusCode::NO_CONTENT);
+    let (answer, _) = client
+        .fetch(csp_report(port, "application/csp-report", level_two))
+        .await;
+    assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(upstream.count(), before, "no report reached the app");
+    let scrape = scrape_metrics(proxy.server().metrics_addr.expect("metrics")).await;
+    for (directive, count) in [("script-src-elem", 2), ("img-src", 1), ("other", 1)] {
+        let line = format!("portcullis_csp_reports_total{{directive=\"{directive}\"}} {count}");
+        assert!(scrape.contains(&line), "{line} in\n{scrape}");
+    }
+    assert_eq!(metric(&scrape, "csp_report"), 4);
+}

@@ -62,6 +62,8 @@ pub struct Config {
     pub cross_origin: CrossOriginPolicy,
     /// Clients locked out of a login form after repeated failures.
     pub login_lockouts: Vec<LoginLockoutRule>,
+    /// Where browsers send CSP violation reports; `None`: not collected.
+    pub csp_reports: Option<CspReports>,
     /// Legal but probably unintended settings; `check` prints them and `run` logs them.
     pub warnings: Vec<String>,
 }
@@ -250,6 +252,15 @@ pub struct SecurityHeaders {
     /// Applied to HTTPS responses only: HSTS on plain HTTP is ignored by browsers (RFC 6797 §8.1).
     pub https_only_rules: Vec<HeaderRule>,
     pub remove: Vec<HeaderName>,
+    /// `Clear-Site-Data` on successful answers to these paths (logout views).
+    pub clear_site_data: Option<ClearSiteData>,
+}
+
+/// `headers.clear_site_data`: the path prefixes (logouts) and the header's value.
+#[derive(Debug, Clone)]
+pub struct ClearSiteData {
+    pub paths: Vec<String>,
+    pub value: HeaderValue,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,6 +286,9 @@ pub struct CookiePolicy {
     pub http_only: bool,
     pub same_site: Option<SameSite>,
     pub http_only_exempt: Vec<String>,
+    /// Cookies made to end with the browser session: `Expires` and `Max-Age` dropped (Django's
+    /// `SESSION_EXPIRE_AT_BROWSER_CLOSE`, at the edge), except on a deletion.
+    pub session_only: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -324,6 +338,15 @@ pub struct LoginLockoutRule {
     pub window: Duration,
     pub lockout: Duration,
     pub failure_status: Vec<u16>,
+}
+
+/// `[csp_reports]`: the collector's path (also put in the CSP headers' `report-uri`/`report-to`), the
+/// largest report body, and each client's budget of reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CspReports {
+    pub path: String,
+    pub max_body: usize,
+    pub budget: RateLimitRule,
 }
 
 /// `cross_origin.mode`.
@@ -522,6 +545,15 @@ impl Config {
                     .join("/"),
                 humantime::format_duration(rule.window),
                 humantime::format_duration(rule.lockout)
+            ));
+        }
+        if let Some(reports) = &self.csp_reports {
+            out.push_str(&format!(
+                "csp:      reports collected at {} (at most {} per {} per client, {} bytes each)\n",
+                reports.path,
+                reports.budget.requests,
+                humantime::format_duration(reports.budget.per),
+                reports.max_body
             ));
         }
         let co = &self.cross_origin;

@@ -67,6 +67,16 @@ pub struct RawConfig {
     pub cross_origin: RawCrossOrigin,
     #[serde(default)]
     pub login_lockout: Vec<RawLoginLockout>,
+    pub csp_reports: Option<RawCspReports>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCspReports {
+    pub path: Option<String>,
+    pub max_body: Option<ByteSize>,
+    pub requests: Option<u32>,
+    pub per: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +214,14 @@ pub struct RawHeaders {
     #[serde(default)]
     pub cross_origin_resource_policy: RawHeaderRule,
     pub remove: Option<Vec<String>>,
+    pub clear_site_data: Option<RawClearSiteData>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClearSiteData {
+    pub paths: Vec<String>,
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,6 +231,7 @@ pub struct RawCookies {
     pub http_only: Option<bool>,
     pub same_site: Option<RawSameSite>,
     pub http_only_exempt: Option<Vec<String>>,
+    pub session_only: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -625,3 +625,103 @@ fn login_lockouts_have_safe_defaults_and_name_their_mistakes() {
         );
     }
 }
+
+#[test]
+fn csp_reports_add_their_endpoint_to_the_policies() {
+    let config = parse(MINIMAL).expect("valid");
+    assert!(config.csp_reports.is_none(), "off unless configured");
+    let config = parse(&format!(
+        "{MINIMAL}[csp_reports]\n[headers.content_security_policy_report_only]\nvalue = \"script-src 'self';\"\n"
+    ))
+    .expect("valid");
+    let reports = config.csp_reports.as_ref().expect("on");
+    assert_eq!(reports.path, "/_portcullis/csp-report");
+    assert_eq!(reports.max_body, 16 * 1024);
+    assert_eq!(
+        (reports.budget.requests, reports.budget.per),
+        (30, Duration::from_secs(60))
+    );
+    let value = |name: &str| -> String {
+        config
+            .headers
+            .rules
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.value.to_str().expect("ascii").to_string())
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    assert_eq!(
+        value("content-security-policy"),
+        "default-src 'self'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'; object-src 'none'; report-uri /_portcullis/csp-report; report-to csp-endpoint"
+    );
+    assert_eq!(
+        value("content-security-policy-report-only"),
+        "script-src 'self'; report-uri /_portcullis/csp-report; report-to csp-endpoint"
+    );
+    assert_eq!(
+        value("reporting-endpoints"),
+        "csp-endpoint=\"/_portcullis/csp-report\""
+    );
+    // A policy that already reports somewhere keeps its own endpoint.
+    let config = parse(&format!(
+        "{MINIMAL}[csp_reports]\npath = \"/csp/\"\n[headers.content_security_policy]\nvalue = \"default-src 'self'; report-uri https://report.example/\"\n"
+    ))
+    .expect("valid");
+    let csp = &config.headers.rules[0];
+    assert_eq!(
+        csp.value,
+        "default-src 'self'; report-uri https://report.example/"
+    );
+    for (line, key, expected) in [
+        ("path = \"csp\"", "csp_reports.path", "plain path"),
+        ("path = \"/a/../csp\"", "csp_reports.path", "plain path"),
+        (
+            "max_body = \"10MiB\"",
+            "csp_reports.max_body",
+            "512 B..=1 MiB",
+        ),
+        ("requests = 0", "csp_reports.requests", "1..=1000000"),
+        ("per = \"100ms\"", "csp_reports.per", "at least 1s"),
+    ] {
+        let err = error_of(&format!("{MINIMAL}[csp_reports]\n{line}\n"));
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains(expected),
+            "{line}: {err}"
+        );
+    }
+}
+
+#[test]
+fn clear_site_data_and_session_only_cookies_are_checked() {
+    let config = parse(&format!(
+        "{MINIMAL}[cookies]\nsession_only = [\"sessionid\"]\n[headers.clear_site_data]\npaths = [\"/admin/logout/\"]\n"
+    ))
+    .expect("valid");
+    assert_eq!(config.cookies.session_only, ["sessionid"]);
+    let clear = config.headers.clear_site_data.as_ref().expect("on");
+    assert_eq!(clear.paths, ["/admin/logout/"]);
+    assert_eq!(clear.value, "\"cache\", \"cookies\", \"storage\"");
+    for (body, key, expected) in [
+        (
+            "paths = []",
+            "headers.clear_site_data.paths",
+            "list the logout paths",
+        ),
+        (
+            "paths = [\"logout\"]",
+            "headers.clear_site_data.paths",
+            "must be a path",
+        ),
+        (
+            "paths = [\"/logout/\"]\nvalue = \"cookies\"",
+            "headers.clear_site_data.value",
+            "is not a quoted type",
+        ),
+    ] {
+        let err = error_of(&format!("{MINIMAL}[headers.clear_site_data]\n{body}\n"));
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains(expected),
+            "{body}: {err}"
+        );
+    }
+}

@@ -196,6 +196,7 @@ fn validate_headers(
     raw: raw::RawHeaders,
     ctx: &Ctx,
     warnings: &mut Vec<String>,
+    csp_reports: Option<&CspReports>,
 ) -> Result<SecurityHeaders, ConfigError> {
     let hsts = &raw.strict_transport_security;
     let hsts_key = "headers.strict_transport_security";
@@ -278,9 +279,32 @@ fn validate_headers(
             }
             _ => {}
         }
+        let is_csp = default.name == http::header::CONTENT_SECURITY_POLICY
+            || default.name == http::header::CONTENT_SECURITY_POLICY_REPORT_ONLY;
+        let value = match csp_reports {
+            Some(reports) if is_csp => with_report_endpoints(value, &reports.path),
+            _ => value.to_string(),
+        };
         rules.push(HeaderRule {
             name: default.name,
-            value: header_value(ctx, value_key, value)?,
+            value: header_value(ctx, value_key, &value)?,
+            mode,
+        });
+    }
+    if let Some(reports) = csp_reports {
+        let mode = rules
+            .iter()
+            .find(|r| r.name == http::header::CONTENT_SECURITY_POLICY)
+            .map(|r| r.mode)
+            .unwrap_or(HeaderMode::IfAbsent);
+        // RFC-to-be (W3C Reporting API §3.1): named endpoints for `report-to`, beside the app's own.
+        rules.push(HeaderRule {
+            name: HeaderName::from_static("reporting-endpoints"),
+            value: header_value(
+                ctx,
+                "csp_reports.path",
+                &format!("{CSP_ENDPOINT}=\"{}\"", reports.path),
+            )?,
             mode,
         });
     }
@@ -294,10 +318,128 @@ fn validate_headers(
             ctx.invalid("headers.remove", format!("`{name}` is not a header name"))
         })?);
     }
+    let clear_site_data = raw
+        .clear_site_data
+        .map(|c| validate_clear_site_data(c, ctx))
+        .transpose()?;
     Ok(SecurityHeaders {
         rules,
         https_only_rules,
         remove,
+        clear_site_data,
+    })
+}
+
+/// The types `Clear-Site-Data` takes (W3C Clear Site Data §3.1, and Chromium's additions).
+const CLEAR_SITE_DATA_TYPES: [&str; 8] = [
+    "cache",
+    "cookies",
+    "storage",
+    "executionContexts",
+    "clientHints",
+    "prefetchCache",
+    "prerenderCache",
+    "*",
+];
+
+/// `headers.clear_site_data`: logout paths as plain prefixes, and a value of quoted known types
+/// (`"cache", "cookies", "storage"` unless given).
+fn validate_clear_site_data(
+    c: raw::RawClearSiteData,
+    ctx: &Ctx,
+) -> Result<ClearSiteData, ConfigError> {
+    let key = "headers.clear_site_data";
+    if c.paths.is_empty() {
+        return Err(ctx.invalid(
+            &format!("{key}.paths"),
+            "list the logout paths, like [\"/admin/logout/\"]",
+        ));
+    }
+    for path in &c.paths {
+        if !path.starts_with('/') || path.contains(['?', '#', '%']) {
+            return Err(ctx.invalid(
+                &format!("{key}.paths"),
+                format!("`{path}` must be a path like \"/accounts/logout/\""),
+            ));
+        }
+    }
+    let value = c
+        .value
+        .unwrap_or_else(|| "\"cache\", \"cookies\", \"storage\"".into());
+    for token in value.split(',').map(str::trim) {
+        let known = token
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .is_some_and(|t| CLEAR_SITE_DATA_TYPES.contains(&t));
+        if !known {
+            return Err(ctx.invalid(
+                &format!("{key}.value"),
+                format!(
+                    "`{token}` is not a quoted type: use \"cache\", \"cookies\", \"storage\" (with the quotes), \"executionContexts\" or \"*\""
+                ),
+            ));
+        }
+    }
+    Ok(ClearSiteData {
+        paths: c.paths,
+        value: header_value(ctx, &format!("{key}.value"), &value)?,
+    })
+}
+
+/// The `report-to` group name portcullis gives its collector in `Reporting-Endpoints`; Django's own
+/// `SECURE_CSP` may name it too (`"report-to": "csp-endpoint"`).
+const CSP_ENDPOINT: &str = "csp-endpoint";
+
+/// A policy that reports to the collector: both `report-uri` (CSP2, Firefox and Safari) and
+/// `report-to` (CSP3, Chromium), unless the policy already names somewhere.
+fn with_report_endpoints(policy: &str, path: &str) -> String {
+    let lower = policy.to_ascii_lowercase();
+    if lower.contains("report-uri") || lower.contains("report-to") {
+        return policy.to_string();
+    }
+    format!(
+        "{}; report-uri {path}; report-to {CSP_ENDPOINT}",
+        policy.trim_end().trim_end_matches(';')
+    )
+}
+
+/// `[csp_reports]`: a plain path of the proxy's own (never the app's), bodies up to 1 MiB, and a
+/// budget per client so one page in a loop cannot fill the log.
+fn validate_csp_reports(r: raw::RawCspReports, ctx: &Ctx) -> Result<CspReports, ConfigError> {
+    let path = r.path.unwrap_or_else(|| "/_portcullis/csp-report".into());
+    if !path.starts_with('/')
+        || path.contains(['?', '#', '%', ' ', ';', ',', '"'])
+        || path.contains("//")
+        || path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(ctx.invalid(
+            "csp_reports.path",
+            format!("`{path}` must be a plain path like \"/_portcullis/csp-report\""),
+        ));
+    }
+    let max_body = r.max_body.map(|b| b.0).unwrap_or(16 * 1024);
+    if !(512..=1024 * 1024).contains(&max_body) {
+        return Err(ctx.invalid("csp_reports.max_body", "must be 512 B..=1 MiB"));
+    }
+    let requests = r.requests.unwrap_or(30);
+    if requests == 0 || requests > 1_000_000 {
+        return Err(ctx.invalid("csp_reports.requests", "must be 1..=1000000"));
+    }
+    let per = r.per.map(|d| d.0).unwrap_or(Duration::from_secs(60));
+    if per < Duration::from_secs(1) {
+        return Err(ctx.invalid("csp_reports.per", "must be at least 1s"));
+    }
+    Ok(CspReports {
+        budget: RateLimitRule {
+            path: path.clone(),
+            methods: vec![http::Method::POST],
+            requests,
+            per,
+        },
+        path,
+        max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
     })
 }
 
@@ -415,9 +557,14 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             "acme.profile = \"{profile}\" with IP addresses in server.domains: Let's Encrypt issues IP certificates only under \"shortlived\""
         ));
     }
+    let csp_reports = raw
+        .csp_reports
+        .map(|r| validate_csp_reports(r, ctx))
+        .transpose()?;
     Ok(Config {
         upstream: validate_upstream(raw.upstream, ctx)?,
-        headers: validate_headers(raw.headers, ctx, &mut warnings)?,
+        headers: validate_headers(raw.headers, ctx, &mut warnings, csp_reports.as_ref())?,
+        csp_reports,
         cookies: validate_cookies(raw.cookies, &mut warnings),
         limits: validate_limits(raw.limits, ctx, &mut warnings)?,
         log: validate_log(raw.log, ctx)?,
@@ -709,6 +856,7 @@ fn validate_cookies(c: raw::RawCookies, warnings: &mut Vec<String>) -> CookiePol
         http_only_exempt: c
             .http_only_exempt
             .unwrap_or_else(|| vec!["csrftoken".into()]),
+        session_only: c.session_only.unwrap_or_default(),
     };
     if !cookies.secure {
         warnings.push("cookies.secure = false: session cookies can leak over plain HTTP".into());

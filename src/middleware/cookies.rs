@@ -1,6 +1,8 @@
 //! Cookie hardening: every upstream `Set-Cookie` gains `Secure`, `HttpOnly` and `SameSite` where it lacks
 //! them (RFC 6265 §4.1; SameSite from RFC 6265bis §4.1.2.7). Only appends: the name, value and every other
-//! attribute (an `Expires` date with its comma included) stay byte for byte.
+//! attribute (an `Expires` date with its comma included) stay byte for byte. The one removal is opt-in:
+//! `session_only` cookies lose `Expires` and `Max-Age` (RFC 6265 §5.3 step 3: a session cookie), unless
+//! the header deletes the cookie.
 
 use http::header::{Entry, SET_COOKIE};
 use http::{HeaderMap, HeaderValue};
@@ -39,17 +41,29 @@ pub fn harden_set_cookie(value: &[u8], policy: &CookiePolicy) -> Option<HeaderVa
     let name = trim(name_value.split(|&b| b == b'=').next().unwrap_or_default());
 
     let (mut has_secure, mut has_http_only, mut same_site) = (false, false, None::<&[u8]>);
+    let (mut has_lifetime, mut deletes) = (false, false);
     for attribute in parts {
         let mut kv = attribute.splitn(2, |&b| b == b'=');
         let key = trim(kv.next().unwrap_or_default());
+        let value = trim(kv.next().unwrap_or_default());
         if key.eq_ignore_ascii_case(b"secure") {
             has_secure = true;
         } else if key.eq_ignore_ascii_case(b"httponly") {
             has_http_only = true;
         } else if key.eq_ignore_ascii_case(b"samesite") {
-            same_site = Some(trim(kv.next().unwrap_or_default()));
+            same_site = Some(value);
+        } else if key.eq_ignore_ascii_case(b"max-age") {
+            has_lifetime = true;
+            // RFC 6265 §5.2.2: zero or negative expires the cookie at once.
+            deletes |= value.first().is_some_and(|b| *b == b'0' || *b == b'-');
+        } else if key.eq_ignore_ascii_case(b"expires") {
+            has_lifetime = true;
+            // Django's delete_cookie writes the epoch.
+            deletes |= value.windows(4).any(|w| w == b"1970");
         }
     }
+    let drop_lifetime =
+        has_lifetime && !deletes && policy.session_only.iter().any(|s| s.as_bytes() == name);
 
     // Browsers reject `SameSite=None` without `Secure`, so it is added even when `secure = false`.
     let same_site_none = same_site.is_some_and(|v| v.eq_ignore_ascii_case(b"none"))
@@ -61,13 +75,30 @@ pub fn harden_set_cookie(value: &[u8], policy: &CookiePolicy) -> Option<HeaderVa
         (None, Some(wanted)) => Some(wanted),
         _ => None,
     };
-    if !add_secure && !add_http_only && add_same_site.is_none() {
+    if !add_secure && !add_http_only && add_same_site.is_none() && !drop_lifetime {
         return None;
     }
 
-    let kept = trim_end_separators(value);
-    let mut out = Vec::with_capacity(kept.len() + 40);
-    out.extend_from_slice(kept);
+    let mut out = Vec::with_capacity(value.len() + 40);
+    if drop_lifetime {
+        let mut attributes = value.split(|&b| b == b';');
+        out.extend_from_slice(attributes.next().unwrap_or_default());
+        for attribute in attributes {
+            let key = trim(attribute.split(|&b| b == b'=').next().unwrap_or_default());
+            if key.is_empty()
+                || key.eq_ignore_ascii_case(b"max-age")
+                || key.eq_ignore_ascii_case(b"expires")
+            {
+                continue;
+            }
+            out.push(b';');
+            out.extend_from_slice(attribute);
+        }
+        let end = trim_end_separators(&out).len();
+        out.truncate(end);
+    } else {
+        out.extend_from_slice(trim_end_separators(value));
+    }
     if add_secure {
         out.extend_from_slice(b"; Secure");
     }
@@ -104,6 +135,7 @@ mod tests {
             http_only: true,
             same_site: Some(SameSite::Lax),
             http_only_exempt: vec!["csrftoken".into()],
+            session_only: Vec::new(),
         }
     }
 
@@ -188,6 +220,35 @@ mod tests {
             harden("a=Secure"),
             "a=Secure; Secure; HttpOnly; SameSite=Lax"
         );
+    }
+
+    #[test]
+    fn session_only_cookies_lose_their_lifetime_but_deletions_keep_it() {
+        let policy = CookiePolicy {
+            session_only: vec!["sessionid".into()],
+            ..policy()
+        };
+        assert_eq!(
+            harden_with(
+                "sessionid=abc; expires=Wed, 16 Dec 2026 10:00:00 GMT; HttpOnly; Max-Age=1209600; Path=/; SameSite=Lax",
+                &policy
+            ),
+            "sessionid=abc; HttpOnly; Path=/; SameSite=Lax; Secure"
+        );
+        // Logout: Django deletes the cookie with the epoch and Max-Age=0; dropping those would set it.
+        let deletion = "sessionid=\"\"; expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; Path=/; SameSite=Lax";
+        assert_eq!(
+            harden_with(deletion, &policy),
+            format!("{deletion}; Secure; HttpOnly")
+        );
+        // Other cookies keep theirs.
+        assert_eq!(
+            harden_with("csrftoken=x; Max-Age=31449600; Path=/", &policy),
+            "csrftoken=x; Max-Age=31449600; Path=/; Secure; SameSite=Lax"
+        );
+        // Already a session cookie with every attribute: untouched.
+        let done = "sessionid=abc; Path=/; Secure; HttpOnly; SameSite=Lax";
+        assert!(harden_set_cookie(done.as_bytes(), &policy).is_none());
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! that also read the app's answer (cross-origin reports, failed logins) share `guard_layer`;
 //! `RecordResponse` (metrics and the access log) is its own layer because it follows the response body.
 
+pub mod clear_site_data;
 pub mod cookies;
 pub mod cross_origin;
+pub mod csp_reports;
 pub mod framing;
 pub mod host;
 pub mod login_lockout;
@@ -27,8 +29,10 @@ use tower_http::validate_request::{
 
 use crate::body::ProxyBody;
 
+pub use clear_site_data::ClearSiteDataOnLogout;
 pub use cookies::CookieHardening;
 pub use cross_origin::CrossOriginGuard;
+pub use csp_reports::{CspCollector, CspCollectorLayer};
 pub use framing::RequestHeadCheck;
 pub use host::HostAllowlist;
 pub use login_lockout::LoginLockout;

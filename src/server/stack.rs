@@ -17,9 +17,10 @@ use crate::metrics::{Listener, Metrics};
 use crate::middleware::host::HostPorts;
 use crate::middleware::record::RecordResponse;
 use crate::middleware::{
-    CookieHardening, CrossOriginGuard, Gated, Guarded, HostAllowlist, LoginLockout, Maintenance,
-    RateLimiter, RecordResponseLayer, RequestHeadCheck, RewriteHeaders, RewriteHeadersLayer,
-    SecurityHeaderPolicy, gate_layer, guard_layer,
+    ClearSiteDataOnLogout, CookieHardening, CrossOriginGuard, CspCollector, CspCollectorLayer,
+    Gated, Guarded, HostAllowlist, LoginLockout, Maintenance, RateLimiter, RecordResponseLayer,
+    RequestHeadCheck, RewriteHeaders, RewriteHeadersLayer, SecurityHeaderPolicy, gate_layer,
+    guard_layer,
 };
 use crate::proxy::ProxyService;
 use crate::security::HandshakeFailureLog;
@@ -31,9 +32,17 @@ type HttpsStack = RecordResponse<
             Gated<
                 Gated<
                     Gated<
-                        Guarded<
-                            Guarded<Gated<StaticOrProxy, RateLimiter>, LoginLockout>,
-                            CrossOriginGuard,
+                        CspCollector<
+                            Guarded<
+                                Guarded<
+                                    Guarded<
+                                        Gated<StaticOrProxy, RateLimiter>,
+                                        ClearSiteDataOnLogout,
+                                    >,
+                                    LoginLockout,
+                                >,
+                                CrossOriginGuard,
+                            >,
                         >,
                         Maintenance,
                     >,
@@ -111,12 +120,21 @@ impl Runtime {
                 config.errors.maintenance_retry_after,
                 trusted_proxies.clone(),
             )))
+            .layer(CspCollectorLayer::new(
+                config.csp_reports.as_ref(),
+                config.limits.body_timeout,
+                trusted_proxies.clone(),
+                metrics.clone(),
+            ))
             .layer(guard_layer(CrossOriginGuard::new(
                 config.cross_origin.clone(),
             )))
             .layer(guard_layer(LoginLockout::new(
                 config.login_lockouts.clone(),
                 trusted_proxies.clone(),
+            )))
+            .layer(guard_layer(ClearSiteDataOnLogout::new(
+                config.headers.clear_site_data.clone(),
             )))
             .layer(gate_layer(RateLimiter::new(
                 config.rate_limits.clone(),

@@ -8,6 +8,7 @@ urlpatterns = [
     path("whoami/", views.whoami),
     path("record/", views.record),
     path("transfer/", views.transfer),
+    path("inline-script/", views.inline_script),
     path("healthz/", views.health),
     path("media/<path:name>", views.private_media),
 ]

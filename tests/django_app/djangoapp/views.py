@@ -54,3 +54,12 @@ def transfer(request):
     if request.method != "POST":
         return HttpResponse("POST only", status=405)
     return HttpResponse(f"transferred to {request.POST.get('to', '-')}")
+
+
+def inline_script(request):
+    """A page with an inline script, which the proxy's default Content-Security-Policy blocks: the
+    browser reports the violation to the proxy's collector."""
+    return HttpResponse(
+        "<!doctype html><html><head><title>inline</title></head><body>"
+        "<script>document.title = 'the inline script ran';</script></body></html>"
+    )
