@@ -88,6 +88,7 @@ fn benches(c: &mut Criterion) {
         http_only: true,
         same_site: Some(SameSite::Lax),
         http_only_exempt: vec!["csrftoken".into()],
+        session_only: Vec::new(),
     };
     c.bench_function("cookies/harden_one", |b| {
         b.iter(|| {
