@@ -190,7 +190,9 @@ impl QuickStart {
             "\n# Django's admin takes unlimited password guesses: a budget per client address.\n\
              [[rate_limit]]\npath = \"/admin/login/\"\nrequests = 10\nper = \"1m\"\n\
              \n# And 5 failed logins in 15 minutes lock a client out of it for 15 minutes.\n\
-             [[login_lockout]]\npath = \"/admin/login/\"\n",
+             [[login_lockout]]\npath = \"/admin/login/\"\n\
+             \n# What the Content-Security-Policy blocks in browsers, reported to the proxy and logged.\n\
+             [csp_reports]\n",
         );
         for (url, dir) in statics {
             out.push_str("\n[[static]]\n");
@@ -308,6 +310,7 @@ mod tests {
         assert!(matches!(config.tls.source, TlsSource::Acme));
         assert_eq!(config.rate_limits.len(), 1, "the admin login budget");
         assert_eq!(config.login_lockouts.len(), 1, "the admin login lockout");
+        assert!(config.csp_reports.is_some(), "CSP reports collected");
         let err = quick(&["localhost", "example.com"], &[":8000"])
             .toml()
             .expect_err("mixed");

@@ -519,6 +519,19 @@ impl Config {
                 .unwrap_or("off"),
             self.cookies.http_only_exempt.join(", ")
         ));
+        if !self.cookies.session_only.is_empty() {
+            out.push_str(&format!(
+                "cookies:  session-only (no Expires/Max-Age): {}\n",
+                self.cookies.session_only.join(", ")
+            ));
+        }
+        if let Some(clear) = &self.headers.clear_site_data {
+            out.push_str(&format!(
+                "logout:   Clear-Site-Data: {} on {}\n",
+                clear.value.to_str().unwrap_or("?"),
+                clear.paths.join(", ")
+            ));
+        }
         out.push_str(&format!(
             "limits:   body {} bytes, headers {} bytes, {} connections\n",
             self.limits.max_body, self.limits.max_header_bytes, self.limits.max_connections
