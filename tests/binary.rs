@@ -414,7 +414,8 @@ fn the_systemd_unit_verifies() {
 
 /// Provokes one security event of every cause against the binary at `https`, as a scanner and an attacker
 /// would: a foreign Host, a spent login budget, a cross-site POST, an oversized body, doubled framing,
-/// a head hyper cannot parse, two failed logins and the lockout after them, and a garbage handshake.
+/// a head hyper cannot parse, two failed logins and the lockout after them, a CSP report, and a garbage
+/// handshake.
 async fn provoke_every_security_event(https: std::net::SocketAddr, root: &std::path::Path) {
     let port = https.port();
     let connect = || Client::connect(https, "localhost", root, &[b"http/1.1"]);
@@ -462,6 +463,17 @@ async fn provoke_every_security_event(https: std::net::SocketAddr, root: &std::p
             .expect("request");
         assert_eq!(client.fetch(req).await.0.status(), expected);
     }
+    let mut client = connect().await.expect("connect");
+    let report = request("POST", "/_portcullis/csp-report", port)
+        .header("content-type", "application/csp-report")
+        .body(full(
+            r#"{"csp-report":{"document-uri":"https://localhost/admin/","effective-directive":"script-src-elem","blocked-uri":"inline","script-sample":"alert(1)"}}"#,
+        ))
+        .expect("request");
+    assert_eq!(
+        client.fetch(report).await.0.status(),
+        StatusCode::NO_CONTENT
+    );
     let mut tcp = tokio::net::TcpStream::connect(https)
         .await
         .expect("connect");
@@ -475,10 +487,10 @@ async fn provoke_every_security_event(https: std::net::SocketAddr, root: &std::p
 
 const SECURITY_CONFIG: &str = "[limits]\nmax_body = \"1KiB\"\n\
     [[rate_limit]]\npath = \"/limited/\"\nrequests = 1\nper = \"1m\"\n\
-    [[login_lockout]]\npath = \"/login/\"\nfailures = 2\n";
+    [[login_lockout]]\npath = \"/login/\"\nfailures = 2\n[csp_reports]\n";
 
 /// Starts the binary with `format` logs and the security config, provokes every event, and returns the
-/// security log lines once all ten are written.
+/// security log lines once all eleven are written.
 async fn security_log(format: &str) -> Vec<String> {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -499,10 +511,10 @@ async fn security_log(format: &str) -> Vec<String> {
             .filter(|l| l.contains("portcullis::security"))
             .cloned()
             .collect();
-        (events.len() >= 10).then_some(events)
+        (events.len() >= 11).then_some(events)
     };
     wait_for(
-        "ten security events",
+        "eleven security events",
         LIMIT,
         || std::future::ready(events()),
         || format!("{:#?}", proxy.log.lock().expect("log")),
@@ -572,6 +584,12 @@ async fn the_security_log_has_one_event_per_cause_with_its_facts() {
     );
     assert_eq!(only("locked_out")["path"], "/login/");
     assert!(only("tls_handshake")["detail"].is_string());
+    let report = only("csp_report");
+    assert_eq!(report["path"], "/_portcullis/csp-report");
+    assert_eq!(
+        report["detail"],
+        "script-src-elem blocked inline on https://localhost/admin/ (sample \"alert(1)\")"
+    );
 }
 
 /// The fail2ban filter shipped in packaging/ finds the attacking client in both log formats, and
@@ -604,9 +622,10 @@ async fn the_fail2ban_filter_matches_attacks_in_both_log_formats() {
             "{text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // Ten events: all but too_large and tls_handshake are attacks; the forged line is not one.
+        // Eleven events: all but too_large, csp_report and tls_handshake are attacks; the forged line
+        // is not one.
         assert!(
-            text.contains("Lines: 11 lines, 0 ignored, 8 matched, 3 missed"),
+            text.contains("Lines: 12 lines, 0 ignored, 8 matched, 4 missed"),
             "{format}:\n{text}"
         );
         assert!(!text.contains("192.0.2.99"), "{text}");

@@ -74,6 +74,36 @@ async fn curl_over_http1_and_http2() {
     proxy.stop().await;
 }
 
+/// Cross-origin protection is on by default and must not touch what is not a browser: curl's POSTs (a
+/// webhook, a deploy script) pass; the same POST claiming a browser's cross-site context does not.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs curl: run scripts/test.sh"]
+async fn curl_posts_pass_the_default_cross_origin_protection() {
+    let (upstream, proxy) = Proxy::with_upstream("").await;
+    let root = proxy.root.display().to_string();
+    let url = proxy.url("/api/webhook/");
+    let post = move |extra: Vec<&'static str>| {
+        let (root, url) = (root.clone(), url.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut args = vec!["--cacert", &root, "--data", "event=paid"];
+            args.extend(extra);
+            args.push(&url);
+            curl(&args)
+        })
+    };
+    for version in ["--http1.1", "--http2"] {
+        let answer = post(vec![version]).await.expect("curl task");
+        assert!(answer.contains(" 200"), "{answer}");
+    }
+    assert_eq!(upstream.count(), 2);
+    let refused = post(vec!["--header", "Sec-Fetch-Site: cross-site"])
+        .await
+        .expect("curl task");
+    assert!(refused.contains(" 403"), "{refused}");
+    assert_eq!(upstream.count(), 2);
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs curl: run scripts/test.sh"]
 async fn curl_upload_with_expect_continue_and_head() {
