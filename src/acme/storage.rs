@@ -1,10 +1,21 @@
 //! What the ACME manager keeps in `<tls.dir>/acme/`: the account credentials (0600), and the current
-//! certificate as `cert.pem` (chain), `key.pem` (0600) and `meta.json`. Every file is written atomically;
-//! the key is written before the chain, and the meta last, so any crash leaves a loadable pair.
+//! certificate as one bundle, `bundle.json` (chain, key and metadata; 0600), replaced atomically as a
+//! whole: a crash at any point leaves the old certificate or the new one, never a new key beside an old
+//! chain (which failed the key check at the next start and placed a new order). `cert.pem`, `key.pem`
+//! (0600) and `meta.json` are written after it for people and other tools; a state folder from before
+//! bundles is read from them until the next certificate is stored.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+/// The bundle file: what the store is, whatever the copies beside it say.
+#[derive(Serialize, Deserialize)]
+struct Bundle {
+    meta: CertMeta,
+    chain_pem: String,
+    key_pem: String,
+}
 
 use crate::tls::store::{PUBLIC, SECRET, create_private_dir, write_atomic};
 
@@ -51,6 +62,10 @@ impl AcmeStore {
         self.dir.join("meta.json")
     }
 
+    fn bundle_path(&self) -> PathBuf {
+        self.dir.join("bundle.json")
+    }
+
     /// One account per ACME directory, so switching from staging to production makes a new one.
     pub fn account_path(&self, directory_url: &str) -> PathBuf {
         let slug: String = directory_url
@@ -88,13 +103,21 @@ impl AcmeStore {
         write_atomic(&self.account_path(directory_url), credentials_json, SECRET)
     }
 
-    /// The stored certificate, if all three files are there and readable.
+    /// The stored certificate: the bundle, or in a state folder from before bundles the three files.
     pub fn load_cert(&self) -> std::io::Result<Option<StoredCert>> {
         let read = |path: PathBuf| match std::fs::read(path) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         };
+        if let Some(bundle) = read(self.bundle_path())? {
+            let bundle: Bundle = serde_json::from_slice(&bundle).map_err(std::io::Error::other)?;
+            return Ok(Some(StoredCert {
+                chain_pem: bundle.chain_pem.into_bytes(),
+                key_pem: bundle.key_pem.into_bytes(),
+                meta: bundle.meta,
+            }));
+        }
         let (Some(chain_pem), Some(key_pem), Some(meta)) = (
             read(self.cert_path())?,
             read(self.key_path())?,
@@ -117,10 +140,36 @@ impl AcmeStore {
         meta: &CertMeta,
     ) -> std::io::Result<()> {
         self.ensure_dir()?;
+        for (path, contents, mode) in self.cert_writes(chain_pem, key_pem, meta)? {
+            write_atomic(&path, &contents, mode)?;
+        }
+        Ok(())
+    }
+
+    /// The files a certificate is stored as, in the order they are written: the bundle first (from
+    /// its rename on, the new certificate is the stored one), then the copies.
+    fn cert_writes(
+        &self,
+        chain_pem: &[u8],
+        key_pem: &[u8],
+        meta: &CertMeta,
+    ) -> std::io::Result<Vec<(PathBuf, Vec<u8>, u32)>> {
+        let text = |pem: &[u8]| {
+            String::from_utf8(pem.to_vec()).map_err(|_| std::io::Error::other("PEM is not UTF-8"))
+        };
+        let bundle = Bundle {
+            meta: meta.clone(),
+            chain_pem: text(chain_pem)?,
+            key_pem: text(key_pem)?,
+        };
+        let bundle = serde_json::to_vec(&bundle).map_err(std::io::Error::other)?;
         let meta = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
-        write_atomic(&self.key_path(), key_pem, SECRET)?;
-        write_atomic(&self.cert_path(), chain_pem, PUBLIC)?;
-        write_atomic(&self.meta_path(), &meta, PUBLIC)
+        Ok(vec![
+            (self.bundle_path(), bundle, SECRET),
+            (self.key_path(), key_pem.to_vec(), SECRET),
+            (self.cert_path(), chain_pem.to_vec(), PUBLIC),
+            (self.meta_path(), meta, PUBLIC),
+        ])
     }
 }
 
@@ -151,11 +200,68 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        // The copies are for people: the bundle alone is the certificate.
         std::fs::remove_file(store.key_path()).expect("remove");
+        assert!(store.load_cert().expect("load").is_some());
+        std::fs::remove_file(store.bundle_path()).expect("remove");
         assert!(
             store.load_cert().expect("load").is_none(),
-            "a chain without its key is not a certificate"
+            "without a bundle, a chain without its key is not a certificate"
         );
+    }
+
+    fn meta(names: &str) -> CertMeta {
+        CertMeta {
+            directory: "https://acme.example/dir".into(),
+            names: vec![names.into()],
+            issued_at: 1,
+        }
+    }
+
+    /// Crash points: after each file of a new certificate is renamed into place, and with a half-written
+    /// temporary file beside them, the store loads the old certificate or the new one, whole.
+    #[test]
+    fn a_crash_at_any_point_of_a_write_leaves_the_old_or_the_new_certificate() {
+        let (old, new) = (
+            (b"old chain".as_slice(), b"old key".as_slice(), meta("old.example")),
+            (b"new chain".as_slice(), b"new key".as_slice(), meta("new.example")),
+        );
+        for from_before_bundles in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = AcmeStore::new(dir.path());
+            let writes = store.cert_writes(new.0, new.1, &new.2).expect("writes");
+            for crash_after in 0..=writes.len() {
+                let _ = std::fs::remove_dir_all(store.dir());
+                if from_before_bundles {
+                    // The three files an earlier version wrote.
+                    store.ensure_dir().expect("dir");
+                    write_atomic(&store.key_path(), old.1, SECRET).expect("key");
+                    write_atomic(&store.cert_path(), old.0, PUBLIC).expect("chain");
+                    let m = serde_json::to_vec(&old.2).expect("json");
+                    write_atomic(&store.meta_path(), &m, PUBLIC).expect("meta");
+                } else {
+                    store.save_cert(old.0, old.1, &old.2).expect("old");
+                }
+                for (path, contents, mode) in &writes[..crash_after] {
+                    write_atomic(path, contents, *mode).expect("write");
+                }
+                // The next file's temporary copy, half written when the power went.
+                if let Some((path, contents, _)) = writes.get(crash_after) {
+                    let name = path.file_name().expect("name").to_string_lossy();
+                    let tmp = path.with_file_name(format!(".{name}.tmp.1"));
+                    std::fs::write(tmp, &contents[..contents.len() / 2]).expect("tmp");
+                }
+                let loaded = store.load_cert().expect("load").expect("a certificate");
+                let got = (loaded.chain_pem.as_slice(), loaded.key_pem.as_slice(), loaded.meta);
+                let expected = if crash_after == 0 { &old } else { &new };
+                assert_eq!(
+                    (got.0, got.1, &got.2),
+                    (expected.0, expected.1, &expected.2),
+                    "crash after {crash_after} of {} writes (from before bundles: {from_before_bundles})",
+                    writes.len()
+                );
+            }
+        }
     }
 
     #[test]
