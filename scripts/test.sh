@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test, including those against real external programs: curl, pebble (Let's Encrypt's test
-# ACME server), a Django app under Gunicorn, Chromium, systemd-analyze, HAProxy, GoAccess, fail2ban-regex
-# and podman (the container image, scripts/image.sh). Installs what is missing
+# ACME server), a Django app under Gunicorn, Chromium, systemd-analyze, HAProxy, GoAccess, fail2ban-regex,
+# redis-server and podman (the container image, scripts/image.sh). Installs what is missing
 # (Debian packages, Django + Gunicorn from PyPI into target/test-venv, playwright-core from npm into
 # tests/browser) and fails loudly if anything is still missing.
 set -euo pipefail
@@ -19,6 +19,7 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v haproxy >/dev/null || missing+=(haproxy)
 command -v goaccess >/dev/null || missing+=(goaccess)
 command -v fail2ban-regex >/dev/null || missing+=(fail2ban)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if ((${#missing[@]})); then
   echo "installing from Debian: ${missing[*]}"
   if [ "$(id -u)" -ne 0 ]; then
@@ -44,7 +45,7 @@ if [ ! -d "$browser/node_modules/playwright-core" ]; then
   npm ci --prefix "$browser" --no-audit --no-fund --silent
 fi
 
-for program in curl openssl pebble pebble-challtestsrv chromium node systemd-analyze haproxy goaccess fail2ban-regex "$venv/bin/gunicorn" \
+for program in curl openssl pebble pebble-challtestsrv chromium node systemd-analyze haproxy goaccess fail2ban-regex redis-server "$venv/bin/gunicorn" \
   "$browser/node_modules/playwright-core/cli.js"; do
   if ! command -v "$program" >/dev/null; then
     echo "error: $program is still missing; the tests that need it would not run" >&2

@@ -15,4 +15,5 @@ pub mod route_path;
 pub mod security;
 pub mod server;
 pub mod static_files;
+pub mod store;
 pub mod tls;

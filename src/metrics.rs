@@ -81,6 +81,11 @@ pub struct Metrics {
     security_events: [AtomicU64; SecurityCause::ALL.len()],
     /// CSP violation reports by directive (`CSP_DIRECTIVES`, the last slot for any other).
     csp_reports: [AtomicU64; CSP_DIRECTIVES.len() + 1],
+    /// The shared store (`[storage]`): 0 none configured, 1 reachable, 2 unreachable.
+    store_state: AtomicU64,
+    store_failures: AtomicU64,
+    /// Rate-limit decisions made locally because the shared store could not be asked.
+    rate_limit_local: AtomicU64,
 }
 
 /// The directives a report may name, as label values: a fixed set, so a client cannot grow the
@@ -122,6 +127,19 @@ impl Metrics {
     pub fn handshake_failed(&self) {
         self.handshake_failures.fetch_add(1, Ordering::Relaxed);
         self.security_event(SecurityCause::TlsHandshake);
+    }
+
+    pub fn set_store_up(&self, up: bool) {
+        self.store_state
+            .store(if up { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    pub fn store_failed(&self) {
+        self.store_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rate_limit_counted_locally(&self) {
+        self.rate_limit_local.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn csp_report(&self, directive: &str) {
@@ -285,6 +303,27 @@ impl Metrics {
             "CSP violation reports received by [csp_reports], by the directive violated.",
             &by_directive,
         );
+        let store_state = read(&self.store_state);
+        if store_state != 0 {
+            family(
+                "store_up",
+                "gauge",
+                "1 while the shared store ([storage], Redis) answers, 0 while it does not (serving goes on).",
+                &one(f64::from(u8::from(store_state == 1))),
+            );
+            family(
+                "store_failures_total",
+                "counter",
+                "Calls to the shared store that failed or timed out.",
+                &one(read(&self.store_failures) as f64),
+            );
+            family(
+                "rate_limit_local_total",
+                "counter",
+                "Rate-limit decisions made by this replica alone because the shared store could not be asked.",
+                &one(read(&self.rate_limit_local) as f64),
+            );
+        }
         family(
             "upstream_response_seconds",
             "summary",

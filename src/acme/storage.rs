@@ -223,8 +223,16 @@ mod tests {
     #[test]
     fn a_crash_at_any_point_of_a_write_leaves_the_old_or_the_new_certificate() {
         let (old, new) = (
-            (b"old chain".as_slice(), b"old key".as_slice(), meta("old.example")),
-            (b"new chain".as_slice(), b"new key".as_slice(), meta("new.example")),
+            (
+                b"old chain".as_slice(),
+                b"old key".as_slice(),
+                meta("old.example"),
+            ),
+            (
+                b"new chain".as_slice(),
+                b"new key".as_slice(),
+                meta("new.example"),
+            ),
         );
         for from_before_bundles in [false, true] {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -252,7 +260,11 @@ mod tests {
                     std::fs::write(tmp, &contents[..contents.len() / 2]).expect("tmp");
                 }
                 let loaded = store.load_cert().expect("load").expect("a certificate");
-                let got = (loaded.chain_pem.as_slice(), loaded.key_pem.as_slice(), loaded.meta);
+                let got = (
+                    loaded.chain_pem.as_slice(),
+                    loaded.key_pem.as_slice(),
+                    loaded.meta,
+                );
                 let expected = if crash_after == 0 { &old } else { &new };
                 assert_eq!(
                     (got.0, got.1, &got.2),

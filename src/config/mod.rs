@@ -64,6 +64,8 @@ pub struct Config {
     pub login_lockouts: Vec<LoginLockoutRule>,
     /// Where browsers send CSP violation reports; `None`: not collected.
     pub csp_reports: Option<CspReports>,
+    /// Shared state for replicas (`[storage]`); `None`: the files in `tls.dir`, nothing shared.
+    pub redis: Option<RedisStorage>,
     /// Legal but probably unintended settings; `check` prints them and `run` logs them.
     pub warnings: Vec<String>,
 }
@@ -349,6 +351,26 @@ pub struct CspReports {
     pub budget: RateLimitRule,
 }
 
+/// `[storage] backend = "redis"`: the server (its password from the URL or the environment) and the
+/// prefix every key gets, so several sites can share one Redis.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisStorage {
+    /// As written, without a password (safe to print).
+    pub url: String,
+    pub password: Option<String>,
+    pub key_prefix: String,
+}
+
+impl std::fmt::Debug for RedisStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStorage")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
 /// `cross_origin.mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -558,6 +580,12 @@ impl Config {
                     .join("/"),
                 humantime::format_duration(rule.window),
                 humantime::format_duration(rule.lockout)
+            ));
+        }
+        if let Some(redis) = &self.redis {
+            out.push_str(&format!(
+                "storage:  redis {} (keys {}*): login budgets shared by every replica\n",
+                redis.url, redis.key_prefix
             ));
         }
         if let Some(reports) = &self.csp_reports {

@@ -68,6 +68,23 @@ pub struct RawConfig {
     #[serde(default)]
     pub login_lockout: Vec<RawLoginLockout>,
     pub csp_reports: Option<RawCspReports>,
+    pub storage: Option<RawStorage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawStorageBackend {
+    Files,
+    Redis,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    pub backend: Option<RawStorageBackend>,
+    pub url: Option<String>,
+    pub password_env: Option<String>,
+    pub key_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -574,6 +574,10 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         errors: validate_errors(raw.errors.unwrap_or_default(), ctx)?,
         cross_origin: validate_cross_origin(raw.cross_origin, ctx)?,
         login_lockouts: validate_login_lockouts(raw.login_lockout, ctx)?,
+        redis: match raw.storage {
+            Some(s) => validate_storage(s, ctx, &mut warnings)?,
+            None => None,
+        },
         server,
         tls,
         acme,
@@ -1064,6 +1068,103 @@ fn validate_rate_limits(
         });
     }
     Ok(rules)
+}
+
+/// `[storage]`: `files` (the default: `tls.dir`, nothing shared) or `redis` with a `redis://` or
+/// `rediss://` (TLS) URL; the password in the URL or, better, in the environment variable `password_env`
+/// names (checked here, so `check` finds a missing one).
+fn validate_storage(
+    s: raw::RawStorage,
+    ctx: &Ctx,
+    warnings: &mut Vec<String>,
+) -> Result<Option<RedisStorage>, ConfigError> {
+    match s.backend.unwrap_or(raw::RawStorageBackend::Files) {
+        raw::RawStorageBackend::Files => {
+            for (key, set) in [
+                ("storage.url", s.url.is_some()),
+                ("storage.password_env", s.password_env.is_some()),
+                ("storage.key_prefix", s.key_prefix.is_some()),
+            ] {
+                if set {
+                    return Err(ctx.invalid(key, "only used with storage.backend = \"redis\""));
+                }
+            }
+            Ok(None)
+        }
+        raw::RawStorageBackend::Redis => {
+            let Some(url) = s.url else {
+                return Err(ctx.invalid(
+                    "storage.url",
+                    "backend = \"redis\" needs a url like \"redis://127.0.0.1:6379/0\" (\"rediss://\" for TLS)",
+                ));
+            };
+            let parsed = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .ok()
+                .filter(|_| url.starts_with("redis://") || url.starts_with("rediss://"));
+            let Some(info) = parsed else {
+                return Err(ctx.invalid(
+                    "storage.url",
+                    format!("`{}` is not a redis:// or rediss:// URL", redact_url(&url)),
+                ));
+            };
+            let mut password = info.redis_settings().password().map(str::to_string);
+            if password.is_some() {
+                warnings.push(
+                    "storage.url holds a password: prefer storage.password_env, so it need not sit in the file"
+                        .into(),
+                );
+            }
+            if let Some(var) = s.password_env {
+                match std::env::var(&var) {
+                    Ok(value) if !value.is_empty() => password = Some(value),
+                    _ => {
+                        return Err(ctx.invalid(
+                            "storage.password_env",
+                            format!("the environment variable `{var}` is not set"),
+                        ));
+                    }
+                }
+            }
+            let key_prefix = s.key_prefix.unwrap_or_else(|| "portcullis:".into());
+            if key_prefix.is_empty()
+                || key_prefix
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(ctx.invalid(
+                    "storage.key_prefix",
+                    "a non-empty prefix without spaces, like \"portcullis:\"",
+                ));
+            }
+            warnings.push(
+                "storage.backend = \"redis\" shares the login budgets ([[rate_limit]]) across replicas; \
+                 certificates and ACME orders still live in each replica's tls.dir"
+                    .into(),
+            );
+            Ok(Some(RedisStorage {
+                url: redact_url(&url),
+                password,
+                key_prefix,
+            }))
+        }
+    }
+}
+
+/// The URL with any password replaced, for messages and `check`.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".into()
+            };
+            format!("{}{shown}{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// `[[login_lockout]]`: a login path, and how many failures in what window lock a client out for how

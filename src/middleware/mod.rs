@@ -37,7 +37,7 @@ pub use framing::RequestHeadCheck;
 pub use host::HostAllowlist;
 pub use login_lockout::LoginLockout;
 pub use maintenance::Maintenance;
-pub use rate_limit::RateLimiter;
+pub use rate_limit::{RateLimit, RateLimitLayer, RateLimiter};
 pub use record::RecordResponseLayer;
 pub use security_headers::SecurityHeaderPolicy;
 

@@ -2,23 +2,32 @@
 //! throttle itself: a token bucket per client address, refilled continuously, checked before the request
 //! reaches Gunicorn. Paths match in `route_path`'s normal form, so `/admin/%6Cogin/` spends the
 //! `/admin/login/` budget as Django routes it there. Over budget: 429 with `Retry-After` (RFC 6585 §4, RFC 9110 §10.2.3). IPv6 clients
-//! are keyed by their /64, which one host usually controls whole.
+//! are keyed by their /64, which one host usually controls whole. With `[storage] backend = "redis"` the
+//! buckets live in Redis (`store::SharedStore`), so a budget holds across replicas; when Redis cannot
+//! answer in time, this replica's own buckets decide (serving fails open to local counting).
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::future::Either;
 use http::header::RETRY_AFTER;
 use http::{HeaderValue, Request, Response, StatusCode};
+use tower::{Layer, Service};
 
 use super::RequestGate;
 use crate::body::ProxyBody;
 use crate::config::RateLimitRule;
 use crate::context::{ConnInfo, TrustedProxies, client_key};
+use crate::metrics::Metrics;
 use crate::response::refusal;
 use crate::route_path::route_path;
 use crate::security::{SecurityCause, SecurityEvent};
+use crate::store::SharedStore;
 
 /// Buckets kept before full ones (which carry no information) are dropped; past it, new clients go
 /// untracked rather than refused, so a flood of addresses cannot lock everyone out.
@@ -58,35 +67,199 @@ impl RateLimiter {
         self.rules.is_empty()
     }
 
-    /// Takes one request from every matching rule's budget; `Err((wait, rule's path))` when one is spent.
-    fn take_from_budgets<B>(&self, req: &Request<B>, now: Instant) -> Result<(), (Duration, &str)> {
+    /// The rules a request spends from, and the client they are counted for; `None` for most requests.
+    fn budgets_of<B>(&self, req: &Request<B>) -> Option<(Vec<usize>, IpAddr)> {
+        if self.is_empty() {
+            return None;
+        }
         let path = route_path(req.uri().path());
-        let mut matching = self
+        let matching: Vec<usize> = self
             .rules
             .iter()
             .enumerate()
             .filter(|(_, rule)| path.starts_with(&rule.path) && rule.methods.contains(req.method()))
-            .peekable();
-        if matching.peek().is_none() {
-            return Ok(());
+            .map(|(index, _)| index)
+            .collect();
+        if matching.is_empty() {
+            return None;
         }
-        let Some(conn) = req.extensions().get::<ConnInfo>() else {
-            return Ok(());
-        };
+        let conn = req.extensions().get::<ConnInfo>()?;
         let client = client_key(
             self.trusted_proxies
                 .client_ip(req.headers(), conn.peer.ip()),
         );
+        Some((matching, client))
+    }
+
+    /// Takes one request from `rules[index]`'s local bucket for `client`.
+    fn take_local(&self, index: usize, client: IpAddr, now: Instant) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        buckets.take(&self.rules, index, client, now)
+    }
+
+    /// Takes one request from every matching rule's budget; `Err((wait, rule))` when one is spent.
+    fn take_from_budgets<B>(
+        &self,
+        req: &Request<B>,
+        now: Instant,
+    ) -> Result<(), (Duration, usize)> {
+        let Some((matching, client)) = self.budgets_of(req) else {
+            return Ok(());
+        };
         let mut verdict = Ok(());
-        for (index, rule) in matching {
-            if let Err(wait) = buckets.take(&self.rules, index, client, now)
+        for index in matching {
+            if let Err(wait) = self.take_local(index, client, now)
                 && verdict.is_ok()
             {
-                verdict = Err((wait, rule.path.as_str()));
+                verdict = Err((wait, index));
             }
         }
         verdict
+    }
+
+    /// The 429 for a spent budget: `Retry-After` in whole seconds, rounded up, so a retry then finds a
+    /// token.
+    fn over_budget(&self, wait: Duration, index: usize) -> Response<ProxyBody> {
+        let path = self
+            .rules
+            .get(index)
+            .map(|r| r.path.as_str())
+            .unwrap_or("?");
+        let mut response = refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate limit: too many requests from this client",
+            SecurityEvent::with_detail(SecurityCause::RateLimited, format!("rate_limit {path}")),
+        );
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        response
+    }
+
+    /// The bucket's name in the shared store: the rule as configured (so replicas mid-reload with
+    /// another budget do not mix) and the client.
+    fn shared_bucket(&self, index: usize, client: IpAddr) -> Option<String> {
+        let rule = self.rules.get(index)?;
+        let methods: Vec<&str> = rule.methods.iter().map(http::Method::as_str).collect();
+        Some(format!(
+            "rate:{}:{}:{}/{}ms:{client}",
+            rule.path,
+            methods.join(","),
+            rule.requests,
+            rule.per.as_millis()
+        ))
+    }
+}
+
+/// `[[rate_limit]]` on the request path: the budgets in the shared store when there is one, else (and
+/// whenever it cannot answer) in this replica.
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    limiter: Arc<RateLimiter>,
+    store: Option<Arc<SharedStore>>,
+    metrics: Arc<Metrics>,
+}
+
+impl RateLimitLayer {
+    pub fn new(
+        limiter: RateLimiter,
+        store: Option<Arc<SharedStore>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        RateLimitLayer {
+            limiter: Arc::new(limiter),
+            store,
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Arc<RateLimiter>,
+    store: Option<Arc<SharedStore>>,
+    metrics: Arc<Metrics>,
+}
+
+type Decided = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+impl<S, B> Service<Request<B>> for RateLimit<S>
+where
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Either<S::Future, Decided>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some((matching, client)) = self.limiter.budgets_of(&req) else {
+            return Either::Left(self.inner.call(req));
+        };
+        let Some(store) = self.store.clone() else {
+            let now = Instant::now();
+            return match self.limiter.take_from_budgets(&req, now) {
+                Ok(()) => Either::Left(self.inner.call(req)),
+                Err((wait, index)) => {
+                    let refused = self.limiter.over_budget(wait, index);
+                    Either::Right(Box::pin(std::future::ready(Ok(refused))))
+                }
+            };
+        };
+        // The ready clone goes with the request (tower's rule for calling after an await).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (limiter, metrics) = (self.limiter.clone(), self.metrics.clone());
+        Either::Right(Box::pin(async move {
+            let mut verdict = Ok(());
+            for index in matching {
+                let Some(rule) = limiter.rules.get(index) else {
+                    continue;
+                };
+                let shared = match limiter.shared_bucket(index, client) {
+                    Some(name) => store.take_token(&name, rule.requests, rule.per).await.ok(),
+                    None => None,
+                };
+                let taken = match shared {
+                    Some(taken) => taken,
+                    None => {
+                        metrics.rate_limit_counted_locally();
+                        limiter.take_local(index, client, Instant::now())
+                    }
+                };
+                if let Err(wait) = taken
+                    && verdict.is_ok()
+                {
+                    verdict = Err((wait, index));
+                }
+            }
+            match verdict {
+                Ok(()) => inner.call(req).await,
+                Err((wait, index)) => Ok(limiter.over_budget(wait, index)),
+            }
+        }))
     }
 }
 
@@ -155,22 +328,7 @@ impl RequestGate for RateLimiter {
             return Ok(());
         }
         self.take_from_budgets(req, Instant::now())
-            .map_err(|(wait, rule)| {
-                let mut response = refusal(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate limit: too many requests from this client",
-                    SecurityEvent::with_detail(
-                        SecurityCause::RateLimited,
-                        format!("rate_limit {rule}"),
-                    ),
-                );
-                // Whole seconds, rounded up: retrying at the given time finds a token.
-                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-                Box::new(response)
-            })
+            .map_err(|(wait, index)| Box::new(self.over_budget(wait, index)))
     }
 }
 

@@ -24,6 +24,7 @@ use crate::body::BufferBudget;
 use crate::config::{Config, ConfigError, Domains, TlsSource};
 use crate::metrics::{Gauges, Metrics};
 use crate::security::HandshakeFailureLog;
+use crate::store::SharedStore;
 use crate::tls::{CertResolver, TlsError};
 use certificates::provision_certificates;
 use stack::{Fixed, Runtime};
@@ -44,6 +45,8 @@ pub enum ServerError {
     Acme(String),
     #[error("signal handling: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 struct Shared {
@@ -101,7 +104,12 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let tls_config =
         crate::tls::server_config(resolver.clone(), config.tls.source == TlsSource::Acme)?;
     let metrics = Arc::new(Metrics::default());
+    let store = match &config.redis {
+        Some(redis) => Some(SharedStore::open(redis, metrics.clone())?),
+        None => None,
+    };
     let fixed = Fixed {
+        store,
         tokens,
         https_port: https_addr.port(),
         metrics: metrics.clone(),
@@ -286,6 +294,9 @@ impl RunningServer {
         if new.limits.buffer_memory != old.limits.buffer_memory {
             needs_restart.push("limits.buffer_memory");
         }
+        if new.redis != old.redis {
+            needs_restart.push("[storage]");
+        }
         match &new.tls.source {
             TlsSource::Files { cert, key }
                 if old.tls.source == new.tls.source
@@ -342,6 +353,7 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     new.limits.max_connections = running.limits.max_connections;
     new.metrics = running.metrics;
     new.limits.buffer_memory = running.limits.buffer_memory;
+    new.redis = running.redis.clone();
     if new.tls.source != running.tls.source || new.tls.dir != running.tls.dir {
         new.tls = running.tls.clone();
     }

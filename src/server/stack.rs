@@ -18,13 +18,14 @@ use crate::middleware::host::HostPorts;
 use crate::middleware::record::RecordResponse;
 use crate::middleware::{
     ClearSiteDataOnLogout, CookieHardening, CrossOriginGuard, CspCollector, CspCollectorLayer,
-    Gated, Guarded, HostAllowlist, LoginLockout, Maintenance, RateLimiter, RecordResponseLayer,
-    RequestHeadCheck, RewriteHeaders, RewriteHeadersLayer, SecurityHeaderPolicy, gate_layer,
-    guard_layer,
+    Gated, Guarded, HostAllowlist, LoginLockout, Maintenance, RateLimit, RateLimitLayer,
+    RateLimiter, RecordResponseLayer, RequestHeadCheck, RewriteHeaders, RewriteHeadersLayer,
+    SecurityHeaderPolicy, gate_layer, guard_layer,
 };
 use crate::proxy::ProxyService;
 use crate::security::HandshakeFailureLog;
 use crate::static_files::{StaticFiles, StaticOrProxy};
+use crate::store::SharedStore;
 
 type HttpsStack = RecordResponse<
     RewriteHeaders<
@@ -35,10 +36,7 @@ type HttpsStack = RecordResponse<
                         CspCollector<
                             Guarded<
                                 Guarded<
-                                    Guarded<
-                                        Gated<StaticOrProxy, RateLimiter>,
-                                        ClearSiteDataOnLogout,
-                                    >,
+                                    Guarded<RateLimit<StaticOrProxy>, ClearSiteDataOnLogout>,
                                     LoginLockout,
                                 >,
                                 CrossOriginGuard,
@@ -66,6 +64,8 @@ pub(super) struct Fixed {
     pub(super) budget: BufferBudget,
     /// Handshake failures for the security log, one line per interval.
     pub(super) handshake_failures: HandshakeFailureLog,
+    /// The shared store (`[storage] backend = "redis"`); a change needs a restart.
+    pub(super) store: Option<Arc<SharedStore>>,
 }
 
 /// Everything the request path reads, built from one validated config.
@@ -136,10 +136,11 @@ impl Runtime {
             .layer(guard_layer(ClearSiteDataOnLogout::new(
                 config.headers.clear_site_data.clone(),
             )))
-            .layer(gate_layer(RateLimiter::new(
-                config.rate_limits.clone(),
-                trusted_proxies.clone(),
-            )))
+            .layer(RateLimitLayer::new(
+                RateLimiter::new(config.rate_limits.clone(), trusted_proxies.clone()),
+                fixed.store.clone(),
+                metrics.clone(),
+            ))
             .service(StaticOrProxy::new(
                 StaticFiles::new(&config.static_files, &fixed.budget),
                 proxy.clone(),

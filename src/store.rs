@@ -1,0 +1,190 @@
+//! Shared state for replicas in Redis (`[storage] backend = "redis"`): today the `[[rate_limit]]`
+//! budgets, one atomic script and one round trip per rate-limited request, so a client's budget holds
+//! across every replica. Redis is never waited on for long: each call has a deadline, and after a failure
+//! the store is skipped for a second (callers count locally meanwhile) and tried again, so an outage
+//! costs nothing but the sharing. The connection is made lazily and remade by redis-rs's
+//! `ConnectionManager`, so the store comes back by itself.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, Script};
+
+use crate::config::RedisStorage;
+use crate::metrics::Metrics;
+
+/// Longest a request waits for Redis before counting locally.
+const CALL_DEADLINE: Duration = Duration::from_millis(250);
+/// After a failure, how long Redis is skipped before it is tried again.
+const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// Outage warnings at most this often (the metrics count every failure).
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage.url: {0}")]
+    Url(String),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis is being skipped after a failure")]
+    Skipped,
+}
+
+/// A token bucket per key, refilled continuously: `capacity` tokens per `period` milliseconds. Returns 0
+/// when a token was taken, else the milliseconds until one will be there. The clock is Redis's own, so
+/// replicas with skewed clocks agree.
+const TAKE_TOKEN: &str = r"
+local capacity = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1])
+local at = tonumber(state[2])
+if tokens == nil or at == nil then
+  tokens = capacity
+  at = now
+end
+local elapsed = math.max(0, now - at)
+tokens = math.min(capacity, tokens + elapsed * capacity / period)
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = math.ceil((1 - tokens) * period / capacity)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], period)
+return wait
+";
+
+pub struct SharedStore {
+    connection: ConnectionManager,
+    key_prefix: String,
+    take_token: Script,
+    metrics: Arc<Metrics>,
+    health: Mutex<Health>,
+    /// For the logs: the URL without its password.
+    shown_url: String,
+}
+
+#[derive(Default)]
+struct Health {
+    skip_until: Option<Instant>,
+    last_warning: Option<Instant>,
+    down: bool,
+}
+
+impl SharedStore {
+    /// Prepares the connection without making it (no I/O: serving must not wait on Redis). Must run
+    /// inside the Tokio runtime.
+    pub fn open(
+        config: &RedisStorage,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<SharedStore>, StoreError> {
+        let mut info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| StoreError::Url(e.to_string()))?;
+        if let Some(password) = &config.password {
+            info = info
+                .clone()
+                .set_redis_settings(info.redis_settings().clone().set_password(password));
+        }
+        let client = redis::Client::open(info)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CALL_DEADLINE))
+            .set_response_timeout(Some(CALL_DEADLINE))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        metrics.set_store_up(true);
+        Ok(Arc::new(SharedStore {
+            connection,
+            key_prefix: config.key_prefix.clone(),
+            take_token: Script::new(TAKE_TOKEN),
+            metrics,
+            health: Mutex::new(Health::default()),
+            shown_url: config.url.clone(),
+        }))
+    }
+
+    /// Takes a token from the shared bucket `name`: `Ok(Ok(()))` taken, `Ok(Err(wait))` spent, `Err`
+    /// when Redis could not say (the caller counts locally).
+    pub async fn take_token(
+        &self,
+        name: &str,
+        capacity: u32,
+        period: Duration,
+    ) -> Result<Result<(), Duration>, StoreError> {
+        if self.skipping() {
+            return Err(StoreError::Skipped);
+        }
+        let key = format!("{}{name}", self.key_prefix);
+        let period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut connection = self.connection.clone();
+        let mut invocation = self.take_token.key(key);
+        invocation.arg(capacity).arg(period_ms);
+        let call = invocation.invoke_async::<u64>(&mut connection);
+        let result = match tokio::time::timeout(CALL_DEADLINE, call).await {
+            Ok(Ok(wait_ms)) => Ok(wait_ms),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout(CALL_DEADLINE)),
+        };
+        match result {
+            Ok(wait_ms) => {
+                self.succeeded();
+                Ok(if wait_ms == 0 {
+                    Ok(())
+                } else {
+                    Err(Duration::from_millis(wait_ms))
+                })
+            }
+            Err(e) => {
+                self.failed(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether a call now would be skipped (a failure within the last second).
+    pub fn skipping(&self) -> bool {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health
+            .skip_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn succeeded(&self) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if health.down {
+            health.down = false;
+            health.skip_until = None;
+            self.metrics.set_store_up(true);
+            tracing::warn!(url = %self.shown_url, "redis is reachable again; login budgets are shared again");
+        }
+    }
+
+    fn failed(&self, error: &StoreError) {
+        self.metrics.store_failed();
+        let now = Instant::now();
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.skip_until = Some(now + SKIP_AFTER_FAILURE);
+        if !health.down {
+            health.down = true;
+            self.metrics.set_store_up(false);
+        }
+        if health
+            .last_warning
+            .is_none_or(|last| now.duration_since(last) >= WARN_EVERY)
+        {
+            health.last_warning = Some(now);
+            tracing::warn!(url = %self.shown_url, %error, "redis is unreachable; each replica counts login budgets on its own until it is back (serving goes on)");
+        }
+    }
+}

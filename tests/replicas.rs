@@ -1,0 +1,190 @@
+//! Several replicas sharing one real `redis-server` (`[storage] backend = "redis"`): a client's login
+//! budget holds across all of them, an outage of Redis costs no request (each replica counts on its own
+//! meanwhile, and says so in its metrics), and sharing resumes by itself when Redis is back. Needs
+//! Debian's `redis-server`: run with `--include-ignored` (scripts/test.sh installs it).
+
+mod common;
+
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use common::*;
+use http::StatusCode;
+
+/// A throw-away Redis on a loopback port: no persistence, stopped by its PID when dropped.
+struct Redis {
+    port: u16,
+    process: Option<KillOnDrop>,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let mut redis = Redis {
+            port: fixed_port(),
+            process: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    /// Starts it again on the same port (after `stop`), as an operator's restart does.
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        self.process = Some(KillOnDrop(child));
+        let port = self.port;
+        eventually("redis-server listens", || {
+            std::future::ready(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+        })
+        .await;
+    }
+
+    fn stop(&mut self) {
+        self.process = None;
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+fn replica_config(redis: &Redis, prefix: &str) -> String {
+    format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [storage]\nbackend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\n\
+         [[rate_limit]]\npath = \"/admin/login/\"\nrequests = 3\nper = \"1h\"\n",
+        redis.url()
+    )
+}
+
+/// One login POST from `client` to `replica`, on a connection of its own (HTTP/1.1 closes after a 429).
+async fn login_post(replica: &Proxy, client: IpAddr) -> StatusCode {
+    let mut connection = Client::connect_from(
+        Some(client),
+        replica.https,
+        "localhost",
+        &replica.root,
+        &[b"h2"],
+    )
+    .await
+    .expect("connect");
+    let req = request("POST", "/admin/login/", replica.https.port())
+        .body(full("username=admin&password=guess"))
+        .expect("request");
+    connection.fetch(req).await.0.status()
+}
+
+fn gauge(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("portcullis_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no portcullis_{name} in\n{scrape}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: run scripts/test.sh"]
+async fn login_budgets_hold_across_replicas_and_survive_a_redis_outage() {
+    let mut redis = Redis::start().await;
+    let upstream = Upstream::start().await;
+    let prefix = format!("test-{}:", std::process::id());
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let proxy = Proxy::start(
+            &format!("http://{}", upstream.addr),
+            &replica_config(&redis, &prefix),
+        )
+        .await;
+        replicas.push(proxy);
+    }
+    let scrape = |i: usize| {
+        let addr = replicas[i].server().metrics_addr.expect("metrics");
+        async move { scrape_metrics(addr).await }
+    };
+
+    // Three guesses, one per replica, spend the client's budget on all of them.
+    let attacker: IpAddr = [127, 0, 0, 1].into();
+    for replica in &replicas {
+        assert_eq!(login_post(replica, attacker).await, StatusCode::OK);
+    }
+    for replica in &replicas {
+        assert_eq!(
+            login_post(replica, attacker).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "the fourth guess, on any replica"
+        );
+    }
+    assert_eq!(upstream.count(), 3);
+    // Another client has its own budget.
+    assert_eq!(
+        login_post(&replicas[1], [127, 0, 0, 2].into()).await,
+        StatusCode::OK
+    );
+    assert_eq!(gauge(&scrape(0).await, "store_up"), 1.0);
+
+    // Redis goes away: requests keep being served, each replica counting on its own.
+    redis.stop();
+    let during: IpAddr = [127, 0, 0, 3].into();
+    for replica in &replicas {
+        assert_eq!(
+            login_post(replica, during).await,
+            StatusCode::OK,
+            "an outage costs no request"
+        );
+    }
+    let scrape0 = scrape(0).await;
+    assert_eq!(gauge(&scrape0, "store_up"), 0.0, "{scrape0}");
+    assert!(gauge(&scrape0, "store_failures_total") >= 1.0);
+    assert!(gauge(&scrape0, "rate_limit_local_total") >= 1.0);
+    // The local budgets still stop a brute force on one replica.
+    for _ in 0..2 {
+        assert_eq!(login_post(&replicas[0], during).await, StatusCode::OK);
+    }
+    assert_eq!(
+        login_post(&replicas[0], during).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // Redis is back (empty: it kept nothing): each replica shares again by itself, no restart.
+    redis.restart().await;
+    let mut next_client = 10u8;
+    for replica in &replicas {
+        wait_for(
+            "the replica uses redis again",
+            LIMIT,
+            || {
+                next_client += 1;
+                let client: IpAddr = [127, 0, 1, next_client].into();
+                async move {
+                    login_post(replica, client).await;
+                    let up = gauge(
+                        &scrape_metrics(replica.server().metrics_addr.expect("metrics")).await,
+                        "store_up",
+                    );
+                    (up == 1.0).then_some(())
+                }
+            },
+            || "store_up stayed 0".to_string(),
+        )
+        .await;
+    }
+    let after: IpAddr = [127, 0, 2, 1].into();
+    for replica in &replicas {
+        assert_eq!(login_post(replica, after).await, StatusCode::OK);
+    }
+    for replica in &replicas {
+        assert_eq!(
+            login_post(replica, after).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "shared again"
+        );
+    }
+    for replica in replicas {
+        replica.stop().await;
+    }
+}
