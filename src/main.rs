@@ -30,6 +30,9 @@ enum Command {
     Check {
         #[arg(long, short, default_value = "config/portcullis.toml")]
         config: PathBuf,
+        /// Also reach the shared store ([storage]) and say what is there.
+        #[arg(long)]
+        connect: bool,
     },
     /// Serve DOMAIN in front of Gunicorn with every default and no config file: ACME for public
     /// names, the local CA for localhost and IP addresses, HTTP redirected to HTTPS.
@@ -114,14 +117,24 @@ fn quick_config(quick: QuickArgs) -> Result<String, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config, connect } => match Config::load(&config) {
             Ok(parsed) => {
                 println!("{}: OK", config.display());
                 print!("{}", parsed.summary());
                 for warning in &parsed.warnings {
                     println!("warning: {warning}");
                 }
-                ExitCode::SUCCESS
+                match (&parsed.redis, connect) {
+                    (Some(redis), true) => check_store(redis),
+                    (None, true) => {
+                        println!(
+                            "store:    files in {} (nothing to connect to)",
+                            parsed.tls.dir.display()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    _ => ExitCode::SUCCESS,
+                }
             }
             Err(e) => {
                 eprintln!("error: {e}");
@@ -195,6 +208,34 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `check --connect`: reaches Redis once and says what it found; exit 1 if it cannot.
+fn check_store(redis: &portcullis::config::RedisStorage) -> ExitCode {
+    portcullis::tls::install_default_provider();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(portcullis::store::probe(redis)) {
+        Ok(report) => {
+            println!(
+                "store:    {} at {}: reachable, {} keys under {}",
+                report.version, redis.url, report.keys, redis.key_prefix
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: `storage.url` {}: {e}", redis.url);
+            ExitCode::FAILURE
         }
     }
 }

@@ -62,6 +62,83 @@ redis.call('PEXPIRE', KEYS[1], period)
 return wait
 ";
 
+/// What `portcullis check --connect` found at the store.
+#[derive(Debug)]
+pub struct StoreReport {
+    pub version: String,
+    /// Keys under the prefix, counted up to `PROBE_KEY_LIMIT`.
+    pub keys: usize,
+}
+
+const PROBE_KEY_LIMIT: usize = 100_000;
+const PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Reaches the store once, as `check --connect` does: the server's version (the scripts need Redis 4
+/// or later, or Valkey) and how many keys carry the prefix.
+pub async fn probe(config: &RedisStorage) -> Result<StoreReport, StoreError> {
+    let client = redis::Client::open(connection_info(config)?)?;
+    let work = async {
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut connection)
+            .await?;
+        let version = info
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("valkey_version:")
+                    .map(|v| format!("valkey {v}"))
+            })
+            .or_else(|| {
+                info.lines().find_map(|l| {
+                    l.strip_prefix("redis_version:")
+                        .map(|v| format!("redis {v}"))
+                })
+            })
+            .unwrap_or_else(|| "an unknown server".into());
+        let mut keys = 0;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", config.key_prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await?;
+            keys += batch.len();
+            cursor = next;
+            if cursor == 0 || keys >= PROBE_KEY_LIMIT {
+                break;
+            }
+        }
+        Ok::<_, StoreError>(StoreReport {
+            version: version.trim().to_string(),
+            keys,
+        })
+    };
+    tokio::time::timeout(PROBE_DEADLINE, work)
+        .await
+        .map_err(|_| StoreError::Timeout(PROBE_DEADLINE))?
+}
+
+/// The URL with the password from the config (the URL as stored has it replaced).
+fn connection_info(config: &RedisStorage) -> Result<redis::ConnectionInfo, StoreError> {
+    let info = config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| StoreError::Url(e.to_string()))?;
+    Ok(match &config.password {
+        Some(password) => {
+            let settings = info.redis_settings().clone().set_password(password);
+            info.set_redis_settings(settings)
+        }
+        None => info,
+    })
+}
+
 pub struct SharedStore {
     connection: ConnectionManager,
     key_prefix: String,
@@ -86,17 +163,7 @@ impl SharedStore {
         config: &RedisStorage,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<SharedStore>, StoreError> {
-        let mut info = config
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| StoreError::Url(e.to_string()))?;
-        if let Some(password) = &config.password {
-            info = info
-                .clone()
-                .set_redis_settings(info.redis_settings().clone().set_password(password));
-        }
-        let client = redis::Client::open(info)?;
+        let client = redis::Client::open(connection_info(config)?)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CALL_DEADLINE))
             .set_response_timeout(Some(CALL_DEADLINE))

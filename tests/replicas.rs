@@ -14,13 +14,19 @@ use http::StatusCode;
 /// A throw-away Redis on a loopback port: no persistence, stopped by its PID when dropped.
 struct Redis {
     port: u16,
+    password: Option<String>,
     process: Option<KillOnDrop>,
 }
 
 impl Redis {
     async fn start() -> Redis {
+        Redis::start_with(None).await
+    }
+
+    async fn start_with(password: Option<&str>) -> Redis {
         let mut redis = Redis {
             port: fixed_port(),
+            password: password.map(str::to_string),
             process: None,
         };
         redis.restart().await;
@@ -29,7 +35,11 @@ impl Redis {
 
     /// Starts it again on the same port (after `stop`), as an operator's restart does.
     async fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -187,4 +197,64 @@ async fn login_budgets_hold_across_replicas_and_survive_a_redis_outage() {
     for replica in replicas {
         replica.stop().await;
     }
+}
+
+/// `portcullis check --connect` against the real server: the password from the variable
+/// `password_env` names (never the file), what it found there, and a clear failure for a wrong
+/// password, a missing variable and a server that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: run scripts/test.sh"]
+async fn check_connect_reaches_redis_with_the_password_from_the_environment() {
+    let mut redis = Redis::start_with(Some("correct-horse")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndomains = [\"localhost\"]\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n\
+             [storage]\nbackend = \"redis\"\nurl = \"{}\"\npassword_env = \"REDIS_PASSWORD\"\n",
+            redis.url()
+        ),
+    )
+    .expect("write");
+    let check = |password: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        command
+            .args(["check", "--connect", "--config"])
+            .arg(&config);
+        command.env_remove("REDIS_PASSWORD");
+        if let Some(password) = password {
+            command.env("REDIS_PASSWORD", password);
+        }
+        let out = command.output().expect("run portcullis");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = check(Some("correct-horse"));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("store:    redis 7"))
+            && text.contains("reachable, 0 keys under portcullis:"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("correct-horse"),
+        "the password is never printed: {text}"
+    );
+    let (ok, text) = check(Some("wrong"));
+    assert!(!ok && text.contains("`storage.url`"), "{text}");
+    let (ok, text) = check(None);
+    assert!(
+        !ok && text.contains("`storage.password_env`") && text.contains("REDIS_PASSWORD"),
+        "{text}"
+    );
+    redis.stop();
+    let (ok, text) = check(Some("correct-horse"));
+    assert!(!ok && text.contains("`storage.url`"), "{text}");
 }
