@@ -239,8 +239,7 @@ async fn check_connect_reaches_redis_with_the_password_from_the_environment() {
     let (ok, text) = check(Some("correct-horse"));
     assert!(ok, "{text}");
     assert!(
-        text.contains(&format!("store:    redis 7"))
-            && text.contains("reachable, 0 keys under portcullis:"),
+        text.contains("store:    redis 7") && text.contains("reachable, 0 keys under portcullis:"),
         "{text}"
     );
     assert!(
