@@ -281,6 +281,8 @@ pin_project! {
         Upstream { #[pin] body: Incoming },
         File { #[pin] body: ServeFileSystemResponseBody },
         Full { data: Option<Bytes> },
+        /// Another body with bytes sent after it (the random padding of a compressed HTML page).
+        Padded { body: Pin<Box<ProxyBody>>, padding: Option<Bytes> },
     }
 }
 
@@ -298,6 +300,15 @@ impl ProxyBody {
 
     pub fn file(body: ServeFileSystemResponseBody) -> Self {
         ProxyBody::File { body }
+    }
+
+    /// `self`, then `padding`. Trailers, if the body has any, go out before the padding would, and
+    /// the padding is dropped (HTML from Gunicorn has none).
+    pub fn padded(self, padding: Bytes) -> Self {
+        ProxyBody::Padded {
+            body: Box::pin(self),
+            padding: Some(padding),
+        }
     }
 }
 
@@ -325,6 +336,14 @@ impl Body for ProxyBody {
                 Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
             }
             ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBodyProj::Padded { body, padding } => match ready!(body.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_trailers() => {
+                    padding.take();
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(frame) => Poll::Ready(Some(frame)),
+                None => Poll::Ready(padding.take().map(|p| Ok(Frame::data(p)))),
+            },
         }
     }
 
@@ -333,6 +352,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream { body } => body.is_end_stream(),
             ProxyBody::File { body } => body.is_end_stream(),
             ProxyBody::Full { data } => data.is_none(),
+            ProxyBody::Padded { body, padding } => padding.is_none() && body.is_end_stream(),
         }
     }
 
@@ -342,6 +362,16 @@ impl Body for ProxyBody {
             ProxyBody::File { body } => body.size_hint(),
             ProxyBody::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ProxyBody::Padded { body, padding } => {
+                let extra = padding.as_ref().map_or(0, |p| p.len() as u64);
+                let inner = body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + extra);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
             }
         }
     }

@@ -6,6 +6,7 @@ pub mod generate;
 mod raw;
 pub mod units;
 mod validate;
+pub use validate::COMPRESSIBLE_TYPES;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -66,6 +67,8 @@ pub struct Config {
     pub csp_reports: Option<CspReports>,
     /// Shared state for replicas (`[storage]`); `None`: the files in `tls.dir`, nothing shared.
     pub redis: Option<RedisStorage>,
+    /// Response compression by `Accept-Encoding` (`[compression]`).
+    pub compression: CompressionPolicy,
     /// Legal but probably unintended settings; `check` prints them and `run` logs them.
     pub warnings: Vec<String>,
 }
@@ -351,6 +354,21 @@ pub struct CspReports {
     pub budget: RateLimitRule,
 }
 
+/// `[compression]`: which encodings, for which media types, from what size, at what level. HTML only
+/// when asked (BREACH), then with random length padding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompressionPolicy {
+    pub enabled: bool,
+    pub zstd: bool,
+    pub br: bool,
+    pub gzip: bool,
+    pub min_size: u64,
+    /// Media types (lowercase, no parameters); `text/html` never here, see `html`.
+    pub types: Vec<String>,
+    pub html: bool,
+    pub level: u32,
+}
+
 /// `[storage] backend = "redis"`: the server (its password from the URL or the environment) and the
 /// prefix every key gets, so several sites can share one Redis.
 #[derive(Clone, PartialEq, Eq)]
@@ -581,6 +599,28 @@ impl Config {
                 humantime::format_duration(rule.window),
                 humantime::format_duration(rule.lockout)
             ));
+        }
+        let c = &self.compression;
+        if c.enabled {
+            let encodings: Vec<&str> = [("zstd", c.zstd), ("br", c.br), ("gzip", c.gzip)]
+                .iter()
+                .filter(|(_, on)| *on)
+                .map(|(name, _)| *name)
+                .collect();
+            out.push_str(&format!(
+                "compress: {} at level {} from {} bytes, {} types{}\n",
+                encodings.join("/"),
+                c.level,
+                c.min_size,
+                c.types.len(),
+                if c.html {
+                    " and HTML (padded)"
+                } else {
+                    ", not HTML"
+                }
+            ));
+        } else {
+            out.push_str("compress: off\n");
         }
         if let Some(redis) = &self.redis {
             out.push_str(&format!(

@@ -69,6 +69,19 @@ pub struct RawConfig {
     pub login_lockout: Vec<RawLoginLockout>,
     pub csp_reports: Option<RawCspReports>,
     pub storage: Option<RawStorage>,
+    #[serde(default)]
+    pub compression: RawCompression,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompression {
+    pub enabled: Option<bool>,
+    pub encodings: Option<Vec<String>>,
+    pub min_size: Option<ByteSize>,
+    pub types: Option<Vec<String>>,
+    pub html: Option<bool>,
+    pub level: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -811,3 +811,33 @@ fn storage_is_files_unless_redis_is_named_and_keeps_passwords_out_of_sight() {
         assert!(!err.contains(":pw@"), "the password is not echoed: {err}");
     }
 }
+
+#[test]
+fn compression_is_on_for_everything_but_html_and_names_its_mistakes() {
+    let c = parse(MINIMAL).expect("valid").compression;
+    assert!(c.enabled && c.zstd && c.br && c.gzip && !c.html);
+    assert_eq!((c.level, c.min_size), (4, 1024));
+    assert!(c.types.contains(&"application/json".to_string()));
+    assert!(!c.types.iter().any(|t| t == "text/html"));
+    let config = parse(&format!(
+        "{MINIMAL}[compression]\nencodings = [\"gzip\"]\nhtml = true\nlevel = 6\nmin_size = \"512B\"\n"
+    ))
+    .expect("valid");
+    assert!(
+        config
+            .summary()
+            .contains("compress: gzip at level 6 from 512 bytes, 19 types and HTML (padded)"),
+        "{}",
+        config.summary()
+    );
+    for (line, key, expected) in [
+        ("encodings = [\"deflate\"]", "compression.encodings", "is not one of"),
+        ("encodings = []", "compression.encodings", "at least one"),
+        ("types = [\"text/html\"]", "compression.types", "compression.html = true"),
+        ("types = [\"text\"]", "compression.types", "is not a media type"),
+        ("level = 11", "compression.level", "1..=9"),
+    ] {
+        let err = error_of(&format!("{MINIMAL}[compression]\n{line}\n"));
+        assert!(err.contains(&format!("`{key}`")) && err.contains(expected), "{line}: {err}");
+    }
+}

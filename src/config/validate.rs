@@ -574,6 +574,7 @@ pub(super) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         errors: validate_errors(raw.errors.unwrap_or_default(), ctx)?,
         cross_origin: validate_cross_origin(raw.cross_origin, ctx)?,
         login_lockouts: validate_login_lockouts(raw.login_lockout, ctx)?,
+        compression: validate_compression(raw.compression, ctx)?,
         redis: match raw.storage {
             Some(s) => validate_storage(s, ctx, &mut warnings)?,
             None => None,
@@ -1068,6 +1069,99 @@ fn validate_rate_limits(
         });
     }
     Ok(rules)
+}
+
+/// What is compressed unless `compression.types` says otherwise: Django's static text (CSS, JavaScript,
+/// source maps, SVG), its JSON and XML, plain text and fonts that are not compressed already (WOFF2 and
+/// images are). Not `text/html`: see `compression.html`.
+pub const COMPRESSIBLE_TYPES: [&str; 19] = [
+    "text/css",
+    "text/javascript",
+    "application/javascript",
+    "application/x-javascript",
+    "application/json",
+    "application/ld+json",
+    "application/manifest+json",
+    "application/problem+json",
+    "application/geo+json",
+    "application/xml",
+    "text/xml",
+    "application/rss+xml",
+    "application/atom+xml",
+    "image/svg+xml",
+    "text/plain",
+    "text/csv",
+    "text/markdown",
+    "application/wasm",
+    "font/ttf",
+];
+
+/// `[compression]`: on by default for everything but HTML (BREACH: a proxy that compresses Django's
+/// HTML undoes GZipMiddleware's length padding); level 1..=9 for all three encoders, 4 by default
+/// (brotli's and zstd's defaults are for files compressed once, not per response).
+fn validate_compression(
+    c: raw::RawCompression,
+    ctx: &Ctx,
+) -> Result<CompressionPolicy, ConfigError> {
+    let encodings = c
+        .encodings
+        .unwrap_or_else(|| vec!["zstd".into(), "br".into(), "gzip".into()]);
+    let (mut zstd, mut br, mut gzip) = (false, false, false);
+    for encoding in &encodings {
+        match encoding.to_ascii_lowercase().as_str() {
+            "zstd" => zstd = true,
+            "br" => br = true,
+            "gzip" => gzip = true,
+            other => {
+                return Err(ctx.invalid(
+                    "compression.encodings",
+                    format!("`{other}` is not one of \"zstd\", \"br\", \"gzip\""),
+                ));
+            }
+        }
+    }
+    let enabled = c.enabled.unwrap_or(true);
+    if enabled && encodings.is_empty() {
+        return Err(ctx.invalid(
+            "compression.encodings",
+            "list at least one (or enabled = false)",
+        ));
+    }
+    let mut types = Vec::new();
+    for t in c
+        .types
+        .unwrap_or_else(|| COMPRESSIBLE_TYPES.iter().map(|t| t.to_string()).collect())
+    {
+        let t = t.trim().to_ascii_lowercase();
+        if t == "text/html" {
+            return Err(ctx.invalid(
+                "compression.types",
+                "text/html is set with compression.html = true (BREACH: read the README first)",
+            ));
+        }
+        if t.split('/').count() != 2 || t.contains([';', ' ', '*']) {
+            return Err(ctx.invalid(
+                "compression.types",
+                format!("`{t}` is not a media type like \"text/css\""),
+            ));
+        }
+        types.push(t);
+    }
+    let level = c.level.unwrap_or(4);
+    if !(1..=9).contains(&level) {
+        return Err(ctx.invalid("compression.level", "must be 1..=9"));
+    }
+    let min_size = c.min_size.map(|b| b.0).unwrap_or(1024);
+    Ok(CompressionPolicy {
+        enabled,
+        zstd,
+        br,
+        gzip,
+        min_size,
+        types,
+        html: c.html.unwrap_or(false),
+        level,
+    })
 }
 
 /// `[storage]`: `files` (the default: `tls.dir`, nothing shared) or `redis` with a `redis://` or

@@ -7,6 +7,7 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::ServiceBuilder;
+use tower_http::compression::Compression;
 
 use super::plain::PlainHttpService;
 use crate::acme::Http01Tokens;
@@ -14,6 +15,9 @@ use crate::body::BufferBudget;
 use crate::config::{Config, Limits};
 use crate::context::TrustedProxies;
 use crate::metrics::{Listener, Metrics};
+use crate::middleware::compression::{
+    CompressWhen, PadCompressedHtml, PadCompressedHtmlLayer, compression_layer,
+};
 use crate::middleware::host::HostPorts;
 use crate::middleware::record::RecordResponse;
 use crate::middleware::{
@@ -28,29 +32,37 @@ use crate::static_files::{StaticFiles, StaticOrProxy};
 use crate::store::SharedStore;
 
 type HttpsStack = RecordResponse<
-    RewriteHeaders<
-        RewriteHeaders<
-            Gated<
-                Gated<
+    Compression<
+        PadCompressedHtml<
+            RewriteHeaders<
+                RewriteHeaders<
                     Gated<
-                        CspCollector<
-                            Guarded<
-                                Guarded<
-                                    Guarded<RateLimit<StaticOrProxy>, ClearSiteDataOnLogout>,
-                                    LoginLockout,
+                        Gated<
+                            Gated<
+                                CspCollector<
+                                    Guarded<
+                                        Guarded<
+                                            Guarded<
+                                                RateLimit<StaticOrProxy>,
+                                                ClearSiteDataOnLogout,
+                                            >,
+                                            LoginLockout,
+                                        >,
+                                        CrossOriginGuard,
+                                    >,
                                 >,
-                                CrossOriginGuard,
+                                Maintenance,
                             >,
+                            HostAllowlist,
                         >,
-                        Maintenance,
+                        RequestHeadCheck,
                     >,
-                    HostAllowlist,
+                    CookieHardening,
                 >,
-                RequestHeadCheck,
+                SecurityHeaderPolicy,
             >,
-            CookieHardening,
         >,
-        SecurityHeaderPolicy,
+        CompressWhen,
     >,
 >;
 type PlainStack = RecordResponse<RewriteHeaders<PlainHttpService, SecurityHeaderPolicy>>;
@@ -103,6 +115,8 @@ impl Runtime {
                 Listener::Https,
                 trusted_proxies.clone(),
             ))
+            .layer(compression_layer(&config.compression))
+            .layer(PadCompressedHtmlLayer::new(&config.compression))
             .layer(RewriteHeadersLayer::new(SecurityHeaderPolicy::for_https(
                 &config.headers,
             )))

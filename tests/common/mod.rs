@@ -253,6 +253,18 @@ async fn upstream_handler(
                 .body(full(vec![b'm'; 200 * 1024]))
                 .expect("response")
         }
+        // A Django REST framework-like JSON list, and an HTML page with a CSRF token in it.
+        "/api/items/" => Response::builder()
+            .header("content-type", "application/json")
+            .body(full(api_items()))
+            .expect("response"),
+        "/page/" => Response::builder()
+            .header("content-type", "text/html; charset=utf-8")
+            .body(full(format!(
+                "<!doctype html><html><body><form><input type=\"hidden\" name=\"csrfmiddlewaretoken\" value=\"s3cr3t\">{}</form></body></html>",
+                "<p>Hello, reflected world.</p>".repeat(100)
+            )))
+            .expect("response"),
         // A login form as Django's: a wrong password gets the form again (200), the right one a redirect.
         // `/login/slow/` takes half a second to decide, as a password hash does.
         p if p.starts_with("/login/") => {
@@ -314,6 +326,16 @@ async fn upstream_handler(
         }
     };
     Ok(response)
+}
+
+/// The `/api/items/` body: 100 objects, about 9 KiB of JSON.
+pub fn api_items() -> String {
+    let items: Vec<String> = (0..100)
+        .map(|i| {
+            format!("{{\"id\":{i},\"name\":\"item {i}\",\"price\":\"{i}.00\",\"in_stock\":true}}")
+        })
+        .collect();
+    format!("{{\"count\":100,\"results\":[{}]}}", items.join(","))
 }
 
 /// Parses the echo body back into (name, value) pairs.
