@@ -136,6 +136,28 @@ class Contender:
             self.proc = None
 
 
+def portcullis_toml(port, tmp, cert, key, upstream, extra="", workers=1):
+    """The config every benchmark runs portcullis with: one listener, the test certificate, no access log;
+    `upstream` is the `[upstream]` body, `extra` more sections."""
+    return f"""
+[server]
+https = "127.0.0.1:{port}"
+domains = ["localhost", "127.0.0.1"]
+workers = {workers}
+[tls]
+source = "files"
+cert = "{cert}"
+key = "{key}"
+dir = "{tmp}/state"
+[upstream]
+{upstream}
+[log]
+access = false
+level = "warn"
+{extra}
+"""
+
+
 class Portcullis(Contender):
     def __init__(self, port, tmp, workers=1, backends=1):
         name = "portcullis" if workers == 1 else f"portcullis-{workers}w"
@@ -148,27 +170,8 @@ class Portcullis(Contender):
 
     def command(self, cert, key, pem):
         conf = self.tmp / f"{self.name}.toml"
-        conf.write_text(f"""
-[server]
-https = "127.0.0.1:{self.port}"
-domains = ["localhost", "127.0.0.1"]
-workers = {self.workers}
-[tls]
-source = "files"
-cert = "{cert}"
-key = "{key}"
-dir = "{self.tmp}/state"
-[upstream]
-{self.upstream}
-[[static]]
-url = "/static/"
-dir = "{self.tmp}/static"
-[limits]
-max_connections = 20000
-[log]
-access = false
-level = "warn"
-""")
+        extra = f'[[static]]\nurl = "/static/"\ndir = "{self.tmp}/static"\n[limits]\nmax_connections = 20000\n'
+        conf.write_text(portcullis_toml(self.port, self.tmp, cert, key, self.upstream, extra, self.workers))
         return [str(ROOT / "target/release/portcullis"), "run", "--config", str(conf)], {}
 
 

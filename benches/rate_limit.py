@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import LOAD_CORE, ROOT, UPSTREAM_PORT, Contender, make_cert, run, wait_port  # noqa: E402
+from load import LOAD_CORE, ROOT, UPSTREAM_PORT, Contender, make_cert, portcullis_toml, run, wait_port  # noqa: E402
 
 REDIS_PORT = 18379
 POST_SCRIPT = """
@@ -33,24 +33,9 @@ class Variant(Contender):
         self.extra = extra
 
     def command(self, cert, key, pem):
-        conf = self.tmp / f"{self.name}.toml"
-        conf.write_text(f"""
-[server]
-https = "127.0.0.1:{self.port}"
-domains = ["localhost", "127.0.0.1"]
-workers = 1
-[tls]
-source = "files"
-cert = "{cert}"
-key = "{key}"
-dir = "{self.tmp}/state"
-[upstream]
-url = "http://127.0.0.1:{UPSTREAM_PORT}"
-[log]
-access = false
-level = "warn"
-{self.extra}
-""")
+        conf = self.tmp / f"{self.name.replace(' ', '-')}.toml"
+        upstream = f'url = "http://127.0.0.1:{UPSTREAM_PORT}"'
+        conf.write_text(portcullis_toml(self.port, self.tmp, cert, key, upstream, self.extra))
         return [str(ROOT / "target/release/portcullis"), "run", "--config", str(conf)], {}
 
 

@@ -11,15 +11,8 @@ missing=()
 for program in podman runc mmdebstrap; do
   command -v "$program" >/dev/null || missing+=("$program")
 done
-if ((${#missing[@]})); then
-  echo "installing from Debian: ${missing[*]}"
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "error: need root to install ${missing[*]} (or install them yourself)" >&2
-    exit 1
-  fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source scripts/install-packages.sh
+install_packages "${missing[@]}"
 # crun fails here ("cgroups in hybrid mode not supported"); these flags are what works (containers.md).
 podman=(podman --runtime runc)
 limits=(--network host --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)

@@ -20,15 +20,8 @@ command -v haproxy >/dev/null || missing+=(haproxy)
 command -v goaccess >/dev/null || missing+=(goaccess)
 command -v fail2ban-regex >/dev/null || missing+=(fail2ban)
 command -v redis-server >/dev/null || missing+=(redis-server)
-if ((${#missing[@]})); then
-  echo "installing from Debian: ${missing[*]}"
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "error: need root to install ${missing[*]} (or install them yourself)" >&2
-    exit 1
-  fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source scripts/install-packages.sh
+install_packages "${missing[@]}"
 
 venv="$PWD/target/test-venv"
 if ! "$venv/bin/python" -c 'import django, gunicorn' 2>/dev/null; then

@@ -8,27 +8,11 @@ use std::process::Command;
 
 use common::*;
 
+/// The response head curl received (lowercased), the body discarded.
 fn curl(args: &[&str]) -> String {
-    let output = Command::new("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "20",
-            "--dump-header",
-            "-",
-            "--output",
-            "/dev/null",
-        ])
-        .args(args)
-        .output()
-        .expect("curl is installed (scripts/test.sh installs it)");
-    assert!(
-        output.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).to_ascii_lowercase()
+    let mut all = vec!["--dump-header", "-", "--output", "/dev/null"];
+    all.extend_from_slice(args);
+    curl_output(&all).to_ascii_lowercase()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -517,21 +517,6 @@ async fn django_private_media_is_sent_by_the_proxy_after_the_login_check() {
     proxy.stop().await;
 }
 
-/// `curl` with these arguments; its output, which must be a success.
-fn curl(args: &[&str]) -> String {
-    let output = Command::new("curl")
-        .args(["-sS", "--max-time", "20"])
-        .args(args)
-        .output()
-        .expect("curl is installed (scripts/test.sh installs it)");
-    assert!(
-        output.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// The first minute of a new user: `portcullis reverse-proxy --domain localhost --to ...` in front of
 /// the Django app, no config file. curl sees HTTPS from the local CA, the security headers, hardened
 /// cookies, the redirect from http:// and the static files; `--print-config` is a config `check` accepts.
@@ -625,7 +610,7 @@ async fn the_one_line_start_serves_django_with_every_default() {
     let curl_https = |path: &str| {
         let (root, resolve, url) = (root.clone(), resolve.clone(), format!("{base}{path}"));
         tokio::task::spawn_blocking(move || {
-            curl(&["--cacert", &root, "--resolve", &resolve, "--include", &url])
+            curl_output(&["--cacert", &root, "--resolve", &resolve, "--include", &url])
         })
     };
 
@@ -661,7 +646,7 @@ async fn the_one_line_start_serves_django_with_every_default() {
     assert!(stylesheet.contains("content-type: text/css"));
 
     let plain = format!("http://localhost:{}/admin/?next=1", http.port());
-    let redirect = tokio::task::spawn_blocking(move || curl(&["--include", &plain]))
+    let redirect = tokio::task::spawn_blocking(move || curl_output(&["--include", &plain]))
         .await
         .expect("curl")
         .to_ascii_lowercase();

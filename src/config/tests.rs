@@ -831,13 +831,28 @@ fn compression_is_on_for_everything_but_html_and_names_its_mistakes() {
         config.summary()
     );
     for (line, key, expected) in [
-        ("encodings = [\"deflate\"]", "compression.encodings", "is not one of"),
+        (
+            "encodings = [\"deflate\"]",
+            "compression.encodings",
+            "is not one of",
+        ),
         ("encodings = []", "compression.encodings", "at least one"),
-        ("types = [\"text/html\"]", "compression.types", "compression.html = true"),
-        ("types = [\"text\"]", "compression.types", "is not a media type"),
+        (
+            "types = [\"text/html\"]",
+            "compression.types",
+            "compression.html = true",
+        ),
+        (
+            "types = [\"text\"]",
+            "compression.types",
+            "is not a media type",
+        ),
         ("level = 11", "compression.level", "1..=9"),
     ] {
         let err = error_of(&format!("{MINIMAL}[compression]\n{line}\n"));
-        assert!(err.contains(&format!("`{key}`")) && err.contains(expected), "{line}: {err}");
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains(expected),
+            "{line}: {err}"
+        );
     }
 }

@@ -4,18 +4,12 @@
 // Usage: node cross_site_form.cjs ATTACKER_PAGE_URL TARGET_URL
 "use strict";
 
-const { chromium } = require("playwright-core");
+const { launch, run } = require("./launch.cjs");
 
 const [attacker, target] = process.argv.slice(2);
 
 async function main() {
-  const browser = await chromium.launch({
-    executablePath: process.env.PORTCULLIS_TEST_CHROMIUM || "/usr/bin/chromium",
-    args: [
-      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    ],
-  });
+  const browser = await launch();
   try {
     const context = await browser.newContext({ ignoreHTTPSErrors: true });
     const page = await context.newPage();
@@ -35,9 +29,4 @@ async function main() {
   }
 }
 
-main()
-  .then((report) => console.log(JSON.stringify(report)))
-  .catch((error) => {
-    console.log(JSON.stringify({ error: String((error && error.stack) || error) }));
-    process.exitCode = 1;
-  });
+run(main);

@@ -4,22 +4,17 @@
 // Usage: node csp_report.cjs PAGE_URL METRICS_URL
 "use strict";
 
-const { chromium } = require("playwright-core");
+const { launch, run } = require("./launch.cjs");
 
 const [pageUrl, metricsUrl] = process.argv.slice(2);
 const counted = 'portcullis_csp_reports_total{directive="script-src-elem"}';
 
 async function main() {
-  const browser = await chromium.launch({
-    executablePath: process.env.PORTCULLIS_TEST_CHROMIUM || "/usr/bin/chromium",
-    args: [
-      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-      // Reports are batched for a minute; tests (like Chromium's own) send them at once. Report
-      // uploads do not use the page's certificate exception, so the local CA is accepted outright.
-      "--short-reporting-delay", "--ignore-certificate-errors",
-    ],
-  });
+  const browser = await launch([
+    // Reports are batched for a minute; tests (like Chromium's own) send them at once. Report
+    // uploads do not use the page's certificate exception, so the local CA is accepted outright.
+    "--short-reporting-delay", "--ignore-certificate-errors",
+  ]);
   try {
     const context = await browser.newContext({ ignoreHTTPSErrors: true });
     await context.addInitScript(() => {
@@ -46,9 +41,4 @@ async function main() {
   }
 }
 
-main()
-  .then((report) => console.log(JSON.stringify(report)))
-  .catch((error) => {
-    console.log(JSON.stringify({ error: String((error && error.stack) || error) }));
-    process.exitCode = 1;
-  });
+run(main);

@@ -4,20 +4,13 @@
 // asserts on the JSON this prints. Usage: node django_admin.cjs https://localhost:PORT PASSWORD
 "use strict";
 
-const { chromium } = require("playwright-core");
+const { launch, run } = require("./launch.cjs");
 
 const [base, password] = process.argv.slice(2);
 const report = { pages: [], violations: [], consoleErrors: [], failed: [], styled: [] };
 
 async function main() {
-  const browser = await chromium.launch({
-    executablePath: process.env.PORTCULLIS_TEST_CHROMIUM || "/usr/bin/chromium",
-    // Flags for a closed, loopback-only machine (no background fetches to Google).
-    args: [
-      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    ],
-  });
+  const browser = await launch();
   try {
     // The local CA is not in Chromium's store; TLS itself is verified by the rustls and curl tests.
     const context = await browser.newContext({ ignoreHTTPSErrors: true });
@@ -68,9 +61,7 @@ async function main() {
   }
 }
 
-main()
-  .then(() => console.log(JSON.stringify(report)))
-  .catch((error) => {
-    console.log(JSON.stringify({ ...report, error: String(error && error.stack || error) }));
-    process.exitCode = 1;
-  });
+run(async () => {
+  await main();
+  return report;
+}, () => report);

@@ -338,6 +338,21 @@ pub fn api_items() -> String {
     format!("{{\"count\":100,\"results\":[{}]}}", items.join(","))
 }
 
+/// `curl -sS --max-time 20` with these arguments: its standard output, which must be a success.
+pub fn curl_output(args: &[&str]) -> String {
+    let output = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl is installed (scripts/test.sh installs it)");
+    assert!(
+        output.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Parses the echo body back into (name, value) pairs.
 pub fn echoed_headers(body: &str) -> Vec<(String, String)> {
     body.lines()

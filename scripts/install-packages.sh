@@ -1,0 +1,12 @@
+# Sourced by the scripts: `install_packages PKG...` installs Debian packages that are missing (root
+# needed, or the caller is told which to install), quietly, failing loudly if apt does.
+install_packages() {
+  (($#)) || return 0
+  echo "installing from Debian: $*"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: need root to install $* (or install them yourself)" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
