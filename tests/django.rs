@@ -1066,17 +1066,31 @@ async fn a_cross_site_form_in_a_real_browser_is_refused_by_default() {
 #[ignore = "needs Django, Gunicorn, Chromium and playwright-core: run scripts/test.sh"]
 async fn a_blocked_inline_script_is_reported_by_a_real_browser_to_the_collector() {
     let django = Django::start(Bind::Tcp).await;
-    let proxy = Proxy::start(
-        &django.upstream_url,
-        "[metrics]\nlisten = \"127.0.0.1:0\"\n[csp_reports]\n",
+    // The binary, so its security log can be read as an operator reads it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics_port = fixed_port();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nhttps = \"127.0.0.1:0\"\ndomains = [\"localhost\"]\n[tls]\nsource = \"local\"\n\
+             dir = \"{}\"\n[upstream]\nurl = \"{}\"\n[log]\nformat = \"json\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[csp_reports]\n",
+            dir.path().join("state").display(),
+            django.upstream_url
+        ),
     )
-    .await;
-    let page = format!("https://localhost:{}/inline-script/", proxy.https.port());
-    let metrics = format!(
-        "http://{}/metrics",
-        proxy.server().metrics_addr.expect("metrics")
-    );
-    let report = run_browser("csp_report.cjs", vec![page, metrics]).await;
+    .expect("config");
+    let proxy = Running::start(&config);
+    let line = proxy.wait_for_log("portcullis is serving").await;
+    let started: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    let https: std::net::SocketAddr = started["https"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("https address");
+    let page = format!("https://localhost:{}/inline-script/", https.port());
+    let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let report = run_browser("csp_report.cjs", vec![page.clone(), metrics]).await;
     assert_eq!(
         report["title"], "inline",
         "the script was blocked: {report}"
@@ -1089,12 +1103,22 @@ async fn a_blocked_inline_script_is_reported_by_a_real_browser_to_the_collector(
         report["metric"], "portcullis_csp_reports_total{directive=\"script-src-elem\"} 1",
         "the report reached the collector: {report}"
     );
+    // And the security log has it, with what the browser said.
+    let event: serde_json::Value =
+        serde_json::from_str(&proxy.wait_for_log("\"cause\":\"csp_report\"").await).expect("JSON");
+    assert_eq!(event["client"], "127.0.0.1", "{event}");
+    assert_eq!(event["path"], "/_portcullis/csp-report");
+    let detail = event["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with("script-src-elem blocked inline on ")
+            && detail.contains("/inline-script/"),
+        "{event}"
+    );
     assert_eq!(
         django.requests_seen("POST", "/_portcullis/csp-report"),
         0,
         "reports never reach Gunicorn"
     );
-    proxy.stop().await;
 }
 
 /// A deploy with two real Gunicorns (one gthread with `--keep-alive 2`, one with sync workers) under
