@@ -1,6 +1,6 @@
-//! Shared state for replicas in Redis (`[storage] backend = "redis"`): today the `[[rate_limit]]`
-//! budgets, one atomic script and one round trip per rate-limited request, so a client's budget holds
-//! across every replica. Redis is never waited on for long: each call has a deadline, and after a failure
+//! Shared state for replicas in Redis (`[storage] backend = "redis"`): the `[[rate_limit]]` budgets, one
+//! atomic script and one round trip per rate-limited request, so a client's budget holds across every
+//! replica; and values set once (the local CA, `server::certificates`). Redis is never waited on for long: each call has a deadline, and after a failure
 //! the store is skipped for a second (callers count locally meanwhile) and tried again, so an outage
 //! costs nothing but the sharing. The connection is made lazily and remade by redis-rs's
 //! `ConnectionManager`, so the store comes back by itself.
@@ -197,26 +197,53 @@ impl SharedStore {
         let mut connection = self.connection.clone();
         let mut invocation = self.take_token.key(key);
         invocation.arg(capacity).arg(period_ms);
-        let call = invocation.invoke_async::<u64>(&mut connection);
+        let wait_ms = self
+            .deadline(invocation.invoke_async::<u64>(&mut connection))
+            .await?;
+        Ok(if wait_ms == 0 {
+            Ok(())
+        } else {
+            Err(Duration::from_millis(wait_ms))
+        })
+    }
+
+    /// The value at `name`, if any.
+    pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = format!("{}{name}", self.key_prefix);
+        let mut connection = self.connection.clone();
+        let mut command = redis::cmd("GET");
+        command.arg(key);
+        self.deadline(command.query_async::<Option<Vec<u8>>>(&mut connection))
+            .await
+    }
+
+    /// Stores `value` at `name` unless something is there already; whether it was stored.
+    pub async fn set_if_absent(&self, name: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let key = format!("{}{name}", self.key_prefix);
+        let mut connection = self.connection.clone();
+        let mut command = redis::cmd("SET");
+        command.arg(key).arg(value).arg("NX");
+        let stored = self
+            .deadline(command.query_async::<Option<String>>(&mut connection))
+            .await?;
+        Ok(stored.is_some())
+    }
+
+    /// One call under `CALL_DEADLINE`, with the store's health kept.
+    async fn deadline<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
         let result = match tokio::time::timeout(CALL_DEADLINE, call).await {
-            Ok(Ok(wait_ms)) => Ok(wait_ms),
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(StoreError::Redis(e)),
             Err(_) => Err(StoreError::Timeout(CALL_DEADLINE)),
         };
-        match result {
-            Ok(wait_ms) => {
-                self.succeeded();
-                Ok(if wait_ms == 0 {
-                    Ok(())
-                } else {
-                    Err(Duration::from_millis(wait_ms))
-                })
-            }
-            Err(e) => {
-                self.failed(&e);
-                Err(e)
-            }
+        match &result {
+            Ok(_) => self.succeeded(),
+            Err(e) => self.failed(e),
         }
+        result
     }
 
     /// Whether a call now would be skipped (a failure within the last second).

@@ -257,3 +257,65 @@ async fn check_connect_reaches_redis_with_the_password_from_the_environment() {
     let (ok, text) = check(Some("correct-horse"));
     assert!(!ok && text.contains("`storage.url`"), "{text}");
 }
+
+/// The local CA shared: three replicas started at once on one Redis, each with its own `tls.dir`,
+/// agree on one root (the first stored wins, the others take it), so a client that trusts one replica's
+/// root is served by all of them; a replica restarted later takes the same root again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: run scripts/test.sh"]
+async fn replicas_serve_one_local_ca_through_redis() {
+    let redis = Redis::start().await;
+    let upstream = Upstream::start().await;
+    let prefix = format!("ca-{}:", std::process::id());
+    let config = format!(
+        "[storage]\nbackend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\n",
+        redis.url()
+    );
+    let upstream_url = format!("http://{}", upstream.addr);
+    let (a, b, c) = tokio::join!(
+        Proxy::start(&upstream_url, &config),
+        Proxy::start(&upstream_url, &config),
+        Proxy::start(&upstream_url, &config),
+    );
+    let roots: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|p| std::fs::read_to_string(&p.root).expect("root"))
+        .collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "one root for all");
+    // A client trusting the first replica's root is served by every replica.
+    for replica in [&a, &b, &c] {
+        let mut client = Client::connect(replica.https, "localhost", &a.root, &[b"h2"])
+            .await
+            .expect("the shared root verifies every replica");
+        let (response, _) = client.get("/", replica.https.port()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    // A fourth replica, later, with a CA of its own already in its folder, takes the shared one.
+    let mut late = Proxy::start(&upstream_url, "").await;
+    let own = std::fs::read_to_string(&late.root).expect("root");
+    assert_ne!(own, roots[0]);
+    let first_run = late.server.take().expect("running");
+    first_run.shutdown();
+    tokio::time::timeout(LIMIT, first_run.wait())
+        .await
+        .expect("stops in time");
+    // `late` keeps its folder, with its own CA in it.
+    let dir = late.dir.path().to_path_buf();
+    assert!(dir.join("local/root.key").exists());
+    let text = format!(
+        "[server]\nhttps = \"127.0.0.1:0\"\ndomains = [\"localhost\"]\n[tls]\nsource = \"local\"\ndir = \"{}\"\n\
+         [upstream]\nurl = \"{upstream_url}\"\n{config}",
+        dir.display()
+    );
+    let restarted = portcullis::server::start(
+        portcullis::config::Config::parse(&text, "test", None).expect("config"),
+    )
+    .await
+    .expect("starts");
+    let root = restarted.local_ca_root.clone().expect("root");
+    assert_eq!(std::fs::read_to_string(root).expect("root"), roots[0]);
+    restarted.shutdown();
+    for replica in [a, b, c] {
+        replica.stop().await;
+    }
+}

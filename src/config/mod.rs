@@ -624,7 +624,7 @@ impl Config {
         }
         if let Some(redis) = &self.redis {
             out.push_str(&format!(
-                "storage:  redis {} (keys {}*): login budgets shared by every replica\n",
+                "storage:  redis {} (keys {}*): login budgets and the local CA shared by every replica\n",
                 redis.url, redis.key_prefix
             ));
         }

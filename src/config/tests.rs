@@ -743,10 +743,9 @@ fn storage_is_files_unless_redis_is_named_and_keeps_passwords_out_of_sight() {
     assert_eq!(redis.url, "rediss://cache.internal:6380/2");
     assert_eq!(redis.key_prefix, "portcullis:");
     assert!(
-        config
-            .warnings
-            .iter()
-            .any(|w| w.contains("still live in each replica's tls.dir"))
+        config.warnings.iter().any(
+            |w| w.contains("ACME certificates and orders still live in each replica's tls.dir")
+        )
     );
     // A password in the URL works, is warned about, and never printed.
     let config = parse(&format!(

@@ -1231,8 +1231,8 @@ fn validate_storage(
                 ));
             }
             warnings.push(
-                "storage.backend = \"redis\" shares the login budgets ([[rate_limit]]) across replicas; \
-                 certificates and ACME orders still live in each replica's tls.dir"
+                "storage.backend = \"redis\" shares the login budgets ([[rate_limit]]) and the local CA \
+                 across replicas; ACME certificates and orders still live in each replica's tls.dir"
                     .into(),
             );
             Ok(Some(RedisStorage {

@@ -10,8 +10,72 @@ use tokio::task::JoinHandle;
 use super::ServerError;
 use crate::acme::{AcmeManager, AcmeStatus, Http01Tokens};
 use crate::config::{Config, Domains, TlsSource};
+use crate::store::SharedStore;
 use crate::tls::CertResolver;
 use crate::tls::local_ca::{self, LocalCa};
+
+/// The shared store's name for the local CA (its root and key, one JSON value).
+const SHARED_LOCAL_CA: &str = "local-ca";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedCa {
+    root_pem: String,
+    key_pem: String,
+}
+
+/// With `[storage] backend = "redis"` and the local CA, every replica serves one CA: the first to start
+/// stores its root and key (set only if absent, so two starting at once agree on one), the others take
+/// it into their `tls.dir` before issuing. Redis unreachable: this replica keeps its own CA and says so.
+/// The key is in Redis in the clear: a development CA, for a development setup.
+pub(super) async fn share_local_ca(dir: &std::path::Path, store: &SharedStore) {
+    let adopt = |bytes: Vec<u8>| {
+        let shared: SharedCa = match serde_json::from_slice(&bytes) {
+            Ok(shared) => shared,
+            Err(e) => {
+                tracing::error!(error = %e, "the local CA in redis is not readable; keeping this replica's own");
+                return;
+            }
+        };
+        let same = LocalCa::stored_pems(dir).is_ok_and(|(root, _)| root == shared.root_pem);
+        if same {
+            return;
+        }
+        match LocalCa::install_pems(dir, &shared.root_pem, &shared.key_pem) {
+            Ok(()) => tracing::info!("took the local CA the other replicas serve, from redis"),
+            Err(e) => {
+                tracing::error!(error = %e, "the local CA in redis does not load; keeping this replica's own")
+            }
+        }
+    };
+    match store.get(SHARED_LOCAL_CA).await {
+        Ok(Some(bytes)) => adopt(bytes),
+        Ok(None) => {
+            let pems = LocalCa::open(dir).and_then(|_| LocalCa::stored_pems(dir));
+            let Ok((root_pem, key_pem)) = pems else {
+                return;
+            };
+            let Ok(bytes) = serde_json::to_vec(&SharedCa { root_pem, key_pem }) else {
+                return;
+            };
+            match store.set_if_absent(SHARED_LOCAL_CA, &bytes).await {
+                Ok(true) => {
+                    tracing::info!("stored this replica's local CA in redis for the others")
+                }
+                Ok(false) => {
+                    if let Ok(Some(theirs)) = store.get(SHARED_LOCAL_CA).await {
+                        adopt(theirs);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot share the local CA; this replica serves its own")
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "redis unreachable at start; this replica serves its own local CA")
+        }
+    }
+}
 
 /// Gets the first certificate in place (or starts getting it) and spawns its renewal.
 pub(super) fn provision_certificates(

@@ -96,6 +96,14 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let metrics_listener = config.metrics.map(bind).transpose()?;
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
+    let metrics = Arc::new(Metrics::default());
+    let store = match &config.redis {
+        Some(redis) => Some(SharedStore::open(redis, metrics.clone())?),
+        None => None,
+    };
+    if let (Some(store), TlsSource::Local) = (&store, &config.tls.source) {
+        certificates::share_local_ca(&config.tls.dir, store).await;
+    }
     let mut background = Vec::new();
     let (domains, domain_updates) = watch::channel(config.server.domains.clone());
     let (local_ca_root, acme_status) =
@@ -103,11 +111,6 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 
     let tls_config =
         crate::tls::server_config(resolver.clone(), config.tls.source == TlsSource::Acme)?;
-    let metrics = Arc::new(Metrics::default());
-    let store = match &config.redis {
-        Some(redis) => Some(SharedStore::open(redis, metrics.clone())?),
-        None => None,
-    };
     let fixed = Fixed {
         store,
         tokens,
@@ -295,6 +298,7 @@ impl RunningServer {
             needs_restart.push("limits.buffer_memory");
         }
         if new.redis != old.redis {
+            // The store is opened once, at start (and the local CA taken from it then).
             needs_restart.push("[storage]");
         }
         match &new.tls.source {

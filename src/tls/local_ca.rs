@@ -70,6 +70,30 @@ impl LocalCa {
         })
     }
 
+    /// The root certificate and key as stored in `dir/local`, to share with other replicas.
+    pub fn stored_pems(dir: &Path) -> Result<(String, String), TlsError> {
+        let ca_dir = dir.join("local");
+        let read = |name: &str| {
+            let path = ca_dir.join(name);
+            std::fs::read_to_string(&path).map_err(|e| TlsError::io(&path, e))
+        };
+        Ok((read("root.crt")?, read("root.key")?))
+    }
+
+    /// Puts another replica's root in `dir/local` (key first, 0600), replacing this one's; checked
+    /// before anything is written: a root and key that do not load are refused.
+    pub fn install_pems(dir: &Path, root_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Issuer::from_ca_cert_pem(root_pem, key)?;
+        let ca_dir = dir.join("local");
+        create_private_dir(&ca_dir).map_err(|e| TlsError::io(&ca_dir, e))?;
+        let (root_path, key_path) = (ca_dir.join("root.crt"), ca_dir.join("root.key"));
+        write_atomic(&key_path, key_pem.as_bytes(), SECRET)
+            .map_err(|e| TlsError::io(&key_path, e))?;
+        write_atomic(&root_path, root_pem.as_bytes(), PUBLIC)
+            .map_err(|e| TlsError::io(&root_path, e))
+    }
+
     pub fn root_pem(&self) -> &str {
         &self.root_pem
     }
