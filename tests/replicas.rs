@@ -319,3 +319,40 @@ async fn replicas_serve_one_local_ca_through_redis() {
         replica.stop().await;
     }
 }
+
+/// A Redis that accepts connections and never answers (a hung server, a black-holed network): login
+/// POSTs are still served, each replica deciding alone, and the metrics say the store is down. Needs no
+/// redis-server: the black hole is a listener of the test's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_never_answers_costs_no_request() {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hole_addr = hole.local_addr().expect("addr");
+    let swallow = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let (upstream, proxy) = Proxy::with_upstream(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[storage]\nbackend = \"redis\"\nurl = \"redis://{hole_addr}/0\"\n\
+         [[rate_limit]]\npath = \"/admin/login/\"\nrequests = 2\nper = \"1h\"\n"
+    ))
+    .await;
+    let client: IpAddr = [127, 0, 0, 1].into();
+    for _ in 0..2 {
+        assert_eq!(login_post(&proxy, client).await, StatusCode::OK);
+    }
+    // The local budget still holds while the store cannot answer.
+    assert_eq!(
+        login_post(&proxy, client).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(upstream.count(), 2);
+    let scrape = scrape_metrics(proxy.server().metrics_addr.expect("metrics")).await;
+    assert_eq!(gauge(&scrape, "store_up"), 0.0, "{scrape}");
+    assert!(gauge(&scrape, "rate_limit_local_total") >= 3.0, "{scrape}");
+    swallow.abort();
+    proxy.stop().await;
+}
