@@ -1,8 +1,13 @@
 //! A cheap, fixed upstream for the load benchmarks (benches/load.py): every request gets the same ~1 KB
 //! HTML page and one bare `Set-Cookie`, so the proxy's own cost dominates what is measured.
 //! Usage: bench_upstream [PORT] (default 18080), serving on 127.0.0.1 with one runtime thread.
+//! `GET /__connections` answers how many connections it has accepted (benches/pool.py counts the
+//! proxy's new upstream connections with it).
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static ACCEPTED: AtomicU64 = AtomicU64::new(0);
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -34,12 +39,17 @@ fn main() -> std::io::Result<()> {
         let body = page();
         loop {
             let (stream, _) = listener.accept().await?;
+            ACCEPTED.fetch_add(1, Ordering::Relaxed);
             let _ = stream.set_nodelay(true);
             let body = body.clone();
             tokio::spawn(async move {
                 let service =
-                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                        let body = body.clone();
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let body = if req.uri().path() == "/__connections" {
+                            Bytes::from(ACCEPTED.load(Ordering::Relaxed).to_string())
+                        } else {
+                            body.clone()
+                        };
                         async move {
                             let mut response = Response::new(Full::new(body));
                             let headers = response.headers_mut();

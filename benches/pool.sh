@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Does the upstream pool churn under more concurrent streams than idle slots (issue 15)? Installs h2load
+# if missing, builds the release binary and the bench upstream, runs benches/pool.py.
+# Usage: benches/pool.sh [--rounds N] [--seconds S]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/install-packages.sh
+need=()
+for tool in h2load:nghttp2-client openssl:openssl taskset:util-linux; do
+  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+done
+install_packages "${need[@]}"
+cargo build --release --locked --bin portcullis --example bench_upstream
+python3 benches/pool.py "$@"
