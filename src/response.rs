@@ -80,6 +80,15 @@ pub fn refused(
     refusal(status, reason, SecurityEvent::with_detail(cause, reason))
 }
 
+/// `Retry-After` (RFC 9110 §10.2.3) in whole seconds, rounded up so a retry at that time finds what was
+/// missing, and at least 1.
+pub fn set_retry_after<B>(response: &mut Response<B>, wait: std::time::Duration) {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+}
+
 /// A small HTML page for `status` with no internals: for answers that are not failures (a static file
 /// that does not exist is an ordinary 404, like Django's own).
 pub fn status_page(status: StatusCode) -> Response<ProxyBody> {

@@ -356,12 +356,7 @@ fn validate_clear_site_data(
         ));
     }
     for path in &c.paths {
-        if !path.starts_with('/') || path.contains(['?', '#', '%']) {
-            return Err(ctx.invalid(
-                &format!("{key}.paths"),
-                format!("`{path}` must be a path like \"/accounts/logout/\""),
-            ));
-        }
+        check_path_prefix(ctx, &format!("{key}.paths"), path, "/accounts/logout/")?;
     }
     let value = c
         .value
@@ -1034,6 +1029,18 @@ fn validate_errors(e: raw::RawErrors, ctx: &Ctx) -> Result<ErrorPages, ConfigErr
     })
 }
 
+/// A path prefix the rules match `route_path`'s normal form against: it must be a plain path (no query,
+/// fragment or percent-encoding, which the normal form never contains).
+fn check_path_prefix(ctx: &Ctx, key: &str, path: &str, example: &str) -> Result<(), ConfigError> {
+    if !path.starts_with('/') || path.contains(['?', '#', '%']) {
+        return Err(ctx.invalid(
+            key,
+            format!("`{path}` must be a path prefix like \"{example}\""),
+        ));
+    }
+    Ok(())
+}
+
 /// `[[rate_limit]]`: a path prefix, methods (POST by default: a login form's GET is harmless), and a
 /// budget of at least one request per at least a second.
 fn validate_rate_limits(
@@ -1043,12 +1050,7 @@ fn validate_rate_limits(
     let mut rules = Vec::new();
     for (i, r) in raw.into_iter().enumerate() {
         let key = |field: &str| format!("rate_limit[{i}].{field}");
-        if !r.path.starts_with('/') || r.path.contains(['?', '#', '%']) {
-            return Err(ctx.invalid(
-                &key("path"),
-                format!("`{}` must be a path like \"/admin/login/\"", r.path),
-            ));
-        }
+        check_path_prefix(ctx, &key("path"), &r.path, "/admin/login/")?;
         let mut methods = Vec::new();
         for m in r.methods.unwrap_or_else(|| vec!["POST".into()]) {
             let method = http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
@@ -1274,12 +1276,7 @@ fn validate_login_lockouts(
     let mut rules = Vec::new();
     for (i, r) in raw.into_iter().enumerate() {
         let key = |field: &str| format!("login_lockout[{i}].{field}");
-        if !r.path.starts_with('/') || r.path.contains(['?', '#', '%']) {
-            return Err(ctx.invalid(
-                &key("path"),
-                format!("`{}` must be a path like \"/admin/login/\"", r.path),
-            ));
-        }
+        check_path_prefix(ctx, &key("path"), &r.path, "/admin/login/")?;
         let failures = r.failures.unwrap_or(5);
         if !(1..=1000).contains(&failures) {
             return Err(ctx.invalid(&key("failures"), "must be 1..=1000"));
@@ -1343,12 +1340,7 @@ fn validate_cross_origin(
     }
     let mut exempt = Vec::new();
     for path in c.exempt.unwrap_or_default() {
-        if !path.starts_with('/') || path.contains(['?', '#', '%']) {
-            return Err(ctx.invalid(
-                "cross_origin.exempt",
-                format!("`{path}` must be a path prefix like \"/saml/acs/\""),
-            ));
-        }
+        check_path_prefix(ctx, "cross_origin.exempt", &path, "/saml/acs/")?;
         exempt.push(path);
     }
     Ok(CrossOriginPolicy {

@@ -53,15 +53,24 @@ impl Predicate for CompressWhen {
     }
 }
 
-fn media_type(headers: &HeaderMap) -> Option<String> {
+/// The media type without parameters, as sent (compared case-insensitively: asked on every response,
+/// so nothing is allocated).
+fn media_type(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
-    Some(value.split(';').next()?.trim().to_ascii_lowercase())
+    Some(value.split(';').next()?.trim())
+}
+
+fn is_html(headers: &HeaderMap) -> bool {
+    media_type(headers).is_some_and(|t| t.eq_ignore_ascii_case("text/html"))
 }
 
 fn is_compressible(headers: &HeaderMap, policy: &CompressionPolicy) -> bool {
     match media_type(headers) {
-        Some(t) if t == "text/html" => policy.html,
-        Some(t) => policy.types.contains(&t),
+        Some(t) if t.eq_ignore_ascii_case("text/html") => policy.html,
+        Some(t) => policy
+            .types
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(t)),
         None => false,
     }
 }
@@ -183,8 +192,7 @@ where
             let predicate = CompressWhen {
                 policy: policy.clone(),
             };
-            let html = media_type(response.headers()).as_deref() == Some("text/html");
-            if !html || !predicate.should_compress(&response) {
+            if !is_html(response.headers()) || !predicate.should_compress(&response) {
                 return Ok(response);
             }
             let (mut parts, body) = response.into_parts();

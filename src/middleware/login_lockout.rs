@@ -10,14 +10,13 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::header::RETRY_AFTER;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 
 use super::RequestGuard;
 use crate::body::ProxyBody;
 use crate::config::LoginLockoutRule;
 use crate::context::{ConnInfo, TrustedProxies, client_key};
-use crate::response::refusal;
+use crate::response::{refusal, set_retry_after};
 use crate::route_path::route_path;
 use crate::security::{SecurityCause, SecurityEvent};
 
@@ -203,10 +202,7 @@ impl RequestGuard for LoginLockout {
                         format!("login_lockout {}", rule.path),
                     ),
                 );
-                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                set_retry_after(&mut response, wait);
                 Err(Box::new(response))
             }
         }

@@ -15,8 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::future::Either;
-use http::header::RETRY_AFTER;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tower::{Layer, Service};
 
 use super::RequestGate;
@@ -24,7 +23,7 @@ use crate::body::ProxyBody;
 use crate::config::RateLimitRule;
 use crate::context::{ConnInfo, TrustedProxies, client_key};
 use crate::metrics::Metrics;
-use crate::response::refusal;
+use crate::response::{refusal, set_retry_after};
 use crate::route_path::route_path;
 use crate::security::{SecurityCause, SecurityEvent};
 use crate::store::SharedStore;
@@ -97,15 +96,14 @@ impl RateLimiter {
         buckets.take(&self.rules, index, client, now)
     }
 
-    /// Takes one request from every matching rule's budget; `Err((wait, rule))` when one is spent.
-    fn take_from_budgets<B>(
+    /// Takes one request from each of the `matching` rules' local budgets for `client`;
+    /// `Err((wait, rule))` when one is spent (every matching budget is still charged).
+    fn take_local_budgets(
         &self,
-        req: &Request<B>,
+        matching: Vec<usize>,
+        client: IpAddr,
         now: Instant,
     ) -> Result<(), (Duration, usize)> {
-        let Some((matching, client)) = self.budgets_of(req) else {
-            return Ok(());
-        };
         let mut verdict = Ok(());
         for index in matching {
             if let Err(wait) = self.take_local(index, client, now)
@@ -130,10 +128,7 @@ impl RateLimiter {
             "rate limit: too many requests from this client",
             SecurityEvent::with_detail(SecurityCause::RateLimited, format!("rate_limit {path}")),
         );
-        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        set_retry_after(&mut response, wait);
         response
     }
 
@@ -219,8 +214,10 @@ where
             return Either::Left(self.inner.call(req));
         };
         let Some(store) = self.store.clone() else {
-            let now = Instant::now();
-            return match self.limiter.take_from_budgets(&req, now) {
+            return match self
+                .limiter
+                .take_local_budgets(matching, client, Instant::now())
+            {
                 Ok(()) => Either::Left(self.inner.call(req)),
                 Err((wait, index)) => {
                     let refused = self.limiter.over_budget(wait, index);
@@ -324,10 +321,10 @@ fn budget(rule: &RateLimitRule) -> (f64, f64) {
 
 impl RequestGate for RateLimiter {
     fn admit<B>(&self, req: &mut Request<B>) -> Result<(), Box<Response<ProxyBody>>> {
-        if self.is_empty() {
+        let Some((matching, client)) = self.budgets_of(req) else {
             return Ok(());
-        }
-        self.take_from_budgets(req, Instant::now())
+        };
+        self.take_local_budgets(matching, client, Instant::now())
             .map_err(|(wait, index)| Box::new(self.over_budget(wait, index)))
     }
 }

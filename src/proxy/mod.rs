@@ -37,7 +37,7 @@ use crate::body::{BodyError, BufferBudget, ProxyBody, RequestBody, held_bytes};
 use crate::config::{Config, ErrorPages};
 use crate::context::{AccelRedirect, ConnInfo, TrustedProxies, UpstreamBackend, UpstreamTiming};
 use crate::metrics::BackendGauge;
-use crate::response::{Blame, ProxyFailure, error_page, refused};
+use crate::response::{Blame, ProxyFailure, error_page, refused, set_retry_after};
 use crate::security::SecurityCause;
 use headers::{
     ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
@@ -582,11 +582,7 @@ fn all_backends_down(retry_after: Duration) -> Response<ProxyBody> {
         Blame::Upstream,
         "no backend available",
     );
-    let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-    response.headers_mut().insert(
-        http::header::RETRY_AFTER,
-        http::HeaderValue::from(seconds.max(1)),
-    );
+    set_retry_after(&mut response, retry_after);
     response
 }
 
