@@ -231,6 +231,24 @@ fn check_store(redis: &portcullis::config::RedisStorage) -> ExitCode {
                 "store:    {} at {}: reachable, {} keys under {}",
                 report.version, redis.url, report.keys, redis.key_prefix
             );
+            println!(
+                "acme:     {} account(s), {} certificate(s){}",
+                report.accounts,
+                report.certificates.len(),
+                if report.certificates.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", report.certificates.join(", "))
+                }
+            );
+            match &report.secrets {
+                Some(secrets) if secrets.starts_with("error: ") => {
+                    eprintln!("{secrets}");
+                    return ExitCode::FAILURE;
+                }
+                Some(secrets) => println!("secrets:  {secrets}"),
+                None => {}
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

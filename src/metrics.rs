@@ -411,6 +411,18 @@ impl Metrics {
                 &one(f64::from(acme.issued)),
             );
             family(
+                "acme_certificates_loaded_total",
+                "counter",
+                "Certificates installed from storage: at start, and another replica's from the shared store.",
+                &one(f64::from(acme.loaded_from_store)),
+            );
+            family(
+                "acme_lock_held",
+                "gauge",
+                "1 while this replica holds the order lease and is ordering a certificate.",
+                &one(f64::from(u8::from(acme.lock_held))),
+            );
+            family(
                 "acme_failures_total",
                 "counter",
                 "Failed ACME attempts (each is retried with backoff; the old certificate keeps serving).",

@@ -7,6 +7,9 @@ mod common;
 
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
@@ -355,4 +358,365 @@ async fn a_redis_that_never_answers_costs_no_request() {
     assert!(gauge(&scrape, "rate_limit_local_total") >= 3.0, "{scrape}");
     swallow.abort();
     proxy.stop().await;
+}
+
+/// Three `portcullis` processes ordering from pebble through one Redis.
+struct AcmeReplicas {
+    redis: Redis,
+    pebble: common::pebble::Pebble,
+    _upstream: Upstream,
+    dirs: Vec<tempfile::TempDir>,
+    https: Vec<u16>,
+    metrics: Vec<std::net::SocketAddr>,
+    /// `None` once killed.
+    processes: Arc<std::sync::Mutex<Vec<Option<KillOnDrop>>>>,
+    balancer: Balancer,
+    root: std::path::PathBuf,
+}
+
+/// The TCP balancer in front of the replicas that pebble validates through (it dials one port per
+/// challenge type): each connection goes to a replica that does not hold the order lease, read from
+/// the replicas' metrics as the connection arrives. So every validation is answered by a sibling of the
+/// replica that ordered. With `kill_holder`, the first validation instead SIGKILLs the holder and is
+/// dropped: the order dies with its replica.
+struct Balancer {
+    /// (replica the connection went to, replica holding the lease)
+    routed: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
+    killed: Arc<std::sync::Mutex<Option<usize>>>,
+    _tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn lease_holders(metrics: &[std::net::SocketAddr]) -> Vec<Option<bool>> {
+    let mut holders = Vec::new();
+    for addr in metrics {
+        let scrape = tokio::time::timeout(LIMIT, async {
+            let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            drop(stream);
+            Some(scrape_metrics(*addr).await)
+        })
+        .await
+        .ok()
+        .flatten();
+        holders.push(scrape.map(|s| gauge(&s, "acme_lock_held") == 1.0));
+    }
+    holders
+}
+
+impl Balancer {
+    fn start(
+        fronts: Vec<(std::net::TcpListener, Vec<u16>)>,
+        metrics: Vec<std::net::SocketAddr>,
+        processes: Arc<std::sync::Mutex<Vec<Option<KillOnDrop>>>>,
+        kill_holder: bool,
+    ) -> Balancer {
+        let routed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let killed = Arc::new(std::sync::Mutex::new(None));
+        let kill_pending = Arc::new(AtomicBool::new(kill_holder));
+        let mut tasks = Vec::new();
+        for (listener, targets) in fronts {
+            listener.set_nonblocking(true).expect("nonblocking");
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let (routed, killed, kill_pending, metrics, processes) = (
+                routed.clone(),
+                killed.clone(),
+                kill_pending.clone(),
+                metrics.clone(),
+                processes.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let holders = lease_holders(&metrics).await;
+                    let Some(holder) = holders.iter().position(|h| *h == Some(true)) else {
+                        continue; // no order in progress: not a validation of ours
+                    };
+                    if kill_pending.swap(false, Ordering::SeqCst) {
+                        processes.lock().expect("processes")[holder] = None;
+                        *killed.lock().expect("killed") = Some(holder);
+                        continue;
+                    }
+                    let Some(to) = holders.iter().position(|h| *h == Some(false)) else {
+                        continue;
+                    };
+                    routed.lock().expect("routed").push((to, holder));
+                    let target = targets[to];
+                    tokio::spawn(async move {
+                        if let Ok(mut outbound) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                        {
+                            let _ = tokio::time::timeout(
+                                LIMIT,
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound),
+                            )
+                            .await;
+                        }
+                    });
+                }
+            }));
+        }
+        Balancer {
+            routed,
+            killed,
+            _tasks: tasks,
+        }
+    }
+}
+
+impl AcmeReplicas {
+    async fn start(challenge: &str, validity_secs: u64, kill_holder: bool) -> AcmeReplicas {
+        let redis = Redis::start().await;
+        let upstream = Upstream::start().await;
+        let (tls_front, http_front) = (fixed_port(), fixed_port());
+        let pebble =
+            common::pebble::Pebble::start(http_front, tls_front, validity_secs, false).await;
+        let prefix = format!("acme-{}:", std::process::id());
+        let (mut dirs, mut https, mut http, mut metrics, mut processes) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (h, p, m) = (fixed_port(), fixed_port(), fixed_port());
+            let config = format!(
+                "[server]\nhttps = \"127.0.0.1:{h}\"\nhttp = \"127.0.0.1:{p}\"\ndomains = [\"{}\"]\nshutdown_grace = \"1s\"\n\
+                 [tls]\nsource = \"acme\"\ndir = \"{}\"\n\
+                 [acme]\ndirectory = \"{}\"\ndirectory_ca = \"{}\"\nchallenge = \"{challenge}\"\n\
+                 retry_base_delay = \"1s\"\nretry_max_delay = \"4s\"\nrenew_check_interval = \"1s\"\n\
+                 [storage]\nbackend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\nencryption_key_env = \"PORTCULLIS_STORAGE_KEY\"\n\
+                 [upstream]\nurl = \"http://{}\"\n[metrics]\nlisten = \"127.0.0.1:{m}\"\n",
+                common::pebble::DOMAIN,
+                dir.path().join("state").display(),
+                pebble.directory_url,
+                pebble.ca().display(),
+                redis.url(),
+                upstream.addr,
+            );
+            let path = dir.path().join("portcullis.toml");
+            std::fs::write(&path, config).expect("write config");
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args(["run", "--config"])
+                .arg(&path)
+                .env("PORTCULLIS_STORAGE_KEY", STORAGE_KEY)
+                .env("RUST_LOG", "portcullis=debug")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("log")).expect("log"))
+                .spawn()
+                .expect("start portcullis");
+            processes.push(Some(KillOnDrop(child)));
+            dirs.push(dir);
+            https.push(h);
+            http.push(p);
+            metrics.push(std::net::SocketAddr::from(([127, 0, 0, 1], m)));
+        }
+        let processes = Arc::new(std::sync::Mutex::new(processes));
+        let bind = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+        let balancer = Balancer::start(
+            vec![(bind(tls_front), https.clone()), (bind(http_front), http)],
+            metrics.clone(),
+            processes.clone(),
+            kill_holder,
+        );
+        let root = pebble.issuing_root(dirs[0].path()).await;
+        AcmeReplicas {
+            redis,
+            pebble,
+            _upstream: upstream,
+            dirs,
+            https,
+            metrics,
+            processes,
+            balancer,
+            root,
+        }
+    }
+
+    fn alive(&self) -> Vec<usize> {
+        let processes = self.processes.lock().expect("processes");
+        (0..processes.len())
+            .filter(|&i| processes[i].is_some())
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = format!("pebble:\n{}\n", self.pebble.log());
+        for (i, dir) in self.dirs.iter().enumerate() {
+            let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+            out.push_str(&format!("--- replica {i}:\n{log}\n"));
+        }
+        out
+    }
+
+    /// The leaf every live replica serves, once they all serve the same one and it is not `not`.
+    async fn one_leaf_everywhere(&self, not: Option<&[u8]>, within: Duration) -> Vec<u8> {
+        wait_for(
+            "every live replica serves one certificate from pebble",
+            within,
+            || async {
+                let mut leaves = Vec::new();
+                for i in self.alive() {
+                    leaves.push(
+                        common::pebble::served_leaf(self.https[i], &self.root)
+                            .await
+                            .ok()?,
+                    );
+                }
+                let first = leaves.first()?.clone();
+                (leaves.iter().all(|l| *l == first) && Some(&first[..]) != not).then_some(first)
+            },
+            || self.logs(),
+        )
+        .await
+    }
+
+    async fn sum(&self, name: &str) -> f64 {
+        let mut total = 0.0;
+        for i in self.alive() {
+            total += gauge(&scrape_metrics(self.metrics[i]).await, name);
+        }
+        total
+    }
+}
+
+/// `openssl rand -base64 32`, for the replicas' `storage.encryption_key_env`.
+const STORAGE_KEY: &str = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
+
+/// Needs redis-server and pebble. Three replicas start with nothing: one places the order (one order
+/// in all), the CA's TLS-ALPN-01 validation is answered by another replica from what the orderer put
+/// in Redis, and all three serve the certificate. A Redis outage costs no handshake; once Redis is
+/// back (empty: it keeps nothing on disk here) the replicas put the certificate back, and the renewal
+/// one of them orders is seen and served by all three, still with one order per certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and pebble: run scripts/test.sh"]
+async fn replicas_order_once_answer_each_others_challenges_and_all_serve_the_renewal() {
+    // 30-second certificates: the renewal is due after about 20 seconds.
+    let mut replicas = AcmeReplicas::start("tls-alpn-01", 30, false).await;
+    let first = replicas
+        .one_leaf_everywhere(None, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        replicas.sum("acme_orders_total").await,
+        1.0,
+        "one order in all"
+    );
+    {
+        let routed = replicas.balancer.routed.lock().expect("routed");
+        assert!(!routed.is_empty(), "the CA validated through the balancer");
+        assert!(routed.iter().all(|(to, holder)| to != holder), "{routed:?}");
+    }
+    // The key in Redis is sealed: no PEM private key in the clear.
+    let dump = Command::new("redis-cli")
+        .args([
+            "-p",
+            &replicas.redis.port.to_string(),
+            "--no-raw",
+            "KEYS",
+            "*",
+        ])
+        .output()
+        .expect("redis-cli");
+    let keys = String::from_utf8_lossy(&dump.stdout).to_string();
+    assert!(keys.contains(":cert:portcullis.test"), "{keys}");
+    let cert_key = keys
+        .lines()
+        .find(|l| l.contains(":cert:"))
+        .and_then(|l| l.split('"').nth(1))
+        .expect("cert key")
+        .to_string();
+    let value = Command::new("redis-cli")
+        .args(["-p", &replicas.redis.port.to_string(), "GET", &cert_key])
+        .output()
+        .expect("redis-cli");
+    let value = String::from_utf8_lossy(&value.stdout).to_string();
+    assert!(value.starts_with("portcullis-sealed-v1:"), "{value:.80}");
+    assert!(!value.contains("PRIVATE KEY"));
+    // `check --connect` finds the certificate and tells whether this replica's key opens it.
+    let check = |key: &str| {
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["check", "--connect", "--config"])
+            .arg(replicas.dirs[0].path().join("portcullis.toml"))
+            .env("PORTCULLIS_STORAGE_KEY", key)
+            .output()
+            .expect("check")
+    };
+    let ours = check(STORAGE_KEY);
+    let said = String::from_utf8_lossy(&ours.stdout).to_string();
+    assert!(ours.status.success(), "{said}");
+    assert!(
+        said.contains("1 account(s), 1 certificate(s)")
+            && said.contains("sealed, and they open with this key"),
+        "{said}"
+    );
+    let other = check("AAAAEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=");
+    let said = String::from_utf8_lossy(&other.stderr).to_string();
+    assert!(
+        !other.status.success() && said.contains("does not open with this encryption key"),
+        "{said}"
+    );
+
+    // Redis goes away: every replica keeps serving, and says the store is down.
+    replicas.redis.stop();
+    for i in replicas.alive() {
+        eventually("the replica reports the store down", || async {
+            gauge(&scrape_metrics(replicas.metrics[i]).await, "store_up") == 0.0
+        })
+        .await;
+        assert_eq!(
+            common::pebble::served_leaf(replicas.https[i], &replicas.root)
+                .await
+                .expect("handshakes go on"),
+            first
+        );
+    }
+    replicas.redis.restart().await;
+    for i in replicas.alive() {
+        eventually("the replica reports the store back", || async {
+            gauge(&scrape_metrics(replicas.metrics[i]).await, "store_up") == 1.0
+        })
+        .await;
+    }
+
+    let renewed = replicas
+        .one_leaf_everywhere(Some(&first), Duration::from_secs(60))
+        .await;
+    assert_ne!(renewed, first);
+    assert_eq!(
+        replicas.sum("acme_orders_total").await,
+        2.0,
+        "one order per certificate: {}",
+        replicas.logs()
+    );
+    assert!(replicas.sum("acme_certificates_loaded_total").await >= 4.0);
+}
+
+/// Needs redis-server and pebble. The replica that holds the order lease is SIGKILLed the moment the
+/// CA comes to validate (HTTP-01): its lease lapses, one of the other two takes the order over and the
+/// other answers the CA from Redis, and both serve the one certificate that results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and pebble: run scripts/test.sh"]
+async fn a_replica_killed_mid_order_hands_the_order_to_another() {
+    let replicas = AcmeReplicas::start("http-01", 3600, true).await;
+    let leaf = replicas
+        .one_leaf_everywhere(None, Duration::from_secs(90))
+        .await;
+    let killed = replicas
+        .balancer
+        .killed
+        .lock()
+        .expect("killed")
+        .expect("the holder was killed");
+    assert!(!replicas.alive().contains(&killed));
+    assert_eq!(replicas.alive().len(), 2);
+    assert!(!leaf.is_empty());
+    // The survivors placed one order between them; the validation went to the one not ordering.
+    assert_eq!(
+        replicas.sum("acme_orders_total").await,
+        1.0,
+        "{}",
+        replicas.logs()
+    );
+    let routed = replicas.balancer.routed.lock().expect("routed").clone();
+    assert!(
+        !routed.is_empty()
+            && routed
+                .iter()
+                .all(|(to, holder)| to != holder && *holder != killed),
+        "{routed:?}"
+    );
 }

@@ -2,9 +2,12 @@
 //! one certificate covering every `server.domains` name, challenges answered by our own listeners
 //! (TLS-ALPN-01 per RFC 8737 on the HTTPS port, HTTP-01 per RFC 8555 §8.3 on the plain port), crash-safe
 //! storage, and renewal in the background with the old certificate serving until the new one is in.
+//! With the shared store (`[storage] backend = "redis"`), replicas share one account and one certificate:
+//! one of them orders under a lease, any of them answers the CA, all of them serve what was issued.
 
 pub mod http01;
 pub mod schedule;
+pub mod shared;
 pub mod storage;
 
 use std::sync::{Arc, Mutex};
@@ -21,15 +24,25 @@ use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 
 pub use http01::Http01Tokens;
-use storage::{AcmeStore, CertMeta};
+use shared::CertStore;
+use storage::{AcmeStore, CertMeta, StoredCert};
 
 use crate::config::{AcmeConfig, ChallengeType as ConfiguredChallenge, Domains};
+use crate::store::SharedStore;
+use crate::store::lease::{HeldLease, Lease};
 use crate::tls::{CertInfo, CertResolver, TlsError, certified_key_from_pem, crypto_provider};
 
 /// A whole issuance (order, validation, finalization, download) must finish within this.
 const ISSUANCE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Asking for renewal information must finish within this; otherwise the lifetime rule decides.
 const ARI_TIMEOUT: Duration = Duration::from_secs(30);
+/// The order lease's time to live: how soon another replica takes over from one that died mid-order.
+const LEASE_TTL: Duration = Duration::from_secs(15);
+/// How often a replica looks in the shared store for a certificate another one stored (announcements
+/// over pub/sub come sooner; this catches the ones missed).
+const STORE_POLL: Duration = Duration::from_secs(60);
+/// How long a replica waits before looking again while another one holds the order lease.
+const LEASE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
@@ -45,6 +58,10 @@ pub enum AcmeError {
     Order(String),
     #[error("issuance did not finish within {0:?}")]
     Timeout(Duration),
+    #[error("shared store: {0}")]
+    Shared(#[from] crate::store::StoreError),
+    #[error("the order lease was lost (redis unreachable too long); another replica may take over")]
+    LeaseLost,
 }
 
 impl AcmeError {
@@ -81,6 +98,10 @@ pub struct AcmeState {
     pub last_error: Option<String>,
     pub next_renewal: Option<SystemTime>,
     pub orders_placed: u32,
+    /// Whether this replica holds the order lease (shared store) or is ordering (files).
+    pub lock_held: bool,
+    /// Certificates installed from storage: at start, or another replica's from the shared store.
+    pub loaded_from_store: u32,
 }
 
 #[derive(Debug, Default)]
@@ -101,7 +122,9 @@ pub struct AcmeManager {
     /// The names the current order is for; follows `domain_updates` (a reload).
     domains: Domains,
     domain_updates: watch::Receiver<Domains>,
-    store: AcmeStore,
+    store: CertStore,
+    /// Woken when another replica announces a certificate.
+    store_updates: Arc<tokio::sync::Notify>,
     resolver: Arc<CertResolver>,
     tokens: Arc<Http01Tokens>,
     http01_available: bool,
@@ -126,13 +149,20 @@ impl AcmeManager {
         resolver: Arc<CertResolver>,
         tokens: Arc<Http01Tokens>,
         http01_available: bool,
+        shared: Option<Arc<SharedStore>>,
     ) -> AcmeManager {
         let domains = domain_updates.borrow_and_update().clone();
+        let files = AcmeStore::new(tls_dir);
+        let store = match shared {
+            Some(store) => CertStore::Shared { files, store },
+            None => CertStore::Files(files),
+        };
         AcmeManager {
             config,
             domains,
             domain_updates,
-            store: AcmeStore::new(tls_dir),
+            store,
+            store_updates: Arc::new(tokio::sync::Notify::new()),
             resolver,
             tokens,
             http01_available,
@@ -146,17 +176,46 @@ impl AcmeManager {
         self.status.clone()
     }
 
-    /// Installs the stored certificate if it is from this CA, still valid and covers every domain that
-    /// it can: served at once, with no order placed (restarts must not burn rate limits).
-    fn install_stored(&self) -> Option<Current> {
-        let stored = match self.store.load_cert() {
+    /// Installs the stored certificate if it is from this CA, still valid, and not the one served: at
+    /// start (served at once, with no order placed: restarts must not burn rate limits), and with the
+    /// shared store whenever another replica stored a newer one.
+    async fn adopt_stored(&self, current: Option<&Current>) -> Option<Current> {
+        let stored = match self
+            .store
+            .load_cert(&self.config.directory_url, &self.domains)
+            .await
+        {
             Ok(Some(stored)) => stored,
             Ok(None) => return None,
             Err(e) => {
-                tracing::error!(dir = %self.store.dir().display(), error = %e, "cannot read the stored certificate");
+                tracing::error!(dir = %self.store.files().dir().display(), error = %e, "cannot read the stored certificate");
                 return None;
             }
         };
+        let (certified, info) = self.usable(stored, current)?;
+        let leaf_der = certified.cert.first()?.to_vec();
+        self.resolver
+            .install(self.domains.iter(), Arc::new(certified));
+        self.status.update(|s| s.loaded_from_store += 1);
+        let from = if current.is_some() {
+            "another replica stored a newer certificate; serving it"
+        } else {
+            "serving the stored ACME certificate"
+        };
+        tracing::info!(names = ?info.names, expires = %humantime::format_rfc3339_seconds(info.not_after), "{from}");
+        Some(Current {
+            info,
+            leaf_der,
+            jitter: schedule::jitter_fraction(),
+        })
+    }
+
+    /// The stored certificate, parsed, when it should replace `current` (or be the first).
+    fn usable(
+        &self,
+        stored: StoredCert,
+        current: Option<&Current>,
+    ) -> Option<(CertifiedKey, CertInfo)> {
         if stored.meta.directory != self.config.directory_url {
             tracing::info!(stored = %stored.meta.directory, "stored certificate is from another ACME directory; ordering a new one");
             return None;
@@ -164,7 +223,7 @@ impl AcmeManager {
         let certified = match certified_key_from_pem(
             &stored.chain_pem,
             &stored.key_pem,
-            &self.store.cert_path(),
+            &self.store.files().cert_path(),
         ) {
             Ok(c) => c,
             Err(e) => {
@@ -173,24 +232,24 @@ impl AcmeManager {
             }
         };
         let info = CertInfo::of(&certified).ok()?;
+        if let Some(current) = current {
+            let same = certified.cert.first().map(|c| c.as_ref()) == Some(&current.leaf_der[..]);
+            if same || info.not_after <= current.info.not_after {
+                return None;
+            }
+        }
         if info.not_after <= SystemTime::now() {
             tracing::info!("stored certificate has expired; ordering a new one");
             return None;
         }
-        let leaf_der = certified.cert.first()?.to_vec();
-        self.resolver
-            .install(self.domains.iter(), Arc::new(certified));
-        tracing::info!(names = ?info.names, expires = %humantime::format_rfc3339_seconds(info.not_after), "serving the stored ACME certificate");
-        Some(Current {
-            info,
-            leaf_der,
-            jitter: schedule::jitter_fraction(),
-        })
+        Some((certified, info))
     }
 
     /// Runs for the life of the process: obtains the first certificate, then renews it.
     pub async fn run(mut self) {
-        let mut current = self.install_stored();
+        self.store
+            .follow(&self.config.directory_url, self.store_updates.clone());
+        let mut current = self.adopt_stored(None).await;
         if current.is_none() {
             tracing::warn!(
                 domains = ?self.domains.iter().collect::<Vec<_>>(),
@@ -204,6 +263,11 @@ impl AcmeManager {
             let latest = self.domain_updates.borrow_and_update().clone();
             if latest != self.domains {
                 self.domains = latest;
+            }
+            if self.store.shared().is_some()
+                && let Some(newer) = self.adopt_stored(current.as_ref()).await
+            {
+                current = Some(newer);
             }
             let due = match &current {
                 Some(c) if c.info.missing_names(&self.domains).is_empty() => {
@@ -224,9 +288,17 @@ impl AcmeManager {
                     logged_due = Some(due);
                 }
                 self.status.update(|s| s.next_renewal = Some(due));
-                let wait = due.duration_since(now).unwrap_or_default();
+                let mut wait = due
+                    .duration_since(now)
+                    .unwrap_or_default()
+                    .min(self.config.renew_check_interval);
+                if self.store.shared().is_some() {
+                    wait = wait.min(STORE_POLL);
+                }
                 tokio::select! {
-                    _ = tokio::time::sleep(wait.min(self.config.renew_check_interval)) => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    // Another replica stored a certificate: look at it now.
+                    _ = self.store_updates.notified() => {}
                     // A reload changed server.domains: look again now (the new names need an order).
                     changed = self.domain_updates.changed() => {
                         if changed.is_err() {
@@ -239,10 +311,45 @@ impl AcmeManager {
 
             let failures = self.status.snapshot().failures;
             let kind = self.challenge_for_attempt(failures);
+            let mut lease = match self
+                .store
+                .try_lease(&self.config.directory_url, &self.domains, LEASE_TTL)
+                .await
+            {
+                Ok(Some(lease)) => lease.map(Lease::hold),
+                Ok(None) => {
+                    tracing::info!(
+                        "another replica holds the order lease for this certificate; waiting for what it stores"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(LEASE_WAIT) => {}
+                        _ = self.store_updates.notified() => {}
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let delay = self.failed(e, &kind, failures, current.is_some());
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            };
+            // The lease is ours: the replica that held it before may have stored the renewal already.
+            if lease.is_some()
+                && let Some(newer) = self.adopt_stored(current.as_ref()).await
+            {
+                current = Some(newer);
+                continue;
+            }
+            self.status.update(|s| s.lock_held = true);
             let replacing = current.as_ref().map(|c| c.leaf_der.clone());
-            let attempt =
-                tokio::time::timeout(ISSUANCE_TIMEOUT, self.obtain(kind.clone(), replacing)).await;
-            match attempt.unwrap_or(Err(AcmeError::Timeout(ISSUANCE_TIMEOUT))) {
+            let attempt = tokio::select! {
+                attempt = tokio::time::timeout(ISSUANCE_TIMEOUT, self.obtain(kind.clone(), replacing)) => {
+                    attempt.unwrap_or(Err(AcmeError::Timeout(ISSUANCE_TIMEOUT)))
+                }
+                () = lease_lost(lease.as_mut()) => Err(AcmeError::LeaseLost),
+            };
+            self.status.update(|s| s.lock_held = false);
+            match attempt {
                 Ok(new) => {
                     tracing::info!(
                         names = ?new.info.names,
@@ -257,34 +364,51 @@ impl AcmeManager {
                     current = Some(new);
                 }
                 Err(error) => {
-                    let failures = failures + 1;
-                    let delay = schedule::retry_delay(
-                        failures,
-                        self.config.retry_base_delay,
-                        self.config.retry_max_delay,
-                        error.retry_after(),
-                        schedule::jitter_fraction(),
-                    );
-                    tracing::error!(
-                        error = %error,
-                        challenge = ?kind,
-                        retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs().max(1))),
-                        serving = if current.is_some() { "the previous certificate" } else { "nothing yet" },
-                        "certificate order failed"
-                    );
-                    self.status.update(|s| {
-                        s.failures = failures;
-                        s.failures_total += 1;
-                        s.failed_at.push(SystemTime::now());
-                        if s.failed_at.len() > 32 {
-                            s.failed_at.remove(0);
-                        }
-                        s.last_error = Some(error.to_string());
-                    });
+                    let delay = self.failed(error, &kind, failures, current.is_some());
+                    // The lease stays taken for the backoff: the replicas together retry no faster
+                    // than one would.
+                    if let Some(lease) = lease {
+                        lease.keep_for(delay).await;
+                    }
                     tokio::time::sleep(delay).await;
                 }
             }
         }
+    }
+
+    /// Logs and counts a failed attempt; returns the backoff before the next.
+    fn failed(
+        &self,
+        error: AcmeError,
+        kind: &ChallengeType,
+        failures: u32,
+        serving: bool,
+    ) -> Duration {
+        let failures = failures + 1;
+        let delay = schedule::retry_delay(
+            failures,
+            self.config.retry_base_delay,
+            self.config.retry_max_delay,
+            error.retry_after(),
+            schedule::jitter_fraction(),
+        );
+        tracing::error!(
+            error = %error,
+            challenge = ?kind,
+            retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs().max(1))),
+            serving = if serving { "the previous certificate" } else { "nothing yet" },
+            "certificate order failed"
+        );
+        self.status.update(|s| {
+            s.failures = failures;
+            s.failures_total += 1;
+            s.failed_at.push(SystemTime::now());
+            if s.failed_at.len() > 32 {
+                s.failed_at.remove(0);
+            }
+            s.last_error = Some(error.to_string());
+        });
+        delay
     }
 
     /// The configured challenge, alternating with the other type after a failure where its listener
@@ -359,7 +483,7 @@ impl AcmeManager {
             Some(ca) => Account::builder_with_root(ca),
             None => Account::builder(),
         };
-        let account = match self.store.load_account(url)? {
+        let account = match self.store.load_account(url).await? {
             Some(json) => {
                 let credentials: AccountCredentials = serde_json::from_slice(&json)?;
                 builder()?.from_credentials(credentials).await?
@@ -385,10 +509,16 @@ impl AcmeManager {
                 let (account, credentials) = builder()?
                     .create(&new_account, url.clone(), eab.as_ref())
                     .await?;
-                self.store
-                    .save_account(url, &serde_json::to_vec(&credentials)?)?;
+                let ours = serde_json::to_vec(&credentials)?;
+                let chosen = self.store.save_account(url, &ours).await?;
                 tracing::info!(directory = %url, id = %account.id(), "created an ACME account");
-                account
+                if chosen == ours {
+                    account
+                } else {
+                    // Another replica registered at the same moment and stored first: use its account.
+                    let credentials: AccountCredentials = serde_json::from_slice(&chosen)?;
+                    builder()?.from_credentials(credentials).await?
+                }
             }
         };
         self.account = Some(account.clone());
@@ -416,7 +546,7 @@ impl AcmeManager {
         let certified = certified_key_from_pem(
             chain_pem.as_bytes(),
             key_pem.as_bytes(),
-            &self.store.cert_path(),
+            &self.store.files().cert_path(),
         )?;
         let info = CertInfo::of(&certified)?;
         let leaf_der = certified
@@ -437,9 +567,15 @@ impl AcmeManager {
             .install(self.domains.iter(), Arc::new(certified));
         if let Err(e) = self
             .store
-            .save_cert(chain_pem.as_bytes(), key_pem.as_bytes(), &meta)
+            .save_cert(
+                chain_pem.as_bytes(),
+                key_pem.as_bytes(),
+                &meta,
+                &self.domains,
+            )
+            .await
         {
-            tracing::error!(dir = %self.store.dir().display(), error = %e, "cannot store the new certificate; a restart will order again");
+            tracing::error!(dir = %self.store.files().dir().display(), error = %e, "cannot store the new certificate; a restart will order again");
         }
         Ok(Current {
             info,
@@ -489,6 +625,7 @@ impl AcmeManager {
         let mut published = Published {
             resolver: &self.resolver,
             tokens: &self.tokens,
+            shared: self.store.shared().cloned(),
             alpn_names: Vec::new(),
             http_tokens: Vec::new(),
         };
@@ -527,12 +664,30 @@ impl AcmeManager {
                             .map(reverse_dns_name)
                             .unwrap_or_else(|| identifier.clone());
                         self.resolver.set_challenge(&sni, Some(Arc::new(cert)));
-                        published.alpn_names.push(sni);
+                        published.alpn_names.push(sni.clone());
+                        // For the replica the CA's connection lands on, before the CA is told.
+                        if let Some(store) = &published.shared {
+                            shared::publish_alpn(
+                                store,
+                                &sni,
+                                &identifier,
+                                key_authorization.digest().as_ref(),
+                            )
+                            .await?;
+                        }
                     }
                     _ => {
                         self.tokens
                             .insert(&challenge.token, key_authorization.as_str());
                         published.http_tokens.push(challenge.token.clone());
+                        if let Some(store) = &published.shared {
+                            shared::publish_http01(
+                                store,
+                                &challenge.token,
+                                key_authorization.as_str(),
+                            )
+                            .await?;
+                        }
                     }
                 }
                 challenge.set_ready().await?;
@@ -634,6 +789,8 @@ fn reverse_dns_name(ip: std::net::IpAddr) -> String {
 struct Published<'a> {
     resolver: &'a CertResolver,
     tokens: &'a Http01Tokens,
+    /// Where the answers were also written for the other replicas.
+    shared: Option<Arc<SharedStore>>,
     alpn_names: Vec<String>,
     http_tokens: Vec<String>,
 }
@@ -646,6 +803,21 @@ impl Drop for Published<'_> {
         for token in &self.http_tokens {
             self.tokens.remove(token);
         }
+        if let Some(store) = self.shared.take() {
+            shared::withdraw(
+                store,
+                std::mem::take(&mut self.http_tokens),
+                std::mem::take(&mut self.alpn_names),
+            );
+        }
+    }
+}
+
+/// Resolves when the order lease is lost; never without one (files backend).
+async fn lease_lost(lease: Option<&mut HeldLease>) {
+    match lease {
+        Some(lease) => lease.lost().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -860,6 +1032,7 @@ mod tests {
                 Arc::new(CertResolver::default()),
                 Arc::new(Http01Tokens::default()),
                 http01,
+                None,
             )
         };
         let with_http = manager(true);

@@ -68,18 +68,8 @@ impl AcmeStore {
 
     /// One account per ACME directory, so switching from staging to production makes a new one.
     pub fn account_path(&self, directory_url: &str) -> PathBuf {
-        let slug: String = directory_url
-            .trim_start_matches("https://")
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join(format!("account-{slug}.json"))
+        self.dir
+            .join(format!("account-{}.json", directory_slug(directory_url)))
     }
 
     pub fn ensure_dir(&self) -> std::io::Result<()> {
@@ -111,12 +101,7 @@ impl AcmeStore {
             Err(e) => Err(e),
         };
         if let Some(bundle) = read(self.bundle_path())? {
-            let bundle: Bundle = serde_json::from_slice(&bundle).map_err(std::io::Error::other)?;
-            return Ok(Some(StoredCert {
-                chain_pem: bundle.chain_pem.into_bytes(),
-                key_pem: bundle.key_pem.into_bytes(),
-                meta: bundle.meta,
-            }));
+            return decode_bundle(&bundle).map(Some);
         }
         let (Some(chain_pem), Some(key_pem), Some(meta)) = (
             read(self.cert_path())?,
@@ -154,15 +139,7 @@ impl AcmeStore {
         key_pem: &[u8],
         meta: &CertMeta,
     ) -> std::io::Result<Vec<(PathBuf, Vec<u8>, u32)>> {
-        let text = |pem: &[u8]| {
-            String::from_utf8(pem.to_vec()).map_err(|_| std::io::Error::other("PEM is not UTF-8"))
-        };
-        let bundle = Bundle {
-            meta: meta.clone(),
-            chain_pem: text(chain_pem)?,
-            key_pem: text(key_pem)?,
-        };
-        let bundle = serde_json::to_vec(&bundle).map_err(std::io::Error::other)?;
+        let bundle = encode_bundle(chain_pem, key_pem, meta)?;
         let meta = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
         Ok(vec![
             (self.bundle_path(), bundle, SECRET),
@@ -171,6 +148,47 @@ impl AcmeStore {
             (self.meta_path(), meta, PUBLIC),
         ])
     }
+}
+
+/// A directory URL as a name part (file names, store keys): `acme-v02.api.letsencrypt.org_directory`.
+pub fn directory_slug(directory_url: &str) -> String {
+    directory_url
+        .trim_start_matches("https://")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The one value a certificate is stored as, in a file or in the shared store.
+pub fn encode_bundle(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    meta: &CertMeta,
+) -> std::io::Result<Vec<u8>> {
+    let text = |pem: &[u8]| {
+        String::from_utf8(pem.to_vec()).map_err(|_| std::io::Error::other("PEM is not UTF-8"))
+    };
+    let bundle = Bundle {
+        meta: meta.clone(),
+        chain_pem: text(chain_pem)?,
+        key_pem: text(key_pem)?,
+    };
+    serde_json::to_vec(&bundle).map_err(std::io::Error::other)
+}
+
+pub fn decode_bundle(bytes: &[u8]) -> std::io::Result<StoredCert> {
+    let bundle: Bundle = serde_json::from_slice(bytes).map_err(std::io::Error::other)?;
+    Ok(StoredCert {
+        chain_pem: bundle.chain_pem.into_bytes(),
+        key_pem: bundle.key_pem.into_bytes(),
+        meta: bundle.meta,
+    })
 }
 
 #[cfg(test)]

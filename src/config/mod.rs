@@ -377,6 +377,8 @@ pub struct RedisStorage {
     pub url: String,
     pub password: Option<String>,
     pub key_prefix: String,
+    /// AES-256-GCM key (32 bytes) that seals secrets before they reach Redis.
+    pub encryption_key: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for RedisStorage {
@@ -385,6 +387,10 @@ impl std::fmt::Debug for RedisStorage {
             .field("url", &self.url)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("key_prefix", &self.key_prefix)
+            .field(
+                "encryption_key",
+                &self.encryption_key.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }

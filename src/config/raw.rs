@@ -98,6 +98,7 @@ pub struct RawStorage {
     pub url: Option<String>,
     pub password_env: Option<String>,
     pub key_prefix: Option<String>,
+    pub encryption_key_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -742,10 +742,35 @@ fn storage_is_files_unless_redis_is_named_and_keeps_passwords_out_of_sight() {
     let redis = config.redis.as_ref().expect("redis");
     assert_eq!(redis.url, "rediss://cache.internal:6380/2");
     assert_eq!(redis.key_prefix, "portcullis:");
+    assert!(config.warnings.iter().any(
+        |w| w.contains("without storage.encryption_key_env") && w.contains("in the clear")
+    ));
+    // Encryption at rest: the variable must be set and hold 32 bytes of base64.
+    let var = format!("PORTCULLIS_TEST_STORAGE_KEY_{}", std::process::id());
+    let err = error_of(&format!(
+        "{MINIMAL}[storage]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1\"\nencryption_key_env = \"{var}\"\n"
+    ));
     assert!(
-        config.warnings.iter().any(
-            |w| w.contains("ACME certificates and orders still live in each replica's tls.dir")
-        )
+        err.contains("`storage.encryption_key_env`") && err.contains("is not set"),
+        "{err}"
+    );
+    let decode = |value: &str| super::validate::decode_encryption_key("K", Some(value.into()));
+    // `openssl rand -base64 32`, and the URL-safe form of the same bytes.
+    let standard = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
+    assert_eq!(decode(standard).expect("standard").len(), 32);
+    assert_eq!(
+        decode(standard),
+        decode(&standard.replace('+', "-").replace('/', "_"))
+    );
+    assert!(
+        decode("c2hvcnQ=")
+            .expect_err("short")
+            .contains("holds 5 bytes")
+    );
+    assert!(
+        decode("not base64!")
+            .expect_err("bad")
+            .contains("not base64")
     );
     // A password in the URL works, is warned about, and never printed.
     let config = parse(&format!(

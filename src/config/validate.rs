@@ -1183,6 +1183,7 @@ fn validate_storage(
                 ("storage.url", s.url.is_some()),
                 ("storage.password_env", s.password_env.is_some()),
                 ("storage.key_prefix", s.key_prefix.is_some()),
+                ("storage.encryption_key_env", s.encryption_key_env.is_some()),
             ] {
                 if set {
                     return Err(ctx.invalid(key, "only used with storage.backend = \"redis\""));
@@ -1235,18 +1236,52 @@ fn validate_storage(
                     "a non-empty prefix without spaces, like \"portcullis:\"",
                 ));
             }
-            warnings.push(
-                "storage.backend = \"redis\" shares the login budgets ([[rate_limit]]) and the local CA \
-                 across replicas; ACME certificates and orders still live in each replica's tls.dir"
-                    .into(),
-            );
+            let encryption_key = match s.encryption_key_env {
+                Some(var) => Some(
+                    encryption_key_from_env(&var)
+                        .map_err(|message| ctx.invalid("storage.encryption_key_env", message))?,
+                ),
+                None => {
+                    warnings.push(
+                        "storage.backend = \"redis\" without storage.encryption_key_env: the ACME account key \
+                         and certificate keys sit in Redis in the clear, readable by whoever can read Redis"
+                            .into(),
+                    );
+                    None
+                }
+            };
             Ok(Some(RedisStorage {
                 url: redact_url(&url),
                 password,
                 key_prefix,
+                encryption_key,
             }))
         }
     }
+}
+
+/// The 32-byte key in the environment variable `var`.
+fn encryption_key_from_env(var: &str) -> Result<Vec<u8>, String> {
+    decode_encryption_key(var, std::env::var(var).ok())
+}
+
+/// base64 (standard or URL-safe, padded or not) as `openssl rand -base64 32` writes it; `value`: what
+/// the variable `var` holds.
+pub(super) fn decode_encryption_key(var: &str, value: Option<String>) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let value = value.ok_or_else(|| format!("the environment variable `{var}` is not set"))?;
+    let trimmed = value.trim().trim_end_matches('=');
+    let decoded = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(trimmed)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed))
+        .map_err(|_| format!("`{var}` is not base64: make one with `openssl rand -base64 32`"))?;
+    if decoded.len() != 32 {
+        return Err(format!(
+            "`{var}` holds {} bytes; AES-256-GCM needs 32 (`openssl rand -base64 32`)",
+            decoded.len()
+        ));
+    }
+    Ok(decoded)
 }
 
 /// The URL with any password replaced, for messages and `check`.

@@ -26,7 +26,7 @@ struct SharedCa {
 /// With `[storage] backend = "redis"` and the local CA, every replica serves one CA: the first to start
 /// stores its root and key (set only if absent, so two starting at once agree on one), the others take
 /// it into their `tls.dir` before issuing. Redis unreachable: this replica keeps its own CA and says so.
-/// The key is in Redis in the clear: a development CA, for a development setup.
+/// The CA key is sealed in Redis when `storage.encryption_key_env` is set, else in the clear.
 pub(super) async fn share_local_ca(dir: &std::path::Path, store: &SharedStore) {
     let adopt = |bytes: Vec<u8>| {
         let shared: SharedCa = match serde_json::from_slice(&bytes) {
@@ -47,7 +47,7 @@ pub(super) async fn share_local_ca(dir: &std::path::Path, store: &SharedStore) {
             }
         }
     };
-    match store.get(SHARED_LOCAL_CA).await {
+    match store.get_secret(SHARED_LOCAL_CA).await {
         Ok(Some(bytes)) => adopt(bytes),
         Ok(None) => {
             let pems = LocalCa::open(dir).and_then(|_| LocalCa::stored_pems(dir));
@@ -57,12 +57,12 @@ pub(super) async fn share_local_ca(dir: &std::path::Path, store: &SharedStore) {
             let Ok(bytes) = serde_json::to_vec(&SharedCa { root_pem, key_pem }) else {
                 return;
             };
-            match store.set_if_absent(SHARED_LOCAL_CA, &bytes).await {
+            match store.set_secret_if_absent(SHARED_LOCAL_CA, &bytes).await {
                 Ok(true) => {
                     tracing::info!("stored this replica's local CA in redis for the others")
                 }
                 Ok(false) => {
-                    if let Ok(Some(theirs)) = store.get(SHARED_LOCAL_CA).await {
+                    if let Ok(Some(theirs)) = store.get_secret(SHARED_LOCAL_CA).await {
                         adopt(theirs);
                     }
                 }
@@ -83,6 +83,7 @@ pub(super) fn provision_certificates(
     resolver: &Arc<CertResolver>,
     tokens: &Arc<Http01Tokens>,
     domain_updates: watch::Receiver<Domains>,
+    store: Option<Arc<SharedStore>>,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Result<(Option<PathBuf>, Option<Arc<AcmeStatus>>), ServerError> {
     let domains = &config.server.domains;
@@ -123,6 +124,7 @@ pub(super) fn provision_certificates(
                 resolver.clone(),
                 tokens.clone(),
                 config.server.http.is_some(),
+                store,
             );
             let status = manager.status();
             background.push(tokio::spawn(manager.run()));

@@ -26,11 +26,13 @@ use tower::ServiceExt;
 
 use super::{Runtime, Shared};
 use crate::body::{BodyObserver, ObservedBody};
+use crate::config::TlsSource;
 use crate::context::{ConnInfo, canonical_ip};
 use crate::metrics::Metrics;
 use crate::response::{Blame, ProxyFailure};
 use crate::security::{EventPlace, SecurityCause, SecurityEvent, write_event};
-use crate::tls::ACME_TLS_ALPN;
+use crate::store::SharedStore;
+use crate::tls::{ACME_TLS_ALPN, CertResolver};
 
 /// Requests in flight on one connection and when it last did anything, for the idle timeout.
 struct Activity {
@@ -133,9 +135,14 @@ pub async fn serve_tls(
     let Some(peer) = client_of(&mut tcp, peer, &runtime, &shared).await else {
         return;
     };
+    let shared_challenges = shared
+        .fixed
+        .store
+        .as_ref()
+        .filter(|_| runtime.config.tls.source == TlsSource::Acme);
     let stream = match tokio::time::timeout(
         runtime.config.limits.handshake_timeout,
-        acceptor.accept(tcp),
+        handshake(tcp, &acceptor, &shared.resolver, shared_challenges),
     )
     .await
     {
@@ -189,6 +196,39 @@ pub async fn serve_tls(
         protocol,
     )
     .await;
+}
+
+/// The TLS handshake. With ACME and the shared store, the ClientHello is read first: a TLS-ALPN-01
+/// validation for a challenge another replica's order published (the CA's connection may land on any
+/// replica) is answered with the challenge certificate built from it (RFC 8737 §3). Every other
+/// handshake goes on with the server's config.
+async fn handshake(
+    tcp: TcpStream,
+    acceptor: &TlsAcceptor,
+    resolver: &CertResolver,
+    shared_challenges: Option<&Arc<SharedStore>>,
+) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let Some(store) = shared_challenges else {
+        return acceptor.accept(tcp).await;
+    };
+    let start =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+    let hello = start.client_hello();
+    let asks_for_challenge = hello
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+    let theirs = hello
+        .server_name()
+        .filter(|name| asks_for_challenge && !resolver.has_challenge(name))
+        .map(str::to_string);
+    let mut config = acceptor.config().clone();
+    if let Some(name) = theirs
+        && let Some(challenge) = crate::acme::shared::shared_alpn_certificate(store, &name).await
+    {
+        config = crate::tls::challenge_server_config(Arc::new(challenge))
+            .map_err(std::io::Error::other)?;
+    }
+    start.into_stream(config).await
 }
 
 pub async fn serve_plain(

@@ -106,8 +106,14 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     }
     let mut background = Vec::new();
     let (domains, domain_updates) = watch::channel(config.server.domains.clone());
-    let (local_ca_root, acme_status) =
-        provision_certificates(&config, &resolver, &tokens, domain_updates, &mut background)?;
+    let (local_ca_root, acme_status) = provision_certificates(
+        &config,
+        &resolver,
+        &tokens,
+        domain_updates,
+        store.clone(),
+        &mut background,
+    )?;
 
     let tls_config =
         crate::tls::server_config(resolver.clone(), config.tls.source == TlsSource::Acme)?;

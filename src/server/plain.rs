@@ -1,11 +1,13 @@
 //! The plain-HTTP listener's service: HTTPS redirects for our own hosts only (no open redirect), ACME
-//! HTTP-01 answers, and an optional health path. Nothing is proxied over plain HTTP.
+//! HTTP-01 answers (this replica's, or with the shared store any replica's), and an optional health path. Nothing is proxied over plain HTTP.
 
 use std::convert::Infallible;
 use std::future::{Ready, ready};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use http::header::{CONTENT_TYPE, HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode};
 use tower::Service;
@@ -15,6 +17,7 @@ use crate::body::ProxyBody;
 use crate::config::Domains;
 use crate::middleware::host::{HostPorts, check_host, host_of, push_authority};
 use crate::response::{Blame, error_page, text};
+use crate::store::SharedStore;
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
@@ -30,6 +33,8 @@ struct Settings {
     public_https_port: u16,
     health_path: Option<String>,
     tokens: Arc<Http01Tokens>,
+    /// With `[storage] backend = "redis"`: tokens another replica's order published.
+    store: Option<Arc<SharedStore>>,
 }
 
 impl PlainHttpService {
@@ -39,6 +44,7 @@ impl PlainHttpService {
         public_https_port: u16,
         health_path: Option<String>,
         tokens: Arc<Http01Tokens>,
+        store: Option<Arc<SharedStore>>,
     ) -> Self {
         PlainHttpService {
             shared: Arc::new(Settings {
@@ -47,6 +53,7 @@ impl PlainHttpService {
                 public_https_port,
                 health_path,
                 tokens,
+                store,
             }),
         }
     }
@@ -55,21 +62,7 @@ impl PlainHttpService {
         let s = &self.shared;
         let path = req.uri().path();
         if let Some(token) = path.strip_prefix(ACME_CHALLENGE_PREFIX) {
-            return match s.tokens.get(token) {
-                Some(key_authorization) => {
-                    let mut response = Response::new(ProxyBody::full(key_authorization));
-                    response.headers_mut().insert(
-                        CONTENT_TYPE,
-                        HeaderValue::from_static("application/octet-stream"),
-                    );
-                    response
-                }
-                None => error_page(
-                    StatusCode::NOT_FOUND,
-                    Blame::Client,
-                    "unknown ACME challenge token",
-                ),
-            };
+            return acme_answer(s.tokens.get(token));
         }
         if s.health_path.as_deref() == Some(path) {
             return text(StatusCode::OK, "ok\n");
@@ -129,17 +122,52 @@ pub fn https_location(host: &str, port: u16, path_and_query: &str) -> Option<Hea
     HeaderValue::from_str(&location).ok()
 }
 
+/// The key authorization for an HTTP-01 token (RFC 8555 §8.3), or 404.
+fn acme_answer(key_authorization: Option<String>) -> Response<ProxyBody> {
+    match key_authorization {
+        Some(key_authorization) => {
+            let mut response = Response::new(ProxyBody::full(key_authorization));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        None => error_page(
+            StatusCode::NOT_FOUND,
+            Blame::Client,
+            "unknown ACME challenge token",
+        ),
+    }
+}
+
+type SharedLookup = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
 impl<B> Service<Request<B>> for PlainHttpService {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Ready<Result<Response<ProxyBody>, Infallible>>;
+    /// Ready, but for a token only another replica knows: then a lookup in the shared store.
+    type Future = Either<Ready<Result<Response<ProxyBody>, Infallible>>, SharedLookup>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        ready(Ok(self.respond(req)))
+        let s = &self.shared;
+        if let (Some(store), Some(token)) = (
+            &s.store,
+            req.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX),
+        ) && s.tokens.get(token).is_none()
+        {
+            let (store, token) = (store.clone(), token.to_string());
+            return Either::Right(Box::pin(async move {
+                Ok(acme_answer(
+                    crate::acme::shared::shared_http01(&store, &token).await,
+                ))
+            }));
+        }
+        Either::Left(ready(Ok(self.respond(req))))
     }
 }
 
@@ -159,6 +187,7 @@ mod tests {
             8443,
             Some("/healthz".into()),
             tokens,
+            None,
         )
     }
 

@@ -175,6 +175,7 @@ impl Runtime {
                 public_https_port,
                 config.server.health_path.clone(),
                 fixed.tokens.clone(),
+                fixed.store.clone(),
             ));
         Runtime {
             proxy,

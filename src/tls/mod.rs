@@ -101,6 +101,28 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The server config for one TLS-ALPN-01 validation handshake (RFC 8737 §3) whose answer another
+/// replica published: that challenge certificate whatever the name, and only the `acme-tls/1` protocol.
+pub fn challenge_server_config(
+    challenge: Arc<CertifiedKey>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(OneCertificate(challenge)));
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct OneCertificate(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for OneCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
 #[derive(Default)]
 struct CertTable {
     by_name: HashMap<String, Arc<CertifiedKey>>,
@@ -161,6 +183,11 @@ impl CertResolver {
             Some(key) => challenges.insert(name.to_ascii_lowercase(), key),
             None => challenges.remove(&name.to_ascii_lowercase()),
         };
+    }
+
+    /// Whether this process answers the TLS-ALPN-01 challenge for `name` itself.
+    pub fn has_challenge(&self, name: &str) -> bool {
+        self.challenge(&name.to_ascii_lowercase()).is_some()
     }
 
     fn challenge(&self, name: &str) -> Option<Arc<CertifiedKey>> {
