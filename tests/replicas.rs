@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
+use http_body_util::BodyExt;
 
 /// A throw-away Redis on a loopback port: no persistence, stopped by its PID when dropped.
 struct Redis {
@@ -488,18 +489,8 @@ impl AcmeReplicas {
                 redis.url(),
                 upstream.addr,
             );
-            let path = dir.path().join("portcullis.toml");
-            std::fs::write(&path, config).expect("write config");
-            let child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-                .args(["run", "--config"])
-                .arg(&path)
-                .env("PORTCULLIS_STORAGE_KEY", STORAGE_KEY)
-                .env("RUST_LOG", "portcullis=debug")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.path().join("log")).expect("log"))
-                .spawn()
-                .expect("start portcullis");
-            processes.push(Some(KillOnDrop(child)));
+            std::fs::write(dir.path().join("portcullis.toml"), config).expect("write config");
+            processes.push(Some(spawn_replica(dir.path())));
             dirs.push(dir);
             https.push(h);
             http.push(p);
@@ -524,6 +515,19 @@ impl AcmeReplicas {
             processes,
             balancer,
             root,
+        }
+    }
+
+    /// Stops every replica and starts it again; `forget` empties its `tls.dir` first, so what it
+    /// serves can only come from Redis.
+    fn restart_all(&self, forget: bool) {
+        let mut processes = self.processes.lock().expect("processes");
+        for (i, dir) in self.dirs.iter().enumerate() {
+            processes[i] = None;
+            if forget {
+                let _ = std::fs::remove_dir_all(dir.path().join("state"));
+            }
+            processes[i] = Some(spawn_replica(dir.path()));
         }
     }
 
@@ -574,6 +578,87 @@ impl AcmeReplicas {
     }
 }
 
+/// Starts the replica whose `portcullis.toml` is in `dir`, appending to its log there.
+fn spawn_replica(dir: &std::path::Path) -> KillOnDrop {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("log"))
+        .expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["run", "--config"])
+        .arg(dir.join("portcullis.toml"))
+        .env("PORTCULLIS_STORAGE_KEY", STORAGE_KEY)
+        .env("RUST_LOG", "portcullis=debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start portcullis");
+    KillOnDrop(child)
+}
+
+/// Requests to every replica in turn, each on a new TLS connection verified against the CA's root (so
+/// each sees the certificate served at that moment), until `finish`.
+struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl SteadyLoad {
+    fn start(https: &[u16], root: &std::path::Path) -> SteadyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ports, root, stopped) = (https.to_vec(), root.to_path_buf(), stop.clone());
+        let task = tokio::spawn(async move {
+            let (mut served, mut failed) = (0, Vec::new());
+            while !stopped.load(Ordering::SeqCst) {
+                for &port in &ports {
+                    match steady_get(port, &root).await {
+                        Ok(StatusCode::OK) => served += 1,
+                        Ok(status) => failed.push(format!("replica on {port}: {status}")),
+                        Err(error) => failed.push(format!("replica on {port}: {error}")),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (served, failed)
+        });
+        SteadyLoad { stop, task }
+    }
+
+    /// How many requests were answered 200, once it has checked that none failed.
+    async fn finish(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        let (served, failed) = self.task.await.expect("load task");
+        assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+        served
+    }
+}
+
+async fn steady_get(port: u16, root: &std::path::Path) -> std::io::Result<StatusCode> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let host = format!("{}:{port}", common::pebble::DOMAIN);
+    let attempt = async {
+        let mut client = Client::connect(addr, common::pebble::DOMAIN, root, &[b"h2"]).await?;
+        let req = http::Request::builder()
+            .uri(format!("https://{host}/"))
+            .header("host", &host)
+            .body(full(""))
+            .map_err(std::io::Error::other)?;
+        let response = client.send(req).await.map_err(std::io::Error::other)?;
+        let status = response.status();
+        // The whole body, so a response cut off by a certificate swap counts as failed.
+        response
+            .into_body()
+            .collect()
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(status)
+    };
+    tokio::time::timeout(LIMIT, attempt)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("no answer in time")))
+}
+
 /// `openssl rand -base64 32`, for the replicas' `storage.encryption_key_env`.
 const STORAGE_KEY: &str = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
 
@@ -585,8 +670,8 @@ const STORAGE_KEY: &str = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server and pebble: run scripts/test.sh"]
 async fn replicas_order_once_answer_each_others_challenges_and_all_serve_the_renewal() {
-    // 30-second certificates: the renewal is due after about 20 seconds.
-    let mut replicas = AcmeReplicas::start("tls-alpn-01", 30, false).await;
+    // 45-second certificates: the renewal is due about 30 seconds after issue, after the outage.
+    let mut replicas = AcmeReplicas::start("tls-alpn-01", 45, false).await;
     let first = replicas
         .one_leaf_everywhere(None, Duration::from_secs(60))
         .await;
@@ -650,8 +735,11 @@ async fn replicas_order_once_answer_each_others_challenges_and_all_serve_the_ren
         "{said}"
     );
 
-    // Redis goes away: every replica keeps serving, and says the store is down.
+    // Steady requests to all three from here to the end: neither the outage nor the swap fails one.
+    let load = SteadyLoad::start(&replicas.https, &replicas.root);
+    // Redis goes away for 20 s: every replica keeps serving, and says the store is down.
     replicas.redis.stop();
+    let outage = std::time::Instant::now();
     for i in replicas.alive() {
         eventually("the replica reports the store down", || async {
             gauge(&scrape_metrics(replicas.metrics[i]).await, "store_up") == 0.0
@@ -664,6 +752,12 @@ async fn replicas_order_once_answer_each_others_challenges_and_all_serve_the_ren
             first
         );
     }
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(outage.elapsed())).await;
+    let logs = replicas.logs();
+    assert!(
+        logs.contains("redis is unreachable"),
+        "the outage is logged:\n{logs}"
+    );
     replicas.redis.restart().await;
     for i in replicas.alive() {
         eventually("the replica reports the store back", || async {
@@ -683,6 +777,7 @@ async fn replicas_order_once_answer_each_others_challenges_and_all_serve_the_ren
         replicas.logs()
     );
     assert!(replicas.sum("acme_certificates_loaded_total").await >= 4.0);
+    assert!(load.finish().await > 0);
 }
 
 /// Needs redis-server and pebble. The replica that holds the order lease is SIGKILLed the moment the
@@ -719,4 +814,19 @@ async fn a_replica_killed_mid_order_hands_the_order_to_another() {
                 .all(|(to, holder)| to != holder && *holder != killed),
         "{routed:?}"
     );
+
+    // All three restarted, their tls.dir emptied: the certificate comes from Redis, no new order.
+    replicas.restart_all(true);
+    let after = replicas
+        .one_leaf_everywhere(None, Duration::from_secs(60))
+        .await;
+    assert_eq!(after, leaf, "the same certificate");
+    assert_eq!(replicas.alive().len(), 3);
+    assert_eq!(
+        replicas.sum("acme_orders_total").await,
+        0.0,
+        "{}",
+        replicas.logs()
+    );
+    assert!(replicas.sum("acme_certificates_loaded_total").await >= 3.0);
 }
