@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -268,7 +269,13 @@ enum Protocol {
 }
 
 /// Serves HTTP on an accepted (and, for HTTPS, handshaken) connection until it closes.
-async fn serve_http<I, S, B>(
+///
+/// Not an `async fn`: the hyper connection (which owns the TLS session and hyper's buffers) is boxed
+/// here, before the first await, and only the box moves into the future. An `async fn` taking `io` by
+/// value keeps a slot for it in its state besides the connection built from it, and `drive` a third:
+/// 9 KiB of future per connection, idle or not, where one box of the connection's own size will do
+/// (benches/idle.py).
+fn serve_http<I, S, B>(
     io: I,
     info: ConnInfo,
     runtime: &Runtime,
@@ -276,7 +283,8 @@ async fn serve_http<I, S, B>(
     shutdown: watch::Receiver<bool>,
     stack_of: fn(&Runtime) -> S,
     protocol: Protocol,
-) where
+) -> impl Future<Output = ()> + Send + 'static
+where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: tower::Service<hyper::Request<Incoming>, Response = hyper::Response<B>, Error = Infallible>
         + Send
@@ -293,17 +301,23 @@ async fn serve_http<I, S, B>(
         first_head: runtime.config.limits.header_read_timeout,
         idle: runtime.config.limits.idle_timeout,
     };
-    match protocol {
+    let connection = match protocol {
         // Upgrades are allowed on both listeners: only the proxy service ever answers 101.
-        Protocol::Http1 => {
-            let connection = runtime.http1.serve_connection(io, service).with_upgrades();
-            if let Some(error) = drive(connection, peer, &activity, limits, shutdown).await {
-                note_malformed_head(&metrics, peer, &error);
+        Protocol::Http1 => Either::Left(Box::pin(
+            runtime.http1.serve_connection(io, service).with_upgrades(),
+        )),
+        Protocol::Http2 => Either::Right(Box::pin(runtime.http2.serve_connection(io, service))),
+    };
+    async move {
+        match connection {
+            Either::Left(http1) => {
+                if let Some(error) = drive(http1, peer, &activity, limits, shutdown).await {
+                    note_malformed_head(&metrics, peer, &error);
+                }
             }
-        }
-        Protocol::Http2 => {
-            let connection = runtime.http2.serve_connection(io, service);
-            drive(connection, peer, &activity, limits, shutdown).await;
+            Either::Right(http2) => {
+                drive(http2, peer, &activity, limits, shutdown).await;
+            }
         }
     }
 }
@@ -421,13 +435,12 @@ struct Deadlines {
 /// flight (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`). A connection that never sent a request head
 /// is dropped outright: there is nothing in flight to finish. Returns the connection's error, if any.
 async fn drive<C: GracefulConnection>(
-    connection: C,
+    mut connection: Pin<Box<C>>,
     peer: SocketAddr,
     activity: &Activity,
     deadlines: Deadlines,
     mut shutdown: watch::Receiver<bool>,
 ) -> Option<hyper::Error> {
-    let mut connection = std::pin::pin!(connection);
     let idle = activity.idle_for(deadlines.idle);
     let mut idle = std::pin::pin!(idle);
     let first_head = tokio::time::sleep(deadlines.first_head);
