@@ -45,9 +45,11 @@ class IdlePortcullis(load.Portcullis):
         conf = self.tmp / f"{self.name}.toml"
         extra = f'[limits]\nmax_connections = 30000\nidle_timeout = "{IDLE}"\n'
         conf.write_text(load.portcullis_toml(self.port, self.tmp, cert, key, self.upstream, extra, self.workers))
-        # PORTCULLIS_BENCH_WRAP="heaptrack -o FILE" runs it under a heap profiler (what BENCHMARKS.md cites).
+        # PORTCULLIS_BENCH_WRAP="heaptrack -o FILE" runs it under a heap profiler, PORTCULLIS_BENCH_BINARY
+        # another build (one with full debug info, for heaptrack's backtraces).
         wrap = os.environ.get("PORTCULLIS_BENCH_WRAP", "").split()
-        return [*wrap, str(load.ROOT / "target/release/portcullis"), "run", "--config", str(conf)], {}
+        binary = os.environ.get("PORTCULLIS_BENCH_BINARY", str(load.ROOT / "target/release/portcullis"))
+        return [*wrap, binary, "run", "--config", str(conf)], {}
 
 
 class IdleNginx(load.Nginx):
@@ -157,6 +159,7 @@ def main():
     parser.add_argument("--connections", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", help="comma-separated contenders (portcullis, nginx, haproxy)")
+    parser.add_argument("--protocols", default="h1,h2", help="comma-separated: h1, h2")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -174,7 +177,7 @@ def main():
     results = {}
     try:
         for rnd in range(args.rounds):
-            for protocol in ("h1", "h2"):
+            for protocol in args.protocols.split(","):
                 for c in contenders if rnd % 2 == 0 else list(reversed(contenders)):
                     c.start(cert, key, tmp / "ecdsa.pem")
                     try:

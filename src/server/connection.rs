@@ -124,18 +124,39 @@ async fn client_of(
     }
 }
 
-pub async fn serve_tls(
+/// One HTTPS connection, start to end: the future its task runs.
+///
+/// The PROXY header and the handshake (3 KiB of state with their timers) run in a box freed once the
+/// connection is up: inline, they would size the connection's task for its whole life, idle or not.
+/// Not an `async fn` for the same reason: its arguments would stay in its state beside the box.
+pub fn serve_tls(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send + 'static {
+    let accepting = Box::pin(accept_tls(tcp, peer, acceptor, shared, shutdown, permit));
+    async move {
+        if let Some(serving) = accepting.await {
+            serving.await;
+        }
+    }
+}
+
+/// PROXY header, TLS handshake: the connection's HTTP service, or `None` when it ends here (refused,
+/// failed handshake, an ACME challenge handshake).
+async fn accept_tls(
     mut tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
     permit: OwnedSemaphorePermit,
-) {
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     let runtime = shared.current.load_full();
-    let Some(peer) = client_of(&mut tcp, peer, &runtime, &shared).await else {
-        return;
-    };
+    let peer = client_of(&mut tcp, peer, &runtime, &shared).await?;
     let shared_challenges = shared
         .fixed
         .store
@@ -156,7 +177,7 @@ pub async fn serve_tls(
                 .fixed
                 .handshake_failures
                 .record(peer.ip(), &reason, std::time::Instant::now());
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
@@ -166,13 +187,13 @@ pub async fn serve_tls(
                 "handshake timed out",
                 std::time::Instant::now(),
             );
-            return;
+            return None;
         }
     };
     let (_, session) = stream.get_ref();
     // RFC 8737 §3: the challenge handshake is the whole answer; no application data follows.
     if session.alpn_protocol() == Some(ACME_TLS_ALPN) {
-        return;
+        return None;
     }
     // Without ALPN a TLS client speaks HTTP/1.1 (RFC 7301 §3.2, RFC 9113 §3.2).
     let protocol = if session.alpn_protocol() == Some(b"h2") {
@@ -187,7 +208,7 @@ pub async fn serve_tls(
         slot: Arc::new(permit),
         shutdown: shutdown.clone(),
     };
-    serve_http(
+    Some(serve_http(
         TokioIo::new(stream),
         info,
         &runtime,
@@ -195,8 +216,7 @@ pub async fn serve_tls(
         shutdown,
         |r| r.https.clone(),
         protocol,
-    )
-    .await;
+    ))
 }
 
 /// The TLS handshake. With ACME and the shared store, the ClientHello is read first: a TLS-ALPN-01
@@ -283,7 +303,7 @@ fn serve_http<I, S, B>(
     shutdown: watch::Receiver<bool>,
     stack_of: fn(&Runtime) -> S,
     protocol: Protocol,
-) -> impl Future<Output = ()> + Send + 'static
+) -> impl Future<Output = ()> + Send + use<I, S, B>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: tower::Service<hyper::Request<Incoming>, Response = hyper::Response<B>, Error = Infallible>
