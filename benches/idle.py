@@ -28,6 +28,21 @@ IDLE = "600s"
 OPEN_AT_ONCE = 64  # handshakes in flight while connecting, so the client does not time itself out
 
 
+def open_sockets(pid):
+    """Sockets the server's processes hold: the connections it still has open, and its listeners."""
+    count = 0
+    for p in load.process_tree(pid):
+        try:
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                try:
+                    count += os.readlink(f"/proc/{p}/fd/{fd}").startswith("socket:")
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return count
+
+
 def current_rss_kib(pid):
     total = 0
     for p in load.process_tree(pid):
@@ -67,7 +82,7 @@ class IdleHAProxy(load.HAProxy):
     def command(self, cert, key, pem):
         cmd, env = super().command(cert, key, pem)
         conf = self.tmp / "haproxy.cfg"
-        text = conf.read_text().replace("maxconn 8000", "maxconn 30000")
+        text = conf.read_text().replace("maxconn 8000", "maxconn 12000")
         text = text.replace("timeout client 30s", f"timeout client {IDLE}\n  timeout http-keep-alive {IDLE}")
         conf.write_text(text)
         return cmd, env
@@ -135,12 +150,14 @@ async def measure(contender, protocol, count):
     opened_in = time.monotonic() - started
     await asyncio.sleep(2)  # let the last answers' buffers settle
     after = current_rss_kib(pid)
+    sockets = open_sockets(pid)
     honest = await asyncio.to_thread(load.wrk, contender.port, 5, 4)
     still = current_rss_kib(pid)
     for writer in held:
         writer.close()
     return {
         "open": len(held),
+        "server_sockets": sockets,
         "failed": len(failures),
         "first_failure": failures[0] if failures else None,
         "opened_in_s": opened_in,
@@ -163,8 +180,8 @@ def main():
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if hard < 2 * args.connections + 100:
-        sys.exit(f"the open-file limit ({hard}) is too low for {args.connections} connections on both ends")
+    if hard < args.connections + 100:
+        sys.exit(f"the open-file limit ({hard}) is too low for {args.connections} connections")
     tmp = Path(tempfile.mkdtemp(prefix="portcullis-idle-"))
     cert, key = load.make_cert(tmp, "ecdsa")
     load.write_static_root(tmp)
@@ -185,7 +202,7 @@ def main():
                     finally:
                         c.stop()
                     results.setdefault((protocol, c.name), []).append(r)
-                    print(f"round {rnd + 1} {protocol} {c.name:12} open {r['open']} failed {r['failed']} "
+                    print(f"round {rnd + 1} {protocol} {c.name:12} open {r['open']} (server sockets {r['server_sockets']}) failed {r['failed']} "
                           f"({r['opened_in_s']:.1f}s) rss {r['rss_before_mib']:.1f} -> {r['rss_after_mib']:.1f} MiB "
                           f"= {r['kib_per_connection']:.1f} KiB/conn; honest p50 {r['honest_p50_ms']:.2f} ms "
                           f"p99 {r['honest_p99_ms']:.2f} ms errors {r['honest_errors']}"
