@@ -45,15 +45,7 @@ def open_sockets(pid):
 
 
 def current_rss_kib(pid):
-    total = 0
-    for p in load.process_tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+    return load.status_kib(pid, "VmRSS:")
 
 
 class IdlePortcullis(load.Portcullis):

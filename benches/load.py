@@ -88,16 +88,21 @@ def cpu_seconds(pid):
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_kib(pid):
+def status_kib(pid, field):
+    """A memory field of /proc/PID/status (VmHWM: peak RSS, VmRSS: now), summed over the process tree."""
     total = 0
     for p in process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     total += int(line.split()[1])
         except OSError:
             pass
     return total
+
+
+def peak_rss_kib(pid):
+    return status_kib(pid, "VmHWM:")
 
 
 def wait_port(port, timeout=15):
