@@ -51,12 +51,7 @@ def current_rss_kib(pid):
 class IdlePortcullis(load.Portcullis):
     def command(self, cert, key, pem):
         conf = self.tmp / f"{self.name}.toml"
-        # header_read_timeout too: hyper arms its HTTP/1.1 header timer when it starts waiting for the
-        # next head, so an idle keep-alive connection is closed after it (10 s by default), not after
-        # idle_timeout. Raised here to measure what an idle connection costs; the bug is noted in
-        # BENCHMARKS.md.
-        extra = (f'[limits]\nmax_connections = 30000\nidle_timeout = "{IDLE}"\n'
-                 f'header_read_timeout = "{IDLE}"\n')
+        extra = f'[limits]\nmax_connections = 30000\nidle_timeout = "{IDLE}"\n'
         conf.write_text(load.portcullis_toml(self.port, self.tmp, cert, key, self.upstream, extra, self.workers))
         # PORTCULLIS_BENCH_WRAP="heaptrack -o FILE" runs it under a heap profiler, PORTCULLIS_BENCH_BINARY
         # another build (one with full debug info, for heaptrack's backtraces).

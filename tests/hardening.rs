@@ -642,6 +642,67 @@ async fn login_posts_beyond_the_budget_get_429_before_the_upstream() {
     proxy.stop().await;
 }
 
+/// HTTP/1.1 keep-alive lasts `idle_timeout`, not `header_read_timeout` (hyper's header timer, which ran
+/// whenever hyper waited for a head, closed idle connections at the header timeout); a later head that
+/// trickles in is still cut at the header timeout, timed from its first byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_outlives_the_header_timeout_and_a_slow_later_head_does_not() {
+    let (upstream, proxy) =
+        Proxy::with_upstream("[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"60s\"\n")
+            .await;
+    let port = proxy.https.port();
+    let mut client = proxy.client(H1).await;
+    assert_eq!(client.get("/echo", port).await.0.status(), StatusCode::OK);
+    // Idle for more than the header timeout: the same connection still carries the next request.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let Sender::H1(sender) = &client.sender else {
+        panic!("http/1.1 was offered")
+    };
+    assert!(
+        !sender.is_closed(),
+        "closed while idle, before the idle timeout"
+    );
+    assert_eq!(client.get("/echo", port).await.0.status(), StatusCode::OK);
+
+    // One request, then the start of a second head and nothing more.
+    let mut tls = tls_connect(proxy.https, "localhost", &proxy.root, H1)
+        .await
+        .expect("connect");
+    let head = format!("GET /echo HTTP/1.1\r\nHost: localhost:{port}\r\n");
+    tls.write_all(format!("{head}\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let whole = tokio::time::timeout(LIMIT, async {
+        loop {
+            let n = tls.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed before answering");
+            answer.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&answer).to_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("content-length");
+                if answer.len() >= end + 4 + length {
+                    return;
+                }
+            }
+        }
+    });
+    whole.await.expect("the first answer in time");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tls.write_all(head.as_bytes()).await.expect("write");
+    let mut sink = Vec::new();
+    // Well inside the 60 s idle timeout: only the header timeout can have closed it.
+    let closed = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the slow second head was not cut");
+    assert_eq!(upstream.count(), 3);
+    proxy.stop().await;
+}
+
 /// Item: a TLS connection that completes its handshake and then sends no complete request head is cut at
 /// `header_read_timeout`, whatever ALPN chose and however much of the HTTP/2 preface it sent. (Before,
 /// hyper-util's auto builder waited for the preface before any timer ran: 60 s, the idle timeout.)

@@ -18,6 +18,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 // tokio's clock, so the idle logic can be tested under paused time.
@@ -35,13 +36,18 @@ use crate::security::{EventPlace, SecurityCause, SecurityEvent, write_event};
 use crate::store::SharedStore;
 use crate::tls::{ACME_TLS_ALPN, CertResolver};
 
-/// Requests in flight on one connection and when it last did anything, for the idle timeout.
+/// Requests in flight on one connection and when it last did anything, for the idle timeout; and when
+/// the bytes of a head not yet parsed began to arrive, for the header timeout.
 struct Activity {
     started: Instant,
     /// Requests whose head hyper has parsed, ever.
     requests: AtomicU64,
     in_flight: AtomicUsize,
     last_millis: AtomicU64,
+    /// Milliseconds since `started` (+1, so 0 means none) at which bytes arrived with no request in
+    /// flight: the start of the next HTTP/1.1 head. Cleared when hyper hands that request over.
+    head_started: AtomicU64,
+    head_begins: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -51,19 +57,53 @@ impl Activity {
             requests: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             last_millis: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
+            head_begins: tokio::sync::Notify::new(),
         })
     }
 
+    fn now_millis(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
     fn touch(&self) {
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_millis.store(now, Ordering::Relaxed);
+        self.last_millis.store(self.now_millis(), Ordering::Relaxed);
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
         self.touch();
         InFlight(self.clone())
+    }
+
+    /// Bytes came in. With nothing in flight they are the start of the next head (HTTP/1.1: a body
+    /// only follows a head hyper has handed over, which counts as in flight).
+    fn bytes_arrived(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+        {
+            self.head_started
+                .store(self.now_millis() + 1, Ordering::Relaxed);
+            self.head_begins.notify_one();
+        }
+    }
+
+    /// Resolves when a head has been arriving for `timeout` without becoming a request.
+    async fn head_overdue(&self, timeout: Duration) {
+        loop {
+            let started = self.head_started.load(Ordering::Relaxed);
+            if started == 0 {
+                self.head_begins.notified().await;
+                continue;
+            }
+            let deadline = self.started + Duration::from_millis(started - 1) + timeout;
+            tokio::time::sleep_until(deadline).await;
+            if self.head_started.load(Ordering::Relaxed) == started {
+                return;
+            }
+        }
     }
 
     /// Resolves once the connection has had no request in flight for `timeout`.
@@ -209,7 +249,7 @@ async fn accept_tls(
         shutdown: shutdown.clone(),
     };
     Some(serve_http(
-        TokioIo::new(stream),
+        stream,
         info,
         &runtime,
         shared,
@@ -271,7 +311,7 @@ pub async fn serve_plain(
         shutdown: shutdown.clone(),
     };
     serve_http(
-        TokioIo::new(tcp),
+        tcp,
         info,
         &runtime,
         shared,
@@ -286,6 +326,65 @@ pub async fn serve_plain(
 enum Protocol {
     Http1,
     Http2,
+}
+
+/// The connection's reads, noted in its `Activity`: bytes with nothing in flight start the header
+/// clock for the next HTTP/1.1 head. hyper's own header timer starts when hyper begins waiting for a
+/// head, so it also cut idle keep-alive connections at `header_read_timeout` instead of `idle_timeout`.
+struct HeadClock<I> {
+    io: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_arrived();
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Serves HTTP on an accepted (and, for HTTPS, handshaken) connection until it closes.
@@ -305,7 +404,7 @@ fn serve_http<I, S, B>(
     protocol: Protocol,
 ) -> impl Future<Output = ()> + Send + use<I, S, B>
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<hyper::Request<Incoming>, Response = hyper::Response<B>, Error = Infallible>
         + Send
         + 'static,
@@ -315,11 +414,16 @@ where
 {
     let peer = info.peer;
     let activity = Activity::new();
+    let io = TokioIo::new(HeadClock {
+        io,
+        activity: activity.clone(),
+    });
     let metrics = shared.fixed.metrics.clone();
     let service = tracked_service(info, shared, activity.clone(), stack_of);
     let limits = Deadlines {
         first_head: runtime.config.limits.header_read_timeout,
         idle: runtime.config.limits.idle_timeout,
+        next_heads: matches!(protocol, Protocol::Http1),
     };
     let connection = match protocol {
         // Upgrades are allowed on both listeners: only the proxy service ever answers 101.
@@ -449,6 +553,9 @@ struct Deadlines {
     /// it speaks (hyper's HTTP/1.1 header timer covers later requests; HTTP/2 has none of its own).
     first_head: Duration,
     idle: Duration,
+    /// HTTP/1.1: each later head must also arrive within `first_head` of its first byte. (HTTP/2 sends
+    /// frames while idle, and its heads come in HEADERS frames hyper bounds by size.)
+    next_heads: bool,
 }
 
 /// Runs a connection to completion; on idleness or server shutdown asks it to close after what is in
@@ -486,6 +593,10 @@ async fn drive<C: GracefulConnection>(
             _ = shutdown.wait_for(|stop| *stop), if !closing => {
                 connection.as_mut().begin_shutdown();
                 closing = true;
+            }
+            _ = activity.head_overdue(deadlines.first_head), if deadlines.next_heads => {
+                tracing::debug!(%peer, "a request head took longer than the header timeout; closing");
+                return None;
             }
             _ = &mut idle, if !closing => {
                 tracing::debug!(%peer, "closing idle connection");

@@ -195,8 +195,10 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        // Also bounds how long an idle keep-alive connection may wait before its next request.
-        .header_read_timeout(limits.header_read_timeout)
+        // Off: hyper's timer runs whenever hyper waits for a head, idle keep-alive included, so it
+        // closed idle connections at the header timeout. `server::connection` times each head from its
+        // first byte instead, and the idle timeout bounds keep-alive.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
     builder
