@@ -1,5 +1,6 @@
 //! The plain-HTTP listener's service: HTTPS redirects for our own hosts only (no open redirect), ACME
-//! HTTP-01 answers (this replica's, or with the shared store any replica's), and an optional health path. Nothing is proxied over plain HTTP.
+//! HTTP-01 answers (this replica's, or with the shared store any replica's), and an optional health
+//! path. Nothing is proxied over plain HTTP.
 
 use std::convert::Infallible;
 use std::future::{Ready, ready};
