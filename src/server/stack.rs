@@ -7,16 +7,18 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::ServiceBuilder;
-use tower_http::compression::Compression;
+use tower_http::compression::{Compression, CompressionBody};
+use tower_http::map_response_body::MapResponseBody;
 
 use super::plain::PlainHttpService;
 use crate::acme::Http01Tokens;
-use crate::body::BufferBudget;
+use crate::body::{BufferBudget, ProxyBody};
 use crate::config::{Config, Limits};
 use crate::context::TrustedProxies;
 use crate::metrics::{Listener, Metrics};
 use crate::middleware::compression::{
-    CompressWhen, PadCompressedHtml, PadCompressedHtmlLayer, compression_layer,
+    BoxedCompressionBody, CompressWhen, PadCompressedHtml, PadCompressedHtmlLayer,
+    box_compression_body_layer, compression_layer,
 };
 use crate::middleware::host::HostPorts;
 use crate::middleware::record::RecordResponse;
@@ -32,37 +34,40 @@ use crate::static_files::{StaticFiles, StaticOrProxy};
 use crate::store::SharedStore;
 
 type HttpsStack = RecordResponse<
-    Compression<
-        PadCompressedHtml<
-            RewriteHeaders<
+    MapResponseBody<
+        Compression<
+            PadCompressedHtml<
                 RewriteHeaders<
-                    Gated<
+                    RewriteHeaders<
                         Gated<
                             Gated<
-                                CspCollector<
-                                    Guarded<
+                                Gated<
+                                    CspCollector<
                                         Guarded<
                                             Guarded<
-                                                RateLimit<StaticOrProxy>,
-                                                ClearSiteDataOnLogout,
+                                                Guarded<
+                                                    RateLimit<StaticOrProxy>,
+                                                    ClearSiteDataOnLogout,
+                                                >,
+                                                LoginLockout,
                                             >,
-                                            LoginLockout,
+                                            CrossOriginGuard,
                                         >,
-                                        CrossOriginGuard,
                                     >,
+                                    Maintenance,
                                 >,
-                                Maintenance,
+                                HostAllowlist,
                             >,
-                            HostAllowlist,
+                            RequestHeadCheck,
                         >,
-                        RequestHeadCheck,
+                        CookieHardening,
                     >,
-                    CookieHardening,
+                    SecurityHeaderPolicy,
                 >,
-                SecurityHeaderPolicy,
             >,
+            CompressWhen,
         >,
-        CompressWhen,
+        fn(CompressionBody<ProxyBody>) -> BoxedCompressionBody,
     >,
 >;
 type PlainStack = RecordResponse<RewriteHeaders<PlainHttpService, SecurityHeaderPolicy>>;
@@ -115,6 +120,7 @@ impl Runtime {
                 Listener::Https,
                 trusted_proxies.clone(),
             ))
+            .layer(box_compression_body_layer())
             .layer(compression_layer(&config.compression))
             .layer(PadCompressedHtmlLayer::new(&config.compression))
             .layer(RewriteHeadersLayer::new(SecurityHeaderPolicy::for_https(
