@@ -9,6 +9,7 @@ rounds interleave the contenders; per contender the median over rounds, and the 
 round (this machine is noisy: ratios, not absolutes)."""
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -39,6 +40,10 @@ COOKIE_FLAGS = ("secure", "httponly", "samesite=lax")
 # The static-file mode: a 4 KiB stylesheet each contender serves from disk at /static/ (HAProxy serves no
 # files, so it sits that mode out).
 STATIC_FILE = "/static/app.css"
+# The compression mode: a 6.5 KiB JSON list from the upstream, gzip-compressed by the proxy (the one
+# encoding every contender has) at level 1 for all (nginx's and HAProxy's default), HTTP/1.1 keep-alive.
+JSON_PATH = "/api/items.json"
+GZIP_LEVEL = 1
 
 
 def write_static_root(tmp: Path) -> Path:
@@ -175,7 +180,8 @@ class Portcullis(Contender):
 
     def command(self, cert, key, pem):
         conf = self.tmp / f"{self.name}.toml"
-        extra = f'[[static]]\nurl = "/static/"\ndir = "{self.tmp}/static"\n[limits]\nmax_connections = 20000\n'
+        extra = (f'[[static]]\nurl = "/static/"\ndir = "{self.tmp}/static"\n[limits]\nmax_connections = 20000\n'
+                 f'[compression]\nlevel = {GZIP_LEVEL}\n')
         conf.write_text(portcullis_toml(self.port, self.tmp, cert, key, self.upstream, extra, self.workers))
         return [str(ROOT / "target/release/portcullis"), "run", "--config", str(conf)], {}
 
@@ -195,6 +201,8 @@ http {{
   access_log off;
   server_tokens off;
   keepalive_requests 1000000;
+  gzip on; gzip_types application/json; gzip_comp_level {GZIP_LEVEL}; gzip_min_length 1024;
+  gzip_proxied any; gzip_vary on;
   client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
   fastcgi_temp_path {prefix}/fcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
   upstream app {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 64; }}
@@ -240,6 +248,7 @@ global
   maxconn 8000
   ssl-default-bind-ciphers ECDHE+AESGCM:ECDHE+CHACHA20
   ssl-default-bind-options ssl-min-ver TLSv1.2
+  tune.comp.maxlevel {GZIP_LEVEL}
 defaults
   mode http
   timeout connect 5s
@@ -255,6 +264,8 @@ frontend fe
   http-response del-header X-Powered-By
 {sets}
   http-response replace-header Set-Cookie (.*) "\\1; Secure; HttpOnly; SameSite=Lax"
+  compression algo gzip
+  compression type application/json
   default_backend be
 backend be
   http-reuse always
@@ -277,6 +288,10 @@ class Caddy(Contender):
 }}
 https://localhost:{self.port} {{
   tls {cert} {key}
+  encode {{
+    gzip {GZIP_LEVEL}
+    minimum_length 1024
+  }}
   header {{
 {hdrs}
     -Server
@@ -305,6 +320,15 @@ def verify(contender):
     leaks = [h for h in ("x-powered-by",) if f"\n{h}:" in out]
     server = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("server:")), None)
     check = {"missing": missing, "leaks": leaks, "server_header": server, "h2": out.startswith("http/2")}
+    gz = run(["curl", "-sk", "-D", "-", "-o", str(contender.tmp / "json-check.gz"), "-H", "Accept-Encoding: gzip",
+              f"https://localhost:{contender.port}{JSON_PATH}"]).stdout.lower()
+    direct = run(["curl", "-s", f"http://127.0.0.1:{UPSTREAM_PORT}{JSON_PATH}"]).stdout
+    try:
+        same = gzip.decompress((contender.tmp / "json-check.gz").read_bytes()).decode() == direct
+    except OSError:
+        same = False
+    check["gzip"] = "ok" if "\ncontent-encoding: gzip" in gz and same else \
+        f"FAILED (content-encoding gzip: {'content-encoding: gzip' in gz}, body equal: {same})"
     if contender.serves_files:
         head = run(["curl", "-sk", "-D", "-", "-o", str(contender.tmp / "static-check.css"),
                     f"https://localhost:{contender.port}{STATIC_FILE}"]).stdout.lower()
@@ -316,10 +340,12 @@ def verify(contender):
     return check
 
 
-def wrk(port, seconds, connections, close=False, path="/"):
+def wrk(port, seconds, connections, close=False, path="/", headers=()):
     cmd = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if close:
         cmd += ["-H", "Connection: close"]
+    for header in headers:
+        cmd += ["-H", header]
     out = run(cmd + [f"https://localhost:{port}{path}" if port != UPSTREAM_PORT else f"http://127.0.0.1:{port}/"]).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
@@ -367,6 +393,8 @@ def measure(contender, mode, seconds, tmp):
         result = wrk(contender.port, seconds, 64)
     elif mode == "static-h1":
         result = wrk(contender.port, seconds, 64, path=STATIC_FILE)
+    elif mode == "gzip-json":
+        result = wrk(contender.port, seconds, 64, path=JSON_PATH, headers=["Accept-Encoding: gzip"])
     elif mode == "h2":
         result = h2load(contender.port, seconds, tmp)
     else:
@@ -452,7 +480,8 @@ def main():
     if args.only:
         keep = set(args.only.split(","))
         contenders = [c for c in contenders if c.name in keep or (c.name == "nginx")]
-    modes = [("h1", "ecdsa"), ("h2", "ecdsa"), ("static-h1", "ecdsa"), ("handshake-ecdsa", "ecdsa"),
+    modes = [("h1", "ecdsa"), ("h2", "ecdsa"), ("static-h1", "ecdsa"), ("gzip-json", "ecdsa"),
+             ("handshake-ecdsa", "ecdsa"),
              ("handshake-rsa", "rsa")]
     results = {m: {c.name: [] for c in contenders} for m, _ in modes}
     checks = {}
@@ -523,7 +552,8 @@ def report(results, checks, ceiling, args):
     print("Output checks (same headers and cookie flags on every contender):\n")
     for name, check in checks.items():
         print(f"- {name}: missing {check['missing'] or 'none'}; Server header: {check['server_header'] or 'none'}; "
-              f"HTTP/2: {check['h2']}; static file: {check.get('static', 'not served (no file server)')}")
+              f"HTTP/2: {check['h2']}; gzip JSON: {check['gzip']}; "
+              f"static file: {check.get('static', 'not served (no file server)')}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,12 @@ pub struct CompressWhen {
     policy: Arc<CompressionPolicy>,
 }
 
+impl CompressWhen {
+    pub fn new(policy: Arc<CompressionPolicy>) -> Self {
+        CompressWhen { policy }
+    }
+}
+
 impl Predicate for CompressWhen {
     fn should_compress<B: Body>(&self, response: &Response<B>) -> bool {
         let policy = &self.policy;

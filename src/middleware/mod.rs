@@ -5,6 +5,7 @@
 //! `RecordResponse` (metrics and the access log) is its own layer because it follows the response body.
 
 pub mod clear_site_data;
+pub mod compress_whole;
 pub mod compression;
 pub mod cookies;
 pub mod cross_origin;

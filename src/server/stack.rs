@@ -16,6 +16,7 @@ use crate::body::{BufferBudget, ProxyBody};
 use crate::config::{Config, Limits};
 use crate::context::TrustedProxies;
 use crate::metrics::{Listener, Metrics};
+use crate::middleware::compress_whole::{CompressWhole, CompressWholeLayer};
 use crate::middleware::compression::{
     BoxedCompressionBody, CompressWhen, PadCompressedHtml, PadCompressedHtmlLayer,
     box_compression_body_layer, compression_layer,
@@ -36,33 +37,35 @@ use crate::store::SharedStore;
 type HttpsStack = RecordResponse<
     MapResponseBody<
         Compression<
-            PadCompressedHtml<
-                RewriteHeaders<
+            CompressWhole<
+                PadCompressedHtml<
                     RewriteHeaders<
-                        Gated<
+                        RewriteHeaders<
                             Gated<
                                 Gated<
-                                    CspCollector<
-                                        Guarded<
+                                    Gated<
+                                        CspCollector<
                                             Guarded<
                                                 Guarded<
-                                                    RateLimit<StaticOrProxy>,
-                                                    ClearSiteDataOnLogout,
+                                                    Guarded<
+                                                        RateLimit<StaticOrProxy>,
+                                                        ClearSiteDataOnLogout,
+                                                    >,
+                                                    LoginLockout,
                                                 >,
-                                                LoginLockout,
+                                                CrossOriginGuard,
                                             >,
-                                            CrossOriginGuard,
                                         >,
+                                        Maintenance,
                                     >,
-                                    Maintenance,
+                                    HostAllowlist,
                                 >,
-                                HostAllowlist,
+                                RequestHeadCheck,
                             >,
-                            RequestHeadCheck,
+                            CookieHardening,
                         >,
-                        CookieHardening,
+                        SecurityHeaderPolicy,
                     >,
-                    SecurityHeaderPolicy,
                 >,
             >,
             CompressWhen,
@@ -122,6 +125,7 @@ impl Runtime {
             ))
             .layer(box_compression_body_layer())
             .layer(compression_layer(&config.compression))
+            .layer(CompressWholeLayer::new(&config.compression))
             .layer(PadCompressedHtmlLayer::new(&config.compression))
             .layer(RewriteHeadersLayer::new(SecurityHeaderPolicy::for_https(
                 &config.headers,
