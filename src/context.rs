@@ -25,6 +25,9 @@ pub struct ConnInfo {
     /// Turns true when the server shuts down; long-lived tunnels close on it instead of holding up the
     /// drain for the whole grace period.
     pub shutdown: watch::Receiver<bool>,
+    /// The worker thread serving the connection (`server.workers > 1`; else 0): its requests use that
+    /// worker's upstream connections, so no request wakes another thread.
+    pub worker: usize,
 }
 
 /// How long the upstream took to answer with headers; set by the proxy service on its responses and read

@@ -276,16 +276,14 @@ fn serve(
     reload: impl Fn() -> Result<Config, ConfigError>,
 ) -> ExitCode {
     init_logging(&config);
-    // One worker: a current-thread runtime, with no work-stealing scheduler between the tasks of a
-    // request (client connection, upstream connection) that wake each other constantly.
-    let mut builder = if config.server.workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(config.server.workers);
-        builder
-    };
-    let runtime = match builder.enable_all().build() {
+    // A current-thread runtime: with one worker it serves everything, with more it keeps the accept
+    // loops and background tasks and `server::run` starts one such runtime per worker for the
+    // connections. No work-stealing scheduler sits between the tasks of a request (client connection,
+    // upstream connection), which wake each other constantly.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

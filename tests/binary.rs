@@ -11,9 +11,11 @@ use http::StatusCode;
 
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
+/// Two workers on any machine: the binary's connections then run on the worker threads
+/// (`server::workers`), which reload, drain and every log test here go through.
 fn config_text(dir: &std::path::Path, upstream: std::net::SocketAddr, extra: &str) -> String {
     format!(
-        "[server]\nhttps = \"127.0.0.1:0\"\ndomains = [\"localhost\"]\nshutdown_grace = \"5s\"\n\
+        "[server]\nhttps = \"127.0.0.1:0\"\ndomains = [\"localhost\"]\nshutdown_grace = \"5s\"\nworkers = 2\n\
          [tls]\nsource = \"local\"\ndir = \"{}\"\n[upstream]\nurl = \"http://{upstream}\"\n{extra}",
         dir.join("state").display()
     )

@@ -51,8 +51,10 @@ pub struct ProxyService {
 }
 
 struct Shared {
-    /// For idempotent requests: kept-alive connections, retried on another when one was closed.
-    client: UpstreamClient,
+    /// For idempotent requests: kept-alive connections, retried on another when one was closed. One
+    /// pool per worker thread (`ConnInfo::worker`): a connection's task then runs on the thread of the
+    /// requests that use it.
+    clients: Vec<UpstreamClient>,
     /// For the rest: a new connection each (see `upstream::build_client`).
     fresh_client: UpstreamClient,
     pool: Arc<Pool>,
@@ -77,7 +79,10 @@ impl ProxyService {
     /// `public_https_port` is the port clients reach us on, for `X-Forwarded-Port`. Starts the pool's
     /// health checks, which end when the service (its config) is dropped.
     pub fn new(config: &Config, public_https_port: u16, budget: BufferBudget) -> Self {
-        let client = build_client(&config.upstream, true);
+        let clients: Vec<UpstreamClient> = (0..config.server.workers.max(1))
+            .map(|_| build_client(&config.upstream, true))
+            .collect();
+        let client = clients[0].clone();
         let fresh_client = build_client(&config.upstream, false);
         let pool = Arc::new(Pool::new(&config.upstream));
         if let Some(host) = config
@@ -91,7 +96,7 @@ impl ProxyService {
         }
         ProxyService {
             shared: Arc::new(Shared {
-                client,
+                clients,
                 fresh_client,
                 pool,
                 retries: config.upstream.retries,
@@ -223,7 +228,10 @@ impl Shared {
             Err(answer) => return answer,
         };
         let started = Instant::now();
-        let (picked, response) = match self.send(&parts, &path_and_query, body, started).await {
+        let sent = self
+            .send(&parts, &path_and_query, body, started, conn.worker)
+            .await;
+        let (picked, response) = match sent {
             Ok(sent) => sent,
             Err(answer) => return answer,
         };
@@ -392,6 +400,7 @@ impl Shared {
         path_and_query: &PathAndQuery,
         mut body: RequestBody,
         started: Instant,
+        worker: usize,
     ) -> Result<(Picked, Response<Incoming>), Response<ProxyBody>> {
         let replay = body.replayable();
         let idempotent = is_idempotent(&parts.method);
@@ -428,7 +437,7 @@ impl Shared {
             *upstream_req.version_mut() = Version::HTTP_11;
             *upstream_req.headers_mut() = parts.headers.clone();
             let client = if idempotent {
-                &self.client
+                &self.clients[worker % self.clients.len()]
             } else {
                 &self.fresh_client
             };

@@ -242,6 +242,7 @@ async fn accept_tls(
         Protocol::Http1
     };
     let info = ConnInfo {
+        worker: super::workers::current(),
         peer,
         sni: session.server_name().map(Arc::from),
         tls: true,
@@ -304,6 +305,7 @@ pub async fn serve_plain(
         return;
     };
     let info = ConnInfo {
+        worker: super::workers::current(),
         peer,
         sni: None,
         tls: false,

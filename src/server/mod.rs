@@ -7,6 +7,7 @@ mod connection;
 pub mod plain;
 pub mod proxy_protocol;
 mod stack;
+mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +29,7 @@ use crate::store::SharedStore;
 use crate::tls::{CertResolver, TlsError};
 use certificates::provision_certificates;
 use stack::{Fixed, Runtime};
+use workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -45,6 +47,8 @@ pub enum ServerError {
     Acme(String),
     #[error("signal handling: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(#[source] std::io::Error),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
@@ -72,10 +76,21 @@ pub struct RunningServer {
     shutdown: watch::Sender<bool>,
     done: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
+    /// The worker threads connections are served on, when `server.workers > 1` under `run`.
+    _workers: Option<Arc<Workers>>,
 }
 
-/// Binds the listeners, provisions certificates and starts serving.
+/// Binds the listeners, provisions certificates and starts serving, every connection on the calling
+/// runtime (tests drive the server this way, paused clocks included).
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+    start_on(config, None).await
+}
+
+/// As `start`, with connections served on `workers` when given (the binary with `workers > 1`).
+async fn start_on(
+    config: Config,
+    workers: Option<Arc<Workers>>,
+) -> Result<RunningServer, ServerError> {
     crate::tls::install_default_provider();
     for warning in &config.warnings {
         tracing::warn!("config: {warning}");
@@ -155,6 +170,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         shared.clone(),
         shutdown_rx.clone(),
         permits.clone(),
+        workers.clone(),
     ))];
     if let Some(listener) = http_listener {
         loops.push(tokio::spawn(accept_loop(
@@ -163,6 +179,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             shared.clone(),
             shutdown_rx.clone(),
             permits.clone(),
+            workers.clone(),
         )));
     }
     let grace = config.server.shutdown_grace;
@@ -179,6 +196,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         shutdown,
         done,
         background,
+        _workers: workers,
     })
 }
 
@@ -202,6 +220,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     permits: Arc<Semaphore>,
+    workers: Option<Arc<Workers>>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -228,19 +247,19 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let stop = shutdown.clone();
-        match &tls {
-            Some(acceptor) => {
-                tokio::spawn(connection::serve_tls(
-                    tcp,
-                    peer,
-                    acceptor.clone(),
-                    shared,
-                    stop,
-                    permit,
-                ));
+        let tls = tls.clone();
+        let serve = move |tcp| async move {
+            match tls {
+                Some(acceptor) => {
+                    connection::serve_tls(tcp, peer, acceptor, shared, stop, permit).await;
+                }
+                None => connection::serve_plain(tcp, peer, shared, stop, permit).await,
             }
+        };
+        match &workers {
+            Some(workers) => workers.serve(tcp, serve),
             None => {
-                tokio::spawn(connection::serve_plain(tcp, peer, shared, stop, permit));
+                tokio::spawn(serve(tcp));
             }
         }
     }
@@ -384,7 +403,13 @@ pub async fn run(
     let mut terminate = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
-    let server = start(config).await?;
+    // Several workers: one single-thread runtime each (`server::workers`); this one keeps the accept
+    // loops, signals and background tasks.
+    let workers = match config.server.workers {
+        1 => None,
+        n => Some(Arc::new(Workers::start(n).map_err(ServerError::Workers)?)),
+    };
+    let server = start_on(config, workers).await?;
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
