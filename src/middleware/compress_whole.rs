@@ -2,8 +2,9 @@
 //! size, `ProxyBody::Full`) that the client takes as zstd or gzip is compressed here, with an encoder
 //! kept per thread and reused. tower-http's streaming encoders are built per response: zstd's context
 //! and miniz_oxide's ~300 KiB gzip state were allocated, zeroed and freed for every response, most of
-//! its cost. Everything else (streams, files, padded HTML, brotli) still goes to tower-http, which
-//! leaves alone what carries `Content-Encoding`.
+//! its cost. Everything else (streams, files, brotli) still goes to tower-http, which leaves alone what
+//! carries `Content-Encoding`. Opted-in HTML (`compression.html`) gets its BREACH padding here first
+//! (see `compression`) and is compressed by tower-http.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -12,83 +13,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::header::{
-    ACCEPT_ENCODING, ACCEPT_RANGES, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, VARY,
-};
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::header::{ACCEPT_RANGES, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, VARY};
+use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tower_http::compression::predicate::Predicate;
 
-use super::compression::CompressWhen;
+use super::compression::{Choice, CompressWhen, html_padding, is_html, negotiate};
 use crate::body::ProxyBody;
 use crate::config::CompressionPolicy;
-
-/// What a client's `Accept-Encoding` picks among what we use (RFC 9110 §12.5.3): the highest q-value,
-/// ties to zstd, then brotli, then gzip, as tower-http orders them; `*` stands for any not named.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Choice {
-    Zstd,
-    Brotli,
-    Gzip,
-}
-
-pub fn negotiate(headers: &HeaderMap, policy: &CompressionPolicy) -> Option<Choice> {
-    // q-values in thousandths; None: not named.
-    let (mut zstd, mut br, mut gzip, mut any) = (None, None, None, None);
-    let fields = headers
-        .get_all(ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok());
-    for coding in fields.flat_map(|v| v.split(',')) {
-        let mut parts = coding.split(';');
-        let name = parts.next().unwrap_or("").trim();
-        let Some(q) = parts.next().map_or(Some(1000), |q| parse_q(q.trim())) else {
-            continue;
-        };
-        let slot = match name {
-            n if n.eq_ignore_ascii_case("zstd") => &mut zstd,
-            n if n.eq_ignore_ascii_case("br") => &mut br,
-            n if n.eq_ignore_ascii_case("gzip") => &mut gzip,
-            "*" => &mut any,
-            _ => continue,
-        };
-        *slot = Some(q);
-    }
-    let q = |named: Option<u16>, on: bool| if on { named.or(any).unwrap_or(0) } else { 0 };
-    [
-        (q(zstd, policy.zstd), 3, Choice::Zstd),
-        (q(br, policy.br), 2, Choice::Brotli),
-        (q(gzip, policy.gzip), 1, Choice::Gzip),
-    ]
-    .into_iter()
-    .filter(|&(q, _, _)| q > 0)
-    .max_by_key(|&(q, rank, _)| (q, rank))
-    .map(|(_, _, choice)| choice)
-}
-
-/// `q=0.5` as 500; `None` when malformed (the coding is then ignored, as tower-http does).
-fn parse_q(text: &str) -> Option<u16> {
-    let value = text
-        .strip_prefix("q=")
-        .or_else(|| text.strip_prefix("Q="))?;
-    let (whole, fraction) = value.split_once('.').unwrap_or((value, ""));
-    if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let whole: u16 = match whole {
-        "0" => 0,
-        "1" => 1000,
-        _ => return None,
-    };
-    let thousandths = fraction
-        .bytes()
-        .zip([100, 10, 1])
-        .map(|(digit, place)| u16::from(digit - b'0') * place)
-        .sum::<u16>();
-    let q = whole + thousandths;
-    (q <= 1000).then_some(q)
-}
 
 thread_local! {
     static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
@@ -194,7 +127,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let chosen = self.enabled.as_ref().and_then(|(policy, when)| {
             let choice = negotiate(req.headers(), policy)?;
-            (choice != Choice::Brotli).then(|| (policy.clone(), when.clone(), choice))
+            Some((policy.clone(), when.clone(), choice))
         });
         CompressWholeFuture {
             inner: self.inner.call(req),
@@ -227,7 +160,9 @@ where
     }
 }
 
-/// The response compressed, if it is whole, compressible and not encoded already; else as it was.
+/// For a client that takes one of our encodings: opted-in HTML padded for tower-http to compress;
+/// a whole zstd or gzip response compressed here; else the response as it was. Never what is encoded
+/// already or a range (tower-http leaves those alone, and padding would corrupt them).
 fn compress_whole(
     response: Response<ProxyBody>,
     policy: &CompressionPolicy,
@@ -235,16 +170,22 @@ fn compress_whole(
     choice: Choice,
 ) -> Response<ProxyBody> {
     let headers = response.headers();
-    let whole = match response.body() {
-        ProxyBody::Full { data: Some(data) } => data.clone(),
-        _ => return response,
-    };
     if headers.contains_key(CONTENT_ENCODING)
         || headers.contains_key(CONTENT_RANGE)
         || !when.should_compress(&response)
     {
         return response;
     }
+    if is_html(headers) {
+        let (mut parts, body) = response.into_parts();
+        // The compressed length is unknown; tower-http drops Content-Length too.
+        parts.headers.remove(CONTENT_LENGTH);
+        return Response::from_parts(parts, body.padded(html_padding()));
+    }
+    let whole = match response.body() {
+        ProxyBody::Full { data: Some(data) } => data.clone(),
+        _ => return response,
+    };
     let level = policy.level;
     let (compressed, name) = match choice {
         Choice::Zstd => (
@@ -281,7 +222,8 @@ fn compress_whole(
 mod tests {
     use std::convert::Infallible;
 
-    use http::header::CONTENT_TYPE;
+    use http::HeaderMap;
+    use http::header::{ACCEPT_ENCODING, CONTENT_TYPE};
     use http_body_util::BodyExt;
     use tower::{ServiceBuilder, ServiceExt, service_fn};
 
@@ -300,41 +242,6 @@ mod tests {
             html: false,
             level: 4,
         }
-    }
-
-    fn accept(value: &'static str) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(value));
-        headers
-    }
-
-    #[test]
-    fn the_highest_q_value_wins_and_ties_go_to_zstd_then_brotli_then_gzip() {
-        let p = policy();
-        for (value, expected) in [
-            ("gzip, deflate, br, zstd", Some(Choice::Zstd)),
-            ("gzip, br", Some(Choice::Brotli)),
-            ("GZIP", Some(Choice::Gzip)),
-            ("zstd;q=0, gzip", Some(Choice::Gzip)),
-            ("br;q=1.0, zstd;q=0.5", Some(Choice::Brotli)),
-            ("gzip;q=0.001, zstd;q=0", Some(Choice::Gzip)),
-            ("*", Some(Choice::Zstd)),
-            ("*;q=0.5, gzip", Some(Choice::Gzip)),
-            ("identity", None),
-            ("gzip;q=0", None),
-            ("gzip;q=2, zstd;q=0.1234", None),
-            ("", None),
-        ] {
-            assert_eq!(negotiate(&accept(value), &p), expected, "{value:?}");
-        }
-        let no_zstd = CompressionPolicy {
-            zstd: false,
-            ..policy()
-        };
-        assert_eq!(
-            negotiate(&accept("zstd, gzip"), &no_zstd),
-            Some(Choice::Gzip)
-        );
     }
 
     /// The HTTPS stack's order: tower-http outside, this layer inside it.

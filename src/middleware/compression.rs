@@ -4,18 +4,17 @@
 //! range, and adds `Vary: Accept-Encoding`. We also leave alone what says `Cache-Control: no-transform`
 //! (RFC 9111 §5.2.2.6). HTML is off by default: compressing a page that carries a secret (the CSRF
 //! token) next to reflected input opens BREACH, which Django's GZipMiddleware answers with random
-//! length padding (Django ≥ 4.2); with `html = true`, `PadCompressedHtml` adds such padding here.
+//! length padding (Django ≥ 4.2); with `html = true`, `compress_whole` adds such padding (`html_padding`)
+//! before tower-http compresses the page.
 
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, Request, Response};
+use http::header::{ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, Response};
 use http_body::Body;
-use tower::{Layer, Service};
 use tower_http::compression::predicate::{Predicate, SizeAbove};
 use tower_http::compression::{CompressionBody, CompressionLayer, CompressionLevel};
 use tower_http::map_response_body::MapResponseBodyLayer;
@@ -78,7 +77,7 @@ fn media_type(headers: &HeaderMap) -> Option<&str> {
     Some(value.split(';').next()?.trim())
 }
 
-fn is_html(headers: &HeaderMap) -> bool {
+pub(super) fn is_html(headers: &HeaderMap) -> bool {
     media_type(headers).is_some_and(|t| t.eq_ignore_ascii_case("text/html"))
 }
 
@@ -105,7 +104,7 @@ fn no_transform(headers: &HeaderMap) -> bool {
 /// Random padding for a compressed HTML page, as Django's GZipMiddleware does in the gzip header: up to
 /// 100 incompressible bytes inside an HTML comment after the page, so its compressed length no longer
 /// tells an attacker which guess matched the secret.
-fn html_padding() -> Bytes {
+pub(super) fn html_padding() -> Bytes {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     // SipHash under the process's random keys: not guessable from outside, which is all padding needs.
     let state = std::collections::hash_map::RandomState::new();
@@ -128,104 +127,77 @@ fn html_padding() -> Bytes {
     Bytes::from(out)
 }
 
-/// Pads HTML that is about to be compressed (`compression.html = true`): inside the compression layer,
-/// for responses the predicate will compress and a client that accepts an encoding we use.
-#[derive(Clone)]
-pub struct PadCompressedHtmlLayer {
-    policy: Option<Arc<CompressionPolicy>>,
+/// What a client's `Accept-Encoding` picks among what we use (RFC 9110 §12.5.3): the highest q-value,
+/// ties to zstd, then brotli, then gzip, as tower-http orders them; `*` stands for any not named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    Zstd,
+    Brotli,
+    Gzip,
 }
 
-impl PadCompressedHtmlLayer {
-    pub fn new(policy: &CompressionPolicy) -> Self {
-        PadCompressedHtmlLayer {
-            policy: (policy.enabled && policy.html).then(|| Arc::new(policy.clone())),
-        }
-    }
-}
-
-impl<S> Layer<S> for PadCompressedHtmlLayer {
-    type Service = PadCompressedHtml<S>;
-    fn layer(&self, inner: S) -> PadCompressedHtml<S> {
-        PadCompressedHtml {
-            inner,
-            policy: self.policy.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct PadCompressedHtml<S> {
-    inner: S,
-    policy: Option<Arc<CompressionPolicy>>,
-}
-
-/// Whether `Accept-Encoding` names an encoding the policy uses (q > 0 is left to tower-http; a client
-/// that lists one is padded, which costs nothing if it ends up uncompressed).
-fn accepts_ours(headers: &HeaderMap, policy: &CompressionPolicy) -> bool {
-    headers
+pub fn negotiate(headers: &HeaderMap, policy: &CompressionPolicy) -> Option<Choice> {
+    // q-values in thousandths; None: not named.
+    let (mut zstd, mut br, mut gzip, mut any) = (None, None, None, None);
+    let fields = headers
         .get_all(ACCEPT_ENCODING)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|e| {
-            e.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .any(|e| match e.as_str() {
-            "zstd" => policy.zstd,
-            "br" => policy.br,
-            "gzip" => policy.gzip,
-            "*" => true,
-            _ => false,
-        })
+        .filter_map(|v| v.to_str().ok());
+    for coding in fields.flat_map(|v| v.split(',')) {
+        let mut parts = coding.split(';');
+        let name = parts.next().unwrap_or("").trim();
+        let Some(q) = parts.next().map_or(Some(1000), |q| parse_q(q.trim())) else {
+            continue;
+        };
+        let slot = match name {
+            n if n.eq_ignore_ascii_case("zstd") => &mut zstd,
+            n if n.eq_ignore_ascii_case("br") => &mut br,
+            n if n.eq_ignore_ascii_case("gzip") => &mut gzip,
+            "*" => &mut any,
+            _ => continue,
+        };
+        *slot = Some(q);
+    }
+    let q = |named: Option<u16>, on: bool| if on { named.or(any).unwrap_or(0) } else { 0 };
+    [
+        (q(zstd, policy.zstd), 3, Choice::Zstd),
+        (q(br, policy.br), 2, Choice::Brotli),
+        (q(gzip, policy.gzip), 1, Choice::Gzip),
+    ]
+    .into_iter()
+    .filter(|&(q, _, _)| q > 0)
+    .max_by_key(|&(q, rank, _)| (q, rank))
+    .map(|(_, _, choice)| choice)
 }
 
-impl<S, B> Service<Request<B>> for PadCompressedHtml<S>
-where
-    S: Service<Request<B>, Response = Response<ProxyBody>>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = S::Error;
-    type Future = futures_util::future::Either<
-        S::Future,
-        std::pin::Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, S::Error>> + Send>>,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+/// `q=0.5` as 500; `None` when malformed (the coding is then ignored, as tower-http does).
+fn parse_q(text: &str) -> Option<u16> {
+    let value = text
+        .strip_prefix("q=")
+        .or_else(|| text.strip_prefix("Q="))?;
+    let (whole, fraction) = value.split_once('.').unwrap_or((value, ""));
+    if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let policy = match &self.policy {
-            Some(policy) if accepts_ours(req.headers(), policy) => policy.clone(),
-            _ => return futures_util::future::Either::Left(self.inner.call(req)),
-        };
-        let answer = self.inner.call(req);
-        futures_util::future::Either::Right(Box::pin(async move {
-            let response = answer.await?;
-            let predicate = CompressWhen {
-                policy: policy.clone(),
-            };
-            if !is_html(response.headers()) || !predicate.should_compress(&response) {
-                return Ok(response);
-            }
-            let (mut parts, body) = response.into_parts();
-            // The compressed length is unknown anyway; tower-http drops Content-Length too.
-            parts.headers.remove(CONTENT_LENGTH);
-            Ok(Response::from_parts(parts, body.padded(html_padding())))
-        }))
-    }
+    let whole: u16 = match whole {
+        "0" => 0,
+        "1" => 1000,
+        _ => return None,
+    };
+    let thousandths = fraction
+        .bytes()
+        .zip([100, 10, 1])
+        .map(|(digit, place)| u16::from(digit - b'0') * place)
+        .sum::<u16>();
+    let q = whole + thousandths;
+    (q <= 1000).then_some(q)
 }
 
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
 
-    use http::HeaderValue;
+    use http::{HeaderValue, Request};
     use http_body_util::BodyExt;
     use tower::{ServiceBuilder, ServiceExt, service_fn};
 
@@ -255,7 +227,9 @@ mod tests {
         let body = "body { color: #123; margin: 0 } ".repeat(128);
         let service = ServiceBuilder::new()
             .layer(compression_layer(policy))
-            .layer(PadCompressedHtmlLayer::new(policy))
+            .layer(super::super::compress_whole::CompressWholeLayer::new(
+                policy,
+            ))
             .service(service_fn(move |_req: Request<()>| {
                 let body = body.clone();
                 async move {
@@ -279,6 +253,41 @@ mod tests {
         let (parts, body) = response.into_parts();
         let bytes = body.collect().await.expect("body").to_bytes();
         (parts.headers, bytes)
+    }
+
+    fn accept(value: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(value));
+        headers
+    }
+
+    #[test]
+    fn the_highest_q_value_wins_and_ties_go_to_zstd_then_brotli_then_gzip() {
+        let p = policy(false);
+        for (value, expected) in [
+            ("gzip, deflate, br, zstd", Some(Choice::Zstd)),
+            ("gzip, br", Some(Choice::Brotli)),
+            ("GZIP", Some(Choice::Gzip)),
+            ("zstd;q=0, gzip", Some(Choice::Gzip)),
+            ("br;q=1.0, zstd;q=0.5", Some(Choice::Brotli)),
+            ("gzip;q=0.001, zstd;q=0", Some(Choice::Gzip)),
+            ("*", Some(Choice::Zstd)),
+            ("*;q=0.5, gzip", Some(Choice::Gzip)),
+            ("identity", None),
+            ("gzip;q=0", None),
+            ("gzip;q=2, zstd;q=0.1234", None),
+            ("", None),
+        ] {
+            assert_eq!(negotiate(&accept(value), &p), expected, "{value:?}");
+        }
+        let no_zstd = CompressionPolicy {
+            zstd: false,
+            ..policy(false)
+        };
+        assert_eq!(
+            negotiate(&accept("zstd, gzip"), &no_zstd),
+            Some(Choice::Gzip)
+        );
     }
 
     #[tokio::test]
@@ -357,9 +366,14 @@ mod tests {
             tail.starts_with("\n<!-- ") && tail.ends_with(" -->"),
             "{tail}"
         );
-        // Not padded when uncompressed.
+        // Not padded when uncompressed, nor when the app compressed it already (padding would land
+        // after its gzip stream and corrupt it).
         let (_, body) = fetch(&p, "identity", "text/html", None).await;
         assert_eq!(body.len(), 4096);
+        let (headers, body) =
+            fetch(&p, "gzip", "text/html", Some(("content-encoding", "gzip"))).await;
+        assert_eq!(headers["content-encoding"], "gzip");
+        assert_eq!(body.len(), 4096, "passed on untouched");
     }
 
     fn gunzip(compressed: &[u8]) -> String {

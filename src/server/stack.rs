@@ -18,8 +18,7 @@ use crate::context::TrustedProxies;
 use crate::metrics::{Listener, Metrics};
 use crate::middleware::compress_whole::{CompressWhole, CompressWholeLayer};
 use crate::middleware::compression::{
-    BoxedCompressionBody, CompressWhen, PadCompressedHtml, PadCompressedHtmlLayer,
-    box_compression_body_layer, compression_layer,
+    BoxedCompressionBody, CompressWhen, box_compression_body_layer, compression_layer,
 };
 use crate::middleware::host::HostPorts;
 use crate::middleware::record::RecordResponse;
@@ -38,34 +37,32 @@ type HttpsStack = RecordResponse<
     MapResponseBody<
         Compression<
             CompressWhole<
-                PadCompressedHtml<
+                RewriteHeaders<
                     RewriteHeaders<
-                        RewriteHeaders<
+                        Gated<
                             Gated<
                                 Gated<
-                                    Gated<
-                                        CspCollector<
+                                    CspCollector<
+                                        Guarded<
                                             Guarded<
                                                 Guarded<
-                                                    Guarded<
-                                                        RateLimit<StaticOrProxy>,
-                                                        ClearSiteDataOnLogout,
-                                                    >,
-                                                    LoginLockout,
+                                                    RateLimit<StaticOrProxy>,
+                                                    ClearSiteDataOnLogout,
                                                 >,
-                                                CrossOriginGuard,
+                                                LoginLockout,
                                             >,
+                                            CrossOriginGuard,
                                         >,
-                                        Maintenance,
                                     >,
-                                    HostAllowlist,
+                                    Maintenance,
                                 >,
-                                RequestHeadCheck,
+                                HostAllowlist,
                             >,
-                            CookieHardening,
+                            RequestHeadCheck,
                         >,
-                        SecurityHeaderPolicy,
+                        CookieHardening,
                     >,
+                    SecurityHeaderPolicy,
                 >,
             >,
             CompressWhen,
@@ -126,7 +123,6 @@ impl Runtime {
             .layer(box_compression_body_layer())
             .layer(compression_layer(&config.compression))
             .layer(CompressWholeLayer::new(&config.compression))
-            .layer(PadCompressedHtmlLayer::new(&config.compression))
             .layer(RewriteHeadersLayer::new(SecurityHeaderPolicy::for_https(
                 &config.headers,
             )))
