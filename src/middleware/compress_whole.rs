@@ -219,7 +219,7 @@ fn compress_whole(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::convert::Infallible;
 
     use http::HeaderMap;
@@ -228,24 +228,14 @@ mod tests {
     use tower::{ServiceBuilder, ServiceExt, service_fn};
 
     use super::*;
-    use crate::config::COMPRESSIBLE_TYPES;
     use crate::middleware::compression::compression_layer;
 
     fn policy() -> CompressionPolicy {
-        CompressionPolicy {
-            enabled: true,
-            zstd: true,
-            br: true,
-            gzip: true,
-            min_size: 1024,
-            types: COMPRESSIBLE_TYPES.iter().map(|t| t.to_string()).collect(),
-            html: false,
-            level: 4,
-        }
+        crate::middleware::compression::tests::policy(false)
     }
 
     /// The HTTPS stack's order: tower-http outside, this layer inside it.
-    async fn fetch(
+    pub(crate) async fn fetch(
         policy: &CompressionPolicy,
         accept: &'static str,
         body: ProxyBody,

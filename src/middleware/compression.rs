@@ -194,17 +194,13 @@ fn parse_q(text: &str) -> Option<u16> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::convert::Infallible;
-
-    use http::{HeaderValue, Request};
-    use http_body_util::BodyExt;
-    use tower::{ServiceBuilder, ServiceExt, service_fn};
+pub(super) mod tests {
+    use http::HeaderValue;
 
     use super::*;
     use crate::config::COMPRESSIBLE_TYPES;
 
-    fn policy(html: bool) -> CompressionPolicy {
+    pub(crate) fn policy(html: bool) -> CompressionPolicy {
         CompressionPolicy {
             enabled: true,
             zstd: true,
@@ -217,42 +213,18 @@ mod tests {
         }
     }
 
-    /// A service answering `content_type` with 4 KiB of repetitive text (and `cache_control`).
+    /// 4 KiB of repetitive text as `content_type` (and one more header), through the HTTPS stack's
+    /// compression layers.
     async fn fetch(
         policy: &CompressionPolicy,
-        accept: &str,
+        accept: &'static str,
         content_type: &'static str,
         extra: Option<(&'static str, &'static str)>,
     ) -> (HeaderMap, Bytes) {
-        let body = "body { color: #123; margin: 0 } ".repeat(128);
-        let service = ServiceBuilder::new()
-            .layer(compression_layer(policy))
-            .layer(super::super::compress_whole::CompressWholeLayer::new(
-                policy,
-            ))
-            .service(service_fn(move |_req: Request<()>| {
-                let body = body.clone();
-                async move {
-                    let mut response = Response::new(ProxyBody::full(body));
-                    response
-                        .headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-                    if let Some((name, value)) = extra {
-                        response
-                            .headers_mut()
-                            .insert(name, HeaderValue::from_static(value));
-                    }
-                    Ok::<_, Infallible>(response)
-                }
-            }));
-        let req = Request::builder()
-            .header(ACCEPT_ENCODING, accept)
-            .body(())
-            .expect("request");
-        let Ok(response) = service.oneshot(req).await;
-        let (parts, body) = response.into_parts();
-        let bytes = body.collect().await.expect("body").to_bytes();
-        (parts.headers, bytes)
+        let body = ProxyBody::full("body { color: #123; margin: 0 } ".repeat(128));
+        let mut headers = vec![("content-type", content_type)];
+        headers.extend(extra);
+        crate::middleware::compress_whole::tests::fetch(policy, accept, body, &headers).await
     }
 
     fn accept(value: &'static str) -> HeaderMap {
