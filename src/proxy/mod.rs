@@ -82,7 +82,6 @@ impl ProxyService {
         let clients: Vec<UpstreamClient> = (0..config.server.workers.max(1))
             .map(|_| build_client(&config.upstream, true))
             .collect();
-        let client = clients[0].clone();
         let fresh_client = build_client(&config.upstream, false);
         let pool = Arc::new(Pool::new(&config.upstream));
         if let Some(host) = config
@@ -92,7 +91,8 @@ impl ProxyService {
             .next()
             .and_then(|d| http::HeaderValue::from_str(d).ok())
         {
-            pool.spawn_health_checks(client.clone(), host);
+            // Their own pool: the checks run on the main runtime, the workers' pools stay theirs.
+            pool.spawn_health_checks(build_client(&config.upstream, true), host);
         }
         ProxyService {
             shared: Arc::new(Shared {
