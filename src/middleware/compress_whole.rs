@@ -9,7 +9,6 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -56,18 +55,24 @@ fn gzip_compress(data: &[u8], level: u32) -> std::io::Result<Vec<u8>> {
         };
         let mut out = Vec::with_capacity(data.len() / 2 + 64);
         out.extend_from_slice(&HEADER);
+        // Deflate never grows data by more than a few bytes per 16 KiB block; past this bound the
+        // compressor is broken, and the response goes out uncompressed instead of looping.
+        let bound = data.len() + data.len() / 8 + 1024;
         loop {
             let read = usize::try_from(deflate.total_in()).unwrap_or(usize::MAX);
             let rest = data.get(read..).unwrap_or_default();
-            if out.capacity() - out.len() < 64 {
-                out.reserve(out.capacity().max(1024));
-            }
             let status = deflate
                 .compress_vec(rest, &mut out, flate2::FlushCompress::Finish)
                 .map_err(std::io::Error::other)?;
             if status == flate2::Status::StreamEnd {
                 break;
             }
+            // Short of the end only for want of room: make some, up to the bound (each round adds
+            // at least 1 KiB, so a compressor that stops making progress ends here too).
+            if out.capacity() > bound {
+                return Err(std::io::Error::other("deflate output past its bound"));
+            }
+            out.reserve(out.capacity() - out.len() + 1024);
         }
         let mut crc = flate2::Crc::new();
         crc.update(data);
@@ -78,8 +83,8 @@ fn gzip_compress(data: &[u8], level: u32) -> std::io::Result<Vec<u8>> {
     })
 }
 
-/// The policy and its predicate, built once per config; `None` when compression is off.
-type Enabled = Option<(Arc<CompressionPolicy>, CompressWhen)>;
+/// The policy's predicate, built once per config; `None` when compression is off.
+type Enabled = Option<CompressWhen>;
 
 #[derive(Clone)]
 pub struct CompressWholeLayer {
@@ -88,11 +93,9 @@ pub struct CompressWholeLayer {
 
 impl CompressWholeLayer {
     pub fn new(policy: &CompressionPolicy) -> Self {
-        let enabled = policy.enabled.then(|| {
-            let policy = Arc::new(policy.clone());
-            (policy.clone(), CompressWhen::new(policy))
-        });
-        CompressWholeLayer { enabled }
+        CompressWholeLayer {
+            enabled: policy.enabled.then(|| CompressWhen::new(policy)),
+        }
     }
 }
 
@@ -125,9 +128,9 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let chosen = self.enabled.as_ref().and_then(|(policy, when)| {
-            let choice = negotiate(req.headers(), policy)?;
-            Some((policy.clone(), when.clone(), choice))
+        let chosen = self.enabled.as_ref().and_then(|when| {
+            let choice = negotiate(req.headers(), when.policy())?;
+            Some((when.clone(), choice))
         });
         CompressWholeFuture {
             inner: self.inner.call(req),
@@ -140,7 +143,7 @@ pin_project! {
     pub struct CompressWholeFuture<F> {
         #[pin]
         inner: F,
-        chosen: Option<(Arc<CompressionPolicy>, CompressWhen, Choice)>,
+        chosen: Option<(CompressWhen, Choice)>,
     }
 }
 
@@ -154,7 +157,7 @@ where
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
         Poll::Ready(Ok(match this.chosen.take() {
-            Some((policy, when, choice)) => compress_whole(response, &policy, &when, choice),
+            Some((when, choice)) => compress_whole(response, &when, choice),
             None => response,
         }))
     }
@@ -165,7 +168,6 @@ where
 /// already or a range (tower-http leaves those alone, and padding would corrupt them).
 fn compress_whole(
     response: Response<ProxyBody>,
-    policy: &CompressionPolicy,
     when: &CompressWhen,
     choice: Choice,
 ) -> Response<ProxyBody> {
@@ -186,7 +188,7 @@ fn compress_whole(
         ProxyBody::Full { data: Some(data) } => data.clone(),
         _ => return response,
     };
-    let level = policy.level;
+    let level = when.policy().level;
     let (compressed, name) = match choice {
         Choice::Zstd => (
             zstd_compress(&whole, i32::try_from(level).unwrap_or(4)),
@@ -283,6 +285,30 @@ pub(super) mod tests {
             .read_to_end(&mut out)
             .expect("valid gzip");
         out
+    }
+
+    #[test]
+    fn incompressible_data_grows_the_output_and_still_round_trips() {
+        // xorshift bytes: deflate stores them, so the output outgrows its first guess.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let noise: Vec<u8> = (0..100_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()[0]
+            })
+            .collect();
+        for level in [1, 9] {
+            let gz = gzip_compress(&noise, level).expect("compressed");
+            assert!(gz.len() > noise.len(), "stored, not shrunk");
+            assert_eq!(gunzip(&gz), noise);
+            let zst = zstd_compress(&noise, i32::try_from(level).expect("level")).expect("zstd");
+            assert_eq!(
+                zstd::bulk::decompress(&zst, noise.len()).expect("valid"),
+                noise
+            );
+        }
     }
 
     #[tokio::test]

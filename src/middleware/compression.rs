@@ -33,9 +33,7 @@ pub fn compression_layer(policy: &CompressionPolicy) -> CompressionLayer<Compres
         .quality(CompressionLevel::Precise(
             i32::try_from(policy.level).unwrap_or(4),
         ))
-        .compress_when(CompressWhen {
-            policy: Arc::new(policy.clone()),
-        })
+        .compress_when(CompressWhen::new(policy))
 }
 
 /// tower-http's compressed body holds every encoder's state inline (brotli's is kilobytes): 6.2 KiB,
@@ -55,8 +53,14 @@ pub struct CompressWhen {
 }
 
 impl CompressWhen {
-    pub fn new(policy: Arc<CompressionPolicy>) -> Self {
-        CompressWhen { policy }
+    pub fn new(policy: &CompressionPolicy) -> Self {
+        CompressWhen {
+            policy: Arc::new(policy.clone()),
+        }
+    }
+
+    pub fn policy(&self) -> &CompressionPolicy {
+        &self.policy
     }
 }
 
