@@ -4,8 +4,8 @@
 //! range, and adds `Vary: Accept-Encoding`. We also leave alone what says `Cache-Control: no-transform`
 //! (RFC 9111 §5.2.2.6). HTML is off by default: compressing a page that carries a secret (the CSRF
 //! token) next to reflected input opens BREACH, which Django's GZipMiddleware answers with random
-//! length padding (Django ≥ 4.2); with `html = true`, `compress_whole` adds such padding (`html_padding`)
-//! before tower-http compresses the page.
+//! length padding (Django ≥ 4.2); with `html = true`, `compress_whole` adds such padding
+//! (`html_padding`) before tower-http compresses the page.
 
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
