@@ -278,7 +278,7 @@ pin_project! {
     /// proxy wrote itself.
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
-        Upstream { #[pin] body: Incoming },
+        Upstream { #[pin] body: UpstreamBody },
         File { #[pin] body: ServeFileSystemResponseBody },
         Full { data: Option<Bytes> },
         /// Another body with bytes sent after it (the random padding of a compressed HTML page).
@@ -312,8 +312,82 @@ impl ProxyBody {
     }
 }
 
-impl From<Incoming> for ProxyBody {
-    fn from(body: Incoming) -> Self {
+/// The connection an upstream response arrives on (`proxy::upstream`): driven by whoever reads the
+/// body, so the backend's bytes wake the reading task itself. Dropped, it goes back to its pool if it
+/// can take another request.
+pub trait UpstreamConnection: Send {
+    /// Moves the connection along; `Ready` once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+/// An upstream response body and its connection, given back at the body's end (or closed when the
+/// body is dropped before it).
+pub struct UpstreamBody {
+    incoming: Incoming,
+    connection: Option<Box<dyn UpstreamConnection>>,
+    /// A frame went out since the connection was last driven.
+    delivered: bool,
+}
+
+impl UpstreamBody {
+    pub fn new(incoming: Incoming, connection: Box<dyn UpstreamConnection>) -> Self {
+        UpstreamBody {
+            incoming,
+            connection: Some(connection),
+            delivered: false,
+        }
+    }
+
+    /// The connection, for a caller that drives it on (an upgrade: it hands over its bytes when it ends).
+    pub fn into_connection(mut self) -> Option<Box<dyn UpstreamConnection>> {
+        self.connection.take()
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let mut frame = Pin::new(&mut this.incoming).poll_frame(cx);
+        if frame.is_pending()
+            && let Some(connection) = this.connection.as_mut()
+        {
+            if std::mem::take(&mut this.delivered) {
+                // The reader sends what it has before the connection is read again: a backend that
+                // fails now must not take the bytes already here down with it (the client sees the
+                // status and a cut-off body, as when the connection had a task of its own).
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            // The connection reads what the body waits for; poll the body again for what it read.
+            let _ = connection.drive(cx);
+            frame = Pin::new(&mut this.incoming).poll_frame(cx);
+        }
+        match &frame {
+            Poll::Ready(Some(Ok(_))) => this.delivered = true,
+            // Ended: the connection is free for the next request now, not when the body is dropped.
+            Poll::Ready(None) => drop(this.connection.take()),
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+impl From<UpstreamBody> for ProxyBody {
+    fn from(body: UpstreamBody) -> Self {
         ProxyBody::Upstream { body }
     }
 }

@@ -31,6 +31,9 @@ struct Backend {
     posts: Arc<AtomicUsize>,
     healthy: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    /// Connections accepted, and those still open.
+    connections: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -48,12 +51,15 @@ impl Backend {
         let posts = Arc::new(AtomicUsize::new(0));
         let healthy = Arc::new(AtomicBool::new(true));
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let (r, p, h, d) = (
             requests.clone(),
             posts.clone(),
             healthy.clone(),
             delay_ms.clone(),
         );
+        let (accepted, still_open) = (connections.clone(), open.clone());
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
@@ -61,7 +67,10 @@ impl Backend {
                     continue;
                 };
                 while connections.try_join_next().is_some() {}
+                accepted.fetch_add(1, Ordering::SeqCst);
+                still_open.fetch_add(1, Ordering::SeqCst);
                 let (r, p, h, d) = (r.clone(), p.clone(), h.clone(), d.clone());
+                let still_open = still_open.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (r, p, h, d) = (r.clone(), p.clone(), h.clone(), d.clone());
@@ -74,6 +83,7 @@ impl Backend {
                         builder.header_read_timeout(idle);
                     }
                     let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                    still_open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -83,6 +93,8 @@ impl Backend {
             posts,
             healthy,
             delay_ms,
+            connections,
+            open,
             task,
         }
     }
@@ -363,6 +375,85 @@ async fn requests_racing_a_keep_alive_close_get_no_5xx() {
         errors.len()
     );
     assert_eq!(backend.count(), 300, "each request ran once");
+    proxy.stop().await;
+}
+
+/// A burst of more concurrent requests than `pool_max_idle` keeps its connections: the next burst
+/// finds them idle instead of opening new ones (a fixed limit below the concurrency would close all
+/// but two after each burst and reopen them on the next). Sequential requests then use one.
+#[tokio::test]
+async fn a_burst_above_pool_max_idle_reuses_its_connections() {
+    const BURST: usize = 12;
+    let backend = Backend::start(None).await;
+    // Long enough that the whole burst is in flight at once.
+    backend.delay_ms.store(300, Ordering::SeqCst);
+    let proxy = proxy_for(
+        &upstream_section(&[backend.url()], "pool_max_idle = 2\n"),
+        "",
+    )
+    .await;
+    let port = proxy.https.port();
+    let mut clients = Vec::new();
+    for _ in 0..BURST {
+        clients.push(proxy.client(H1).await);
+    }
+    for round in 0..3 {
+        let answers =
+            futures_util::future::join_all(clients.iter_mut().map(|client| client.get("/", port)))
+                .await;
+        for (response, body) in answers {
+            assert_eq!(response.status(), StatusCode::OK, "round {round}: {body}");
+        }
+        assert_eq!(
+            backend.connections.load(Ordering::SeqCst),
+            BURST,
+            "round {round}: connections opened in all"
+        );
+    }
+    backend.delay_ms.store(0, Ordering::SeqCst);
+    for _ in 0..20 {
+        let (response, _) = clients[0].get("/", port).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(backend.connections.load(Ordering::SeqCst), BURST);
+    assert_eq!(backend.count(), 3 * BURST + 20);
+    proxy.stop().await;
+}
+
+/// Idle upstream connections are closed after `pool_idle_timeout` even when no request comes to find
+/// them: a backend without a keep-alive timer of its own is not left holding them.
+#[tokio::test]
+async fn idle_upstream_connections_close_after_the_idle_timeout() {
+    let backend = Backend::start(None).await;
+    let proxy = proxy_for(
+        &upstream_section(&[backend.url()], "pool_idle_timeout = \"1s\"\n"),
+        "",
+    )
+    .await;
+    let port = proxy.https.port();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(proxy.client(H1).await);
+    }
+    backend.delay_ms.store(100, Ordering::SeqCst);
+    let answers =
+        futures_util::future::join_all(clients.iter_mut().map(|client| client.get("/", port)))
+            .await;
+    assert!(answers.iter().all(|(r, _)| r.status() == StatusCode::OK));
+    assert_eq!(
+        backend.open.load(Ordering::SeqCst),
+        4,
+        "kept alive after the burst"
+    );
+    eventually("the idle connections closed", || {
+        let open = backend.open.load(Ordering::SeqCst);
+        async move { open == 0 }
+    })
+    .await;
+    // And a request afterwards gets a new one.
+    let (response, _) = clients[0].get("/", port).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 5);
     proxy.stop().await;
 }
 

@@ -833,9 +833,8 @@ fn validate_upstream(u: raw::RawUpstream, ctx: &Ctx) -> Result<UpstreamConfig, C
         connect_timeout: dur(u.connect_timeout, 5),
         response_timeout: dur(u.response_timeout, 60),
         pool_idle_timeout: dur(u.pool_idle_timeout, 60),
-        // Above any concurrency a site sees: fewer idle slots than requests in flight made every
-        // burst close and reopen connections (benches/pool.sh: 556 new connections per 1,000
-        // requests at 64, 4.6 at 1,024). Idle ones go after pool_idle_timeout anyway.
+        // The floor: the pool keeps more while the recent peak in flight was higher
+        // (proxy::upstream), and idle ones go after pool_idle_timeout anyway.
         pool_max_idle: u.pool_max_idle.unwrap_or(1024),
         retries,
         max_fails,

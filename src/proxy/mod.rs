@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use http::header::CONTENT_LENGTH;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -33,7 +33,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tower::Service;
 
-use crate::body::{BodyError, BufferBudget, ProxyBody, RequestBody, held_bytes};
+use crate::body::{BodyError, BufferBudget, ProxyBody, RequestBody, UpstreamBody, held_bytes};
 use crate::config::{Config, ErrorPages};
 use crate::context::{AccelRedirect, ConnInfo, TrustedProxies, UpstreamBackend, UpstreamTiming};
 use crate::metrics::BackendGauge;
@@ -43,7 +43,7 @@ use headers::{
     ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
 };
 use pool::{AllDown, Picked, Pool};
-use upstream::{UpstreamClient, build_client};
+use upstream::{ClientError, UpstreamClient, build_client};
 
 #[derive(Clone)]
 pub struct ProxyService {
@@ -51,12 +51,10 @@ pub struct ProxyService {
 }
 
 struct Shared {
-    /// For idempotent requests: kept-alive connections, retried on another when one was closed. One
-    /// pool per worker thread (`ConnInfo::worker`): a connection's task then runs on the thread of the
-    /// requests that use it.
+    /// One pool per worker thread (`ConnInfo::worker`): a connection is driven on the thread of the
+    /// requests that use it. Idempotent requests take kept-alive connections; the rest a new one each
+    /// (see the module comment), which goes back to the pool after them.
     clients: Vec<UpstreamClient>,
-    /// For the rest: a new connection each (see `upstream::build_client`).
-    fresh_client: UpstreamClient,
     pool: Arc<Pool>,
     retries: u32,
     forwarding: ForwardingPolicy,
@@ -80,9 +78,8 @@ impl ProxyService {
     /// health checks, which end when the service (its config) is dropped.
     pub fn new(config: &Config, public_https_port: u16, budget: BufferBudget) -> Self {
         let clients: Vec<UpstreamClient> = (0..config.server.workers.max(1))
-            .map(|_| build_client(&config.upstream, true))
+            .map(|_| build_client(&config.upstream))
             .collect();
-        let fresh_client = build_client(&config.upstream, false);
         let pool = Arc::new(Pool::new(&config.upstream));
         if let Some(host) = config
             .server
@@ -92,12 +89,11 @@ impl ProxyService {
             .and_then(|d| http::HeaderValue::from_str(d).ok())
         {
             // Their own pool: the checks run on the main runtime, the workers' pools stay theirs.
-            pool.spawn_health_checks(build_client(&config.upstream, true), host);
+            pool.spawn_health_checks(build_client(&config.upstream), host);
         }
         ProxyService {
             shared: Arc::new(Shared {
                 clients,
-                fresh_client,
                 pool,
                 retries: config.upstream.retries,
                 forwarding: ForwardingPolicy {
@@ -145,10 +141,7 @@ enum Failure {
     /// No response within the response timeout.
     Timeout,
     /// The backend could not be reached (`connect`: the request never left) or failed before answering.
-    Upstream {
-        connect: bool,
-        error: hyper_util::client::legacy::Error,
-    },
+    Upstream { connect: bool, error: ClientError },
 }
 
 impl Service<Request<Incoming>> for ProxyService {
@@ -269,7 +262,7 @@ impl Shared {
     async fn pass_back(
         &self,
         picked: Picked,
-        mut response: Response<Incoming>,
+        mut response: Response<UpstreamBody>,
         started: Instant,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         conn: ConnInfo,
@@ -306,6 +299,13 @@ impl Shared {
         parts
             .extensions
             .insert(UpstreamBackend(picked.backend.name.clone()));
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            // The upstream's side of the tunnel comes out of its connection, driven to the switch.
+            if let Some(mut connection) = body.into_connection() {
+                tokio::spawn(async move { std::future::poll_fn(|cx| connection.drive(cx)).await });
+            }
+            return Response::from_parts(parts, ProxyBody::empty());
+        }
         if let Some(target) = take_accel_headers(&mut parts.headers) {
             if !self.accel_redirect {
                 tracing::warn!(
@@ -401,7 +401,7 @@ impl Shared {
         mut body: RequestBody,
         started: Instant,
         worker: usize,
-    ) -> Result<(Picked, Response<Incoming>), Response<ProxyBody>> {
+    ) -> Result<(Picked, Response<UpstreamBody>), Response<ProxyBody>> {
         let replay = body.replayable();
         let idempotent = is_idempotent(&parts.method);
         // One response timeout for every attempt at a request that can be replayed; a streamed body's
@@ -420,28 +420,14 @@ impl Shared {
                 None => RequestBody::buffered(replay.clone().unwrap_or_default()),
             };
             let sent = body.sent();
-            let mut uri_parts = http::uri::Parts::default();
-            uri_parts.scheme = Some(Scheme::HTTP);
-            uri_parts.authority = Some(picked.backend.authority.clone());
-            uri_parts.path_and_query = Some(path_and_query.clone());
-            let Ok(uri) = Uri::from_parts(uri_parts) else {
-                return Err(error_page(
-                    StatusCode::BAD_REQUEST,
-                    Blame::Client,
-                    "request target is not a path",
-                ));
-            };
             let mut upstream_req = Request::new(body);
             *upstream_req.method_mut() = parts.method.clone();
-            *upstream_req.uri_mut() = uri;
+            *upstream_req.uri_mut() = Uri::from(path_and_query.clone());
             *upstream_req.version_mut() = Version::HTTP_11;
             *upstream_req.headers_mut() = parts.headers.clone();
-            let client = if idempotent {
-                &self.clients[worker % self.clients.len()]
-            } else {
-                &self.fresh_client
-            };
-            match self.attempt(client, upstream_req, sent, deadline).await {
+            let client = &self.clients[worker % self.clients.len()];
+            let attempt = client.request(&picked.backend.authority, upstream_req, idempotent);
+            match self.attempt(attempt, sent, deadline).await {
                 Ok(response) => return Ok((picked, response)),
                 Err(Failure::Client(answer)) => return Err(answer),
                 Err(Failure::Timeout) => {
@@ -499,11 +485,10 @@ impl Shared {
     /// timeout after the whole body has gone upstream (`sent`).
     async fn attempt(
         &self,
-        client: &UpstreamClient,
-        request: Request<RequestBody>,
+        request: impl Future<Output = Result<Response<UpstreamBody>, ClientError>>,
         sent: Option<tokio::sync::oneshot::Receiver<()>>,
         deadline: Option<Instant>,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<UpstreamBody>, Failure> {
         let response_timeout = self.response_timeout;
         let clock = async move {
             let until = match (deadline, sent) {
@@ -519,7 +504,7 @@ impl Shared {
             tokio::time::sleep_until(until).await;
         };
         tokio::select! {
-            result = client.request(request) => result.map_err(|error| {
+            result = request => result.map_err(|error| {
                 match body_error_response(&error) {
                     Some(answer) => Failure::Client(answer),
                     None => Failure::Upstream { connect: error.is_connect(), error },
@@ -539,7 +524,7 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// The client's answer when the upstream request failed because of the client's own body.
-fn body_error_response(error: &hyper_util::client::legacy::Error) -> Option<Response<ProxyBody>> {
+fn body_error_response(error: &ClientError) -> Option<Response<ProxyBody>> {
     let mut source: Option<&(dyn StdError + 'static)> = error.source();
     while let Some(cause) = source {
         if let Some(body_error) = cause.downcast_ref::<BodyError>() {

@@ -347,8 +347,7 @@ async fn probe(
     check: &HealthCheck,
     host: HeaderValue,
 ) -> bool {
-    let uri = format!("http://{}{}", backend.authority, check.path);
-    let Ok(request) = Request::get(uri)
+    let Ok(request) = Request::get(check.path.as_str())
         .header(http::header::HOST, host)
         .header("x-forwarded-proto", "https")
         .header(http::header::USER_AGENT, "portcullis-health-check")
@@ -356,7 +355,12 @@ async fn probe(
     else {
         return false;
     };
-    match tokio::time::timeout(check.timeout, client.request(request)).await {
+    match tokio::time::timeout(
+        check.timeout,
+        client.request(&backend.authority, request, true),
+    )
+    .await
+    {
         Ok(Ok(response)) => {
             let status = response.status();
             // Read the body so the connection goes back to the pool.
