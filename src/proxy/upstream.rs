@@ -216,8 +216,7 @@ impl UpstreamClient {
             .map_err(|e| ClientError::Connect(e.into()))?;
         Ok(Driven {
             sender,
-            conn: Box::pin(conn.with_upgrades()),
-            ended: false,
+            conn: Some(Box::pin(conn.with_upgrades())),
         })
     }
 }
@@ -267,19 +266,20 @@ async fn sweep_while_alive(client: Weak<ClientShared>, period: Duration) {
 /// and response of its one request at a time, in that request's task.
 struct Driven {
     sender: http1::SendRequest<RequestBody>,
-    conn: Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>,
-    /// The connection future has finished (closed, failed or upgraded); it must not be polled again.
-    ended: bool,
+    /// `None` once it has finished (closed, failed or upgraded). Dropped then, not kept: hyper's
+    /// dispatcher inside it holds the channel a request sent meanwhile waits in, and only dropping it
+    /// answers that request (cancelled, with the request given back) instead of leaving it pending.
+    conn: Option<Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>>,
 }
 
 impl Driven {
     /// Moves the connection along; `Ready` once it has ended.
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.ended {
+        let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(());
-        }
-        let result = ready!(self.conn.as_mut().poll(cx));
-        self.ended = true;
+        };
+        let result = ready!(conn.as_mut().poll(cx));
+        self.conn = None;
         if let Err(error) = result {
             tracing::debug!(%error, "upstream connection ended");
         }
@@ -304,8 +304,8 @@ impl Driven {
             if let Poll::Ready(result) = response.as_mut().poll(cx) {
                 return Poll::Ready(result);
             }
-            // What the connection read may already be the head (and a connection that ended has
-            // handed the request its error).
+            // What the connection read may already be the head; a connection that ended was dropped,
+            // which answers the request with its error.
             let _ = self.drive(cx);
             response.as_mut().poll(cx)
         })
@@ -496,5 +496,83 @@ mod tests {
         assert!(!keeps_another(3, 9, 12, 2));
         // No idle connections at all when the pool is off.
         assert!(!keeps_another(0, 11, 12, 0));
+    }
+
+    async fn driven_over(ours: tokio::io::DuplexStream) -> Driven {
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(ours))
+            .await
+            .expect("handshake");
+        Driven {
+            sender,
+            conn: Some(Box::pin(conn.with_upgrades())),
+        }
+    }
+
+    fn empty_request() -> Request<RequestBody> {
+        Request::new(RequestBody::buffered(bytes::Bytes::new()))
+    }
+
+    /// A kept-alive connection the backend closes (Gunicorn's keep-alive timeout, a worker restart)
+    /// just as a request is given to it: hyper's dispatcher reads the close first and ends cleanly,
+    /// leaving the request in its channel, which only dropping the dispatcher answers. Kept, that left
+    /// the request waiting until the response timeout. The request must come back unsent, so the
+    /// caller sends it on another connection.
+    #[tokio::test]
+    async fn a_request_given_to_a_kept_alive_connection_that_closed_comes_back_unsent() {
+        let (ours, mut backend) = tokio::io::duplex(4096);
+        let mut driven = driven_over(ours).await;
+        let backend_side = async move {
+            let mut request = [0u8; 1024];
+            let read = tokio::io::AsyncReadExt::read(&mut backend, &mut request).await;
+            assert!(read.is_ok_and(|n| n > 0), "the first request arrives");
+            tokio::io::AsyncWriteExt::write_all(&mut backend, b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .expect("respond");
+            backend
+        };
+        let (first, backend) = tokio::join!(driven.send(empty_request()), backend_side);
+        assert!(first.is_ok_and(|r| r.status() == http::StatusCode::NO_CONTENT));
+        assert!(driven.usable(), "kept alive after the first response");
+        drop(backend);
+        let answer = tokio::time::timeout(Duration::from_secs(10), driven.send(empty_request()))
+            .await
+            .expect("an answer, not a request left pending");
+        let mut failed = answer.expect_err("the backend closed");
+        assert!(failed.take_message().is_some(), "the request comes back");
+        assert!(!driven.usable());
+    }
+
+    /// A backend that reads the request, then closes its side without an answer and keeps the socket
+    /// (a Gunicorn worker stopping): the request fails at once, as sent (so only an idempotent one is
+    /// tried again).
+    #[tokio::test]
+    async fn a_backend_that_half_closes_after_the_request_fails_it_at_once() {
+        let (ours, mut backend) = tokio::io::duplex(4096);
+        let mut driven = driven_over(ours).await;
+        let backend_side = async move {
+            let mut request = [0u8; 1024];
+            let read = tokio::io::AsyncReadExt::read(&mut backend, &mut request).await;
+            assert!(read.is_ok_and(|n| n > 0), "the request arrives");
+            tokio::io::AsyncWriteExt::shutdown(&mut backend)
+                .await
+                .expect("half-close");
+            std::future::pending::<()>().await;
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                answer = driven.send(empty_request()) => answer,
+                () = backend_side => unreachable!("the backend side never ends"),
+            }
+        })
+        .await
+        .expect("an answer, not a request left pending");
+        let failed = answer.expect_err("no response came");
+        assert!(
+            failed.error().is_incomplete_message(),
+            "{:?}",
+            failed.error()
+        );
+        assert!(!driven.usable());
     }
 }
