@@ -108,7 +108,7 @@ fn benches(c: &mut Criterion) {
             |h| {
                 remove_hop_by_hop(h);
                 join_cookie_fields(h);
-                forwarding.set_forwarded_headers(black_box(h), peer, true);
+                forwarding.set_forwarded_headers(black_box(h), peer, None, true);
             },
             criterion::BatchSize::SmallInput,
         )

@@ -28,6 +28,8 @@ pub struct ConnInfo {
     /// The worker thread serving the connection (`server.workers > 1`; else 0): its requests use that
     /// worker's upstream connections, so no request wakes another thread.
     pub worker: usize,
+    /// The peer's address as `X-Forwarded-For` writes it, formatted once per connection.
+    pub peer_value: Option<http::HeaderValue>,
 }
 
 /// How long the upstream took to answer with headers; set by the proxy service on its responses and read
@@ -92,6 +94,16 @@ pub fn forwarded_chain(headers: &HeaderMap) -> Option<String> {
         .filter_map(|v| v.to_str().ok())
         .collect();
     (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// An IP address as a header value (canonical form), formatted without an intermediate `String`.
+pub fn ip_value(ip: IpAddr) -> Option<http::HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 48];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    write!(cursor, "{}", canonical_ip(ip)).ok()?;
+    let len = usize::try_from(cursor.position()).ok()?;
+    http::HeaderValue::from_bytes(&buf[..len]).ok()
 }
 
 /// IPv4-mapped IPv6 addresses (from dual-stack sockets) compare as the IPv4 address they carry.

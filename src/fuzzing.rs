@@ -101,6 +101,7 @@ pub fn request_headers(data: &[u8]) {
     ForwardingPolicy::default().set_forwarded_headers(
         &mut headers,
         std::net::Ipv4Addr::new(192, 0, 2, 7).into(),
+        None,
         true,
     );
     for name in [

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use http::header::{CONNECTION, COOKIE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Version};
 
-use crate::context::{TrustedProxies, X_FORWARDED_FOR, canonical_ip, forwarded_chain};
+use crate::context::{TrustedProxies, X_FORWARDED_FOR, canonical_ip, forwarded_chain, ip_value};
 
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -108,16 +108,6 @@ fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool)
     }
 }
 
-/// An IP address as a header value, formatted without an intermediate `String`.
-fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
-    use std::io::Write;
-    let mut buf = [0u8; 48];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    write!(cursor, "{ip}").ok()?;
-    let len = usize::try_from(cursor.position()).ok()?;
-    HeaderValue::from_bytes(&buf[..len]).ok()
-}
-
 /// The `Upgrade` value of an HTTP/1.1 WebSocket handshake (RFC 6455 §4.1), if this is one. Other upgrades,
 /// notably `h2c`, are refused by not forwarding them: an h2c upgrade through a proxy lets a client talk to
 /// the upstream past every rule the proxy applies ("h2c smuggling").
@@ -153,7 +143,14 @@ pub struct ForwardingPolicy {
 impl ForwardingPolicy {
     /// Replaces every connection claim with what this connection shows: the scheme we terminated, the
     /// host we validated, and the client address (appended to a trusted load balancer's chain).
-    pub fn set_forwarded_headers(&self, headers: &mut HeaderMap, peer: IpAddr, https: bool) {
+    /// `peer_value`: the peer as a header value when the connection has it formatted already.
+    pub fn set_forwarded_headers(
+        &self,
+        headers: &mut HeaderMap,
+        peer: IpAddr,
+        peer_value: Option<&HeaderValue>,
+        https: bool,
+    ) {
         let peer = canonical_ip(peer);
         let previous = if self.trusted_proxies.contains(peer) {
             forwarded_chain(headers)
@@ -163,7 +160,7 @@ impl ForwardingPolicy {
         remove_where(headers, |name| {
             name == X_FORWARDED_FOR || CONNECTION_CLAIMS.contains(&name.as_str())
         });
-        let Some(peer_value) = ip_value(peer) else {
+        let Some(peer_value) = peer_value.cloned().or_else(|| ip_value(peer)) else {
             return;
         };
         match previous {
@@ -273,6 +270,7 @@ mod tests {
         ForwardingPolicy::default().set_forwarded_headers(
             &mut h,
             "127.0.0.2".parse().expect("ip"),
+            None,
             false,
         );
         assert_eq!(h["x-forwarded-for"], "127.0.0.2");
@@ -293,7 +291,8 @@ mod tests {
             ("x-forwarded-for", "6.6.6.6, 203.0.113.9"),
             ("x-forwarded-for", "10.0.0.7"),
         ]);
-        policy.set_forwarded_headers(&mut h, "10.0.0.1".parse().expect("ip"), true);
+        let peer = "10.0.0.1".parse().expect("ip");
+        policy.set_forwarded_headers(&mut h, peer, crate::context::ip_value(peer).as_ref(), true);
         assert_eq!(
             h["x-forwarded-for"],
             "6.6.6.6, 203.0.113.9, 10.0.0.7, 10.0.0.1"

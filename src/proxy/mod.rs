@@ -45,6 +45,11 @@ use headers::{
 use pool::{AllDown, Picked, Pool};
 use upstream::{ClientError, UpstreamClient, build_client};
 
+/// What `set_forwarded_headers` writes into a request: X-Forwarded-For/-Proto/-Host/-Port, X-Real-IP.
+const FORWARDED_FIELDS: usize = 5;
+/// What the response layers typically add: the security headers, `Vary`, `Content-Encoding`.
+const ADDED_RESPONSE_FIELDS: usize = 12;
+
 #[derive(Clone)]
 pub struct ProxyService {
     shared: Arc<Shared>,
@@ -127,6 +132,13 @@ fn take_accel_headers(headers: &mut http::HeaderMap) -> Option<http::HeaderValue
         "x-accel-expires",
         "x-accel-limit-rate",
     ];
+    // Almost no response has any: one look at the names present instead of five lookups.
+    if !headers
+        .keys()
+        .any(|name| name.as_str().starts_with("x-accel-"))
+    {
+        return None;
+    }
     let target = headers.remove("x-accel-redirect");
     for name in INSTRUCTIONS {
         headers.remove(name);
@@ -209,10 +221,16 @@ impl Shared {
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
+        // Room for the X-Forwarded-* fields at once, not by doubling as they come.
+        let _ = parts.headers.try_reserve(FORWARDED_FIELDS);
         remove_hop_by_hop(&mut parts.headers);
         join_cookie_fields(&mut parts.headers);
-        self.forwarding
-            .set_forwarded_headers(&mut parts.headers, conn.peer.ip(), conn.tls);
+        self.forwarding.set_forwarded_headers(
+            &mut parts.headers,
+            conn.peer.ip(),
+            conn.peer_value.as_ref(),
+            conn.tls,
+        );
         if let Some(upgrade) = upgrade {
             keep_upgrade(&mut parts.headers, upgrade);
         }
@@ -291,6 +309,8 @@ impl Shared {
             remove_hop_by_hop(response.headers_mut());
         }
         let (mut parts, body) = response.into_parts();
+        // hyper sized the map for the upstream's fields; the layers above add the security headers.
+        let _ = parts.headers.try_reserve(ADDED_RESPONSE_FIELDS);
         // Each hop speaks its own version (RFC 9110 §6.2): an HTTP/1.0 upstream must not make the
         // client's connection HTTP/1.0 and close it after every response.
         parts.version = Version::HTTP_11;

@@ -248,6 +248,7 @@ async fn accept_tls(
         tls: true,
         slot: Arc::new(permit),
         shutdown: shutdown.clone(),
+        peer_value: crate::context::ip_value(peer.ip()),
     };
     Some(serve_http(
         stream,
@@ -311,6 +312,7 @@ pub async fn serve_plain(
         tls: false,
         slot: Arc::new(permit),
         shutdown: shutdown.clone(),
+        peer_value: crate::context::ip_value(peer.ip()),
     };
     serve_http(
         tcp,
