@@ -5,7 +5,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Version};
 
 use crate::config::{Config, CookiePolicy, Domains, SameSite};
 use crate::middleware::cookies::harden_set_cookie;
-use crate::middleware::host::{HostPorts, check_host, host_of};
+use crate::middleware::host::{HostPorts, check_host, check_host_fully, host_of};
 use crate::proxy::headers::{ForwardingPolicy, join_cookie_fields, remove_hop_by_hop};
 use crate::route_path::route_path;
 use crate::server::plain::https_location;
@@ -158,9 +158,24 @@ pub fn host_and_redirect(data: &[u8]) {
         default: 443,
         public: Some(8443),
     };
-    if check_host(&mut req, &domains, ports, None).is_err() {
+    // The fast path for hosts already in normal form must agree with the full check, Host included.
+    let mut reference = Request::new(());
+    *reference.version_mut() = req.version();
+    *reference.headers_mut() = req.headers().clone();
+    let expected = check_host_fully(&mut reference, &domains, ports, None);
+    let result = check_host(&mut req, &domains, ports, None);
+    assert_eq!(
+        result, expected,
+        "fast and full Host checks disagree on {host_value:?}"
+    );
+    if result.is_err() {
         return;
     }
+    assert_eq!(
+        req.headers().get(http::header::HOST),
+        reference.headers().get(http::header::HOST),
+        "fast and full Host checks forward different Hosts for {host_value:?}"
+    );
     let authority: http::uri::Authority = req.headers()[http::header::HOST]
         .to_str()
         .ok()

@@ -118,6 +118,75 @@ pub fn check_host<B>(
     ports: HostPorts,
     sni: Option<&str>,
 ) -> Result<(), HostRejection> {
+    // Nearly every request names a served host in normal form in one place: HTTP/1.1 in its one
+    // `Host`, HTTP/2 in `:authority` alone. That is settled by a look at the bytes; the rest (and
+    // anything that does not fit, down to an uppercase letter) gets the full check.
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    match (req.uri().authority(), first, second) {
+        (None, Some(value), None)
+            if is_served_normal_form(value.as_bytes(), domains, ports, sni) =>
+        {
+            return Ok(());
+        }
+        (Some(target), None, None)
+            if req.version() >= http::Version::HTTP_2
+                && is_served_normal_form(target.as_str().as_bytes(), domains, ports, sni) =>
+        {
+            if let Ok(value) = HeaderValue::from_str(target.as_str()) {
+                req.headers_mut().insert(HOST, value);
+                return Ok(());
+            }
+        }
+        _ => {}
+    }
+    check_host_fully(req, domains, ports, sni)
+}
+
+/// Whether `value` is `name` or `name:port` with `name` a served domain (or IPv4 address) in normal
+/// form, the port one this listener allows but not the default, and the name the TLS connection's.
+/// Never true where `check_host_fully` would refuse or rewrite (the fuzz target `host_and_redirect`
+/// checks the two agree).
+fn is_served_normal_form(
+    value: &[u8],
+    domains: &Domains,
+    ports: HostPorts,
+    sni: Option<&str>,
+) -> bool {
+    let (name, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
+        None => (value, None),
+    };
+    let plain_name = !name.is_empty()
+        && name.last() != Some(&b'.')
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    let port_ok = match port {
+        None => true,
+        Some(digits) => std::str::from_utf8(digits)
+            .ok()
+            .filter(|d| !d.starts_with('0'))
+            .and_then(|d| d.parse::<u16>().ok())
+            .is_some_and(|port| port != ports.default && ports.allows(port)),
+    };
+    let Ok(name) = std::str::from_utf8(name) else {
+        return false;
+    };
+    plain_name
+        && port_ok
+        && domains.contains(name)
+        && sni.is_none_or(|sni| sni.eq_ignore_ascii_case(name))
+}
+
+/// `check_host` for every request that is not already in normal form (and the reference the fast
+/// path is checked against).
+pub(crate) fn check_host_fully<B>(
+    req: &mut Request<B>,
+    domains: &Domains,
+    ports: HostPorts,
+    sni: Option<&str>,
+) -> Result<(), HostRejection> {
     let mut hosts = req.headers().get_all(HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
@@ -283,6 +352,66 @@ mod tests {
         let mut req = h1(&[host], "/");
         check_host(&mut req, &domains(), PORTS, sni)?;
         Ok(req.headers()[HOST].to_str().expect("ascii").to_string())
+    }
+
+    /// The fast path answers exactly as the full check, for HTTP/1.1 `Host` and HTTP/2 `:authority`.
+    #[test]
+    fn the_normal_form_fast_path_agrees_with_the_full_check() {
+        let values = [
+            "example.com",
+            "www.example.com",
+            "example.com:8443",
+            "example.com:443",
+            "example.com:80",
+            "example.com:08443",
+            "example.com:",
+            "example.com.",
+            "Example.com",
+            "EXAMPLE.COM:8443",
+            "evil.com",
+            "example.com:99999",
+            "example.com:84a3",
+            "[::1]",
+            "[::1]:8443",
+            "::1",
+            "127.0.0.1",
+            "example.com:8443:1",
+            ":8443",
+            "",
+            "ex ample.com",
+            "user@example.com",
+        ];
+        let d = domains();
+        for value in values {
+            for sni in [None, Some("example.com"), Some("www.example.com")] {
+                let requests = [
+                    HeaderValue::from_str(value).ok().map(|v| {
+                        let mut req = h1(&[], "/");
+                        req.headers_mut().insert(HOST, v);
+                        req
+                    }),
+                    Request::builder()
+                        .uri(format!("https://{value}/"))
+                        .version(Version::HTTP_2)
+                        .body(())
+                        .ok(),
+                ];
+                for mut req in requests.into_iter().flatten() {
+                    let mut reference = Request::new(());
+                    *reference.uri_mut() = req.uri().clone();
+                    *reference.version_mut() = req.version();
+                    *reference.headers_mut() = req.headers().clone();
+                    let expected = check_host_fully(&mut reference, &d, PORTS, sni);
+                    let got = check_host(&mut req, &d, PORTS, sni);
+                    assert_eq!(got, expected, "{value:?} {sni:?} {:?}", req.version());
+                    assert_eq!(
+                        req.headers().get(HOST),
+                        reference.headers().get(HOST),
+                        "{value:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
