@@ -509,6 +509,12 @@ mod tests {
         }
     }
 
+    async fn read_request(backend: &mut tokio::io::DuplexStream) {
+        let mut request = [0u8; 1024];
+        let read = tokio::io::AsyncReadExt::read(backend, &mut request).await;
+        assert!(read.is_ok_and(|n| n > 0), "a request arrives");
+    }
+
     fn empty_request() -> Request<RequestBody> {
         Request::new(RequestBody::buffered(bytes::Bytes::new()))
     }
@@ -523,9 +529,7 @@ mod tests {
         let (ours, mut backend) = tokio::io::duplex(4096);
         let mut driven = driven_over(ours).await;
         let backend_side = async move {
-            let mut request = [0u8; 1024];
-            let read = tokio::io::AsyncReadExt::read(&mut backend, &mut request).await;
-            assert!(read.is_ok_and(|n| n > 0), "the first request arrives");
+            read_request(&mut backend).await;
             tokio::io::AsyncWriteExt::write_all(&mut backend, b"HTTP/1.1 204 No Content\r\n\r\n")
                 .await
                 .expect("respond");
@@ -551,9 +555,7 @@ mod tests {
         let (ours, mut backend) = tokio::io::duplex(4096);
         let mut driven = driven_over(ours).await;
         let backend_side = async move {
-            let mut request = [0u8; 1024];
-            let read = tokio::io::AsyncReadExt::read(&mut backend, &mut request).await;
-            assert!(read.is_ok_and(|n| n > 0), "the request arrives");
+            read_request(&mut backend).await;
             tokio::io::AsyncWriteExt::shutdown(&mut backend)
                 .await
                 .expect("half-close");
