@@ -127,12 +127,12 @@ class Contender:
     def __init__(self, name, port, tmp):
         self.name, self.port, self.tmp, self.proc = name, port, tmp, None
 
-    def start(self, cert, key, pem):
+    def start(self, cert, key, pem, timeout=15):
         cmd, env = self.command(cert, key, pem)
         log = open(self.tmp / f"{self.name}.log", "w")
         self.proc = subprocess.Popen(["taskset", "-c", PROXY_CORE, *cmd], stdout=log, stderr=log,
                                      env={**os.environ, **env}, start_new_session=True)
-        wait_port(self.port)
+        wait_port(self.port, timeout)
         time.sleep(0.3)
 
     def stop(self):
