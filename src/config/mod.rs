@@ -163,6 +163,9 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// A non-idempotent request goes on a kept-alive connection only if it has been idle for less than
+    /// this (zero: always a new one); see `proxy::upstream::Reuse`.
+    pub pool_reuse_for_posts: Duration,
     /// Further attempts after the first, where one is safe (see `proxy`).
     pub retries: u32,
     /// Consecutive connection failures or timeouts that mark a backend down for `fail_timeout`.

@@ -196,6 +196,7 @@ pub struct RawUpstream {
     pub response_timeout: Option<HumanDuration>,
     pub pool_idle_timeout: Option<HumanDuration>,
     pub pool_max_idle: Option<usize>,
+    pub pool_reuse_for_posts: Option<HumanDuration>,
     pub retries: Option<u32>,
     pub max_fails: Option<u32>,
     pub fail_timeout: Option<HumanDuration>,

@@ -836,6 +836,10 @@ fn validate_upstream(u: raw::RawUpstream, ctx: &Ctx) -> Result<UpstreamConfig, C
         // The floor: the pool keeps more while the recent peak in flight was higher
         // (proxy::upstream), and idle ones go after pool_idle_timeout anyway.
         pool_max_idle: u.pool_max_idle.unwrap_or(1024),
+        // Well under Gunicorn's shortest keep-alive (`--keep-alive` is whole seconds, 2 by default).
+        pool_reuse_for_posts: u
+            .pool_reuse_for_posts
+            .map_or(Duration::from_millis(500), |d| d.0),
         retries,
         max_fails,
         fail_timeout: dur(u.fail_timeout, 10),

@@ -6,8 +6,9 @@
 //! connection) only when no response byte has arrived and either the connection could not be made (it
 //! never left: any method) or the method is idempotent (RFC 9110 §9.2.2); and only when its body was
 //! read whole and can be sent again. At most `upstream.retries` more attempts, all within one
-//! `response_timeout`. Non-idempotent requests go on a new connection each, never onto a kept-alive one
-//! the backend may be closing. The response timeout starts once the whole body has gone upstream: a
+//! `response_timeout`. Non-idempotent requests go on a kept-alive connection only if it has been idle
+//! for less than `pool_reuse_for_posts` (well under Gunicorn's keep-alive timeout, so the backend is not
+//! closing it), else on a new one; either way they are never sent twice. The response timeout starts once the whole body has gone upstream: a
 //! slow upload is the client's 408, not Gunicorn's 504.
 
 pub mod headers;
@@ -43,7 +44,7 @@ use headers::{
     ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
 };
 use pool::{AllDown, Picked, Pool};
-use upstream::{ClientError, UpstreamClient, build_client};
+use upstream::{ClientError, Reuse, UpstreamClient, build_client};
 
 /// What `set_forwarded_headers` writes into a request: X-Forwarded-For/-Proto/-Host/-Port, X-Real-IP.
 const FORWARDED_FIELDS: usize = 5;
@@ -57,9 +58,10 @@ pub struct ProxyService {
 
 struct Shared {
     /// One pool per worker thread (`ConnInfo::worker`): a connection is driven on the thread of the
-    /// requests that use it. Idempotent requests take kept-alive connections; the rest a new one each
-    /// (see the module comment), which goes back to the pool after them.
+    /// requests that use it. Idempotent requests take any kept-alive connection; the rest only one
+    /// idle for less than `reuse_for_posts` (see the module comment).
     clients: Vec<UpstreamClient>,
+    reuse_for_posts: Duration,
     pool: Arc<Pool>,
     retries: u32,
     forwarding: ForwardingPolicy,
@@ -99,6 +101,7 @@ impl ProxyService {
         ProxyService {
             shared: Arc::new(Shared {
                 clients,
+                reuse_for_posts: config.upstream.pool_reuse_for_posts,
                 pool,
                 retries: config.upstream.retries,
                 forwarding: ForwardingPolicy {
@@ -446,7 +449,12 @@ impl Shared {
             *upstream_req.version_mut() = Version::HTTP_11;
             *upstream_req.headers_mut() = parts.headers.clone();
             let client = &self.clients[worker % self.clients.len()];
-            let attempt = client.request(&picked.backend.authority, upstream_req, idempotent);
+            let reuse = if idempotent {
+                Reuse::Any
+            } else {
+                Reuse::IdleUnder(self.reuse_for_posts)
+            };
+            let attempt = client.request(&picked.backend.authority, upstream_req, reuse);
             match self.attempt(attempt, sent, deadline).await {
                 Ok(response) => return Ok((picked, response)),
                 Err(Failure::Client(answer)) => return Err(answer),

@@ -12,7 +12,7 @@ use http::uri::Authority;
 use http::{HeaderValue, Request};
 use tokio::time::Instant;
 
-use super::upstream::UpstreamClient;
+use super::upstream::{Reuse, UpstreamClient};
 use crate::body::RequestBody;
 use crate::config::{BalancePolicy, HealthCheck, UpstreamConfig, UpstreamTarget};
 use crate::metrics::BackendGauge;
@@ -357,7 +357,7 @@ async fn probe(
     };
     match tokio::time::timeout(
         check.timeout,
-        client.request(&backend.authority, request, true),
+        client.request(&backend.authority, request, Reuse::Any),
     )
     .await
     {
@@ -398,6 +398,7 @@ mod tests {
             response_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle: 1,
+            pool_reuse_for_posts: Duration::from_millis(500),
             retries: 2,
             max_fails: 2,
             fail_timeout: Duration::from_secs(10),

@@ -47,6 +47,17 @@ impl ClientError {
     }
 }
 
+/// Which kept-alive connection a request may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Any idle one: if it turns out closed, an idempotent request is sent again (see `proxy`).
+    Any,
+    /// Only one idle for less than this, else a new connection: a request that must never run twice
+    /// (a POST) cannot then meet the backend closing an idle connection, as long as this is shorter
+    /// than the backend's keep-alive timeout (Gunicorn's `--keep-alive`, 2 s). Zero: always new.
+    IdleUnder(Duration),
+}
+
 /// The upstream client of one worker thread (or of the health checks): cheap to clone, one pool.
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -134,7 +145,7 @@ pub fn build_client(config: &UpstreamConfig) -> UpstreamClient {
 
 impl UpstreamClient {
     /// Sends `request` (origin-form target) to the backend at `authority`: on a kept-alive connection
-    /// when `reuse` allows and one is idle, else on a new one. A kept-alive connection found closed
+    /// when `reuse` allows one that is idle, else on a new one. A kept-alive connection found closed
     /// before the request was written to it (Gunicorn closes idle keep-alives after 2 s) is dropped
     /// and the request sent on another: it never reached the backend, so even a POST is safe to send
     /// again. The response body drives the connection until it ends, then gives it back.
@@ -142,11 +153,11 @@ impl UpstreamClient {
         &self,
         authority: &Authority,
         mut request: Request<RequestBody>,
-        reuse: bool,
+        reuse: Reuse,
     ) -> Result<Response<UpstreamBody>, ClientError> {
         let mut lease = self.lease(authority);
         loop {
-            let reused = reuse.then(|| lease.take_idle()).flatten();
+            let reused = lease.take_idle(reuse);
             let was_reused = reused.is_some();
             let mut conn = match reused {
                 Some(conn) => conn,
@@ -322,12 +333,23 @@ struct Lease {
 }
 
 impl Lease {
-    /// The most recently used idle connection that can still take a request.
-    fn take_idle(&mut self) -> Option<Driven> {
+    /// The most recently used idle connection that can still take a request, if `reuse` allows it.
+    /// The list is oldest first, so when the newest is too old for `reuse` so are all the others, and
+    /// they stay for requests that may take them.
+    fn take_idle(&mut self, reuse: Reuse) -> Option<Driven> {
+        let max_idle_for = match reuse {
+            Reuse::Any => self.client.idle_timeout,
+            Reuse::IdleUnder(limit) => limit.min(self.client.idle_timeout),
+        };
         let mut hosts = self.client.hosts();
         let host = hosts.get_mut(self.host)?;
-        while let Some(mut idle) = host.idle.pop() {
-            if idle.since.elapsed() < self.client.idle_timeout && idle.conn.usable() {
+        while host
+            .idle
+            .last()
+            .is_some_and(|idle| idle.since.elapsed() < max_idle_for)
+        {
+            let mut idle = host.idle.pop()?;
+            if idle.conn.usable() {
                 return Some(idle.conn);
             }
         }
