@@ -2,7 +2,9 @@
 """Does the upstream pool churn? HTTP/2 with 320 concurrent streams (h2load -c4 -m80) through portcullis to
 the bench upstream, with `upstream.pool_max_idle` below and above the concurrency: requests per second,
 proxy CPU per request, and how many upstream connections the proxy opened during the run (the bench
-upstream counts its accepts). Run through benches/pool.sh. Prints a Markdown table (medians of rounds).
+upstream counts its accepts). Then POSTs (h2load -d, a 1 KiB form body), which take a kept-alive
+connection only if it was idle for under `pool_reuse_for_posts`: with it at 0 s (a new connection per
+POST) and at its default. Run through benches/pool.sh. Prints a Markdown table (medians of rounds).
 
 Method: as benches/load.py (proxy on core 0, one worker; load and upstream on core 1)."""
 
@@ -20,13 +22,15 @@ from load import LOAD_CORE, ROOT, UPSTREAM_PORT, Contender, cpu_seconds, make_ce
 
 
 class Variant(Contender):
-    def __init__(self, name, port, tmp, max_idle):
+    def __init__(self, name, port, tmp, max_idle, post_reuse=None):
         super().__init__(name, port, tmp)
-        self.max_idle = max_idle
+        self.max_idle, self.post_reuse = max_idle, post_reuse
 
     def command(self, cert, key, pem):
         conf = self.tmp / f"{self.name}.toml"
         idle = "" if self.max_idle is None else f"\npool_max_idle = {self.max_idle}"
+        if self.post_reuse is not None:
+            idle += f'\npool_reuse_for_posts = "{self.post_reuse}"'
         upstream = f'url = "http://127.0.0.1:{UPSTREAM_PORT}"{idle}'
         extra = ""
         conf.write_text(portcullis_toml(self.port, self.tmp, cert, key, upstream, extra))
@@ -38,11 +42,12 @@ def upstream_connections():
         return int(r.read())
 
 
-def h2load(contender, seconds):
+def h2load(contender, seconds, post_body=None):
     pid = contender.proc.pid
     before_cpu, before_conns = cpu_seconds(pid), upstream_connections()
+    post = ["-d", str(post_body), "-H", "content-type: application/x-www-form-urlencoded"] if post_body else []
     out = run(["taskset", "-c", LOAD_CORE, "h2load", "-c4", "-m80", "-D", str(seconds), "--warm-up-time=1",
-               f"https://localhost:{contender.port}/"]).stdout
+               *post, f"https://localhost:{contender.port}/"]).stdout
     used, opened = cpu_seconds(pid) - before_cpu, upstream_connections() - before_conns
     rps = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out).group(1))
     succeeded = int(re.search(r"(\d+) succeeded", out).group(1))
@@ -58,8 +63,12 @@ def main():
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="portcullis-bench-pool-"))
     cert, key = make_cert(tmp, "ecdsa")
+    body = tmp / "form.txt"
+    body.write_text("a=" + "x" * 1022)
     variants = [Variant("pool_max_idle = 64", 19471, tmp, 64), Variant("pool_max_idle = 1024", 19472, tmp, 1024),
-                Variant("default", 19473, tmp, None)]
+                Variant("default", 19473, tmp, None),
+                Variant("POST, pool_reuse_for_posts = 0s", 19474, tmp, None, "0s"),
+                Variant("POST, default (500ms)", 19475, tmp, None)]
     upstream = subprocess.Popen(["taskset", "-c", LOAD_CORE, str(ROOT / "target/release/examples/bench_upstream"),
                                  str(UPSTREAM_PORT)])
     results = {v.name: [] for v in variants}
@@ -69,7 +78,7 @@ def main():
             for v in (variants if rnd % 2 == 0 else list(reversed(variants))):
                 v.start(cert, key, tmp / "ecdsa.pem")
                 try:
-                    r = h2load(v, args.seconds)
+                    r = h2load(v, args.seconds, body if v.name.startswith("POST") else None)
                 finally:
                     v.stop()
                 results[v.name].append(r)

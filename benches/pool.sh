@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Does the upstream pool churn under more concurrent streams than idle slots (issue 15)? Installs h2load
+# Does the upstream pool churn under more concurrent streams than idle slots, or under POSTs (issue 15)? Installs h2load
 # if missing, builds the release binary and the bench upstream, runs benches/pool.py.
 # Usage: benches/pool.sh [--rounds N] [--seconds S]
 set -euo pipefail
