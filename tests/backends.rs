@@ -167,6 +167,18 @@ async fn proxy_for(upstream: &str, extra: &str) -> Proxy {
     Proxy::start_with(config, dir).await
 }
 
+/// A proxy in front of one backend, with `upstream_extra` in its `[upstream]`.
+async fn proxy_to(backend: &Backend, upstream_extra: &str) -> Proxy {
+    proxy_for(&upstream_section(&[backend.url()], upstream_extra), "").await
+}
+
+/// A small form POST, as Django's views take them.
+fn form_post(port: u16) -> Request<TestBody> {
+    request("POST", "/form/", port)
+        .body(full("a=1"))
+        .expect("request")
+}
+
 #[tokio::test]
 async fn round_robin_spreads_requests_by_weight() {
     let (a, b) = (Backend::start(None).await, Backend::start(None).await);
@@ -357,7 +369,7 @@ async fn health_checks_take_a_backend_out_and_bring_it_back() {
 #[tokio::test]
 async fn requests_racing_a_keep_alive_close_get_no_5xx() {
     let backend = Backend::start(Some(Duration::from_millis(40))).await;
-    let proxy = proxy_for(&upstream_section(&[backend.url()], ""), "").await;
+    let proxy = proxy_to(&backend, "").await;
     let port = proxy.https.port();
     let mut client = proxy.client(H2).await;
     let mut errors = Vec::new();
@@ -387,11 +399,7 @@ async fn a_burst_above_pool_max_idle_reuses_its_connections() {
     let backend = Backend::start(None).await;
     // Long enough that the whole burst is in flight at once.
     backend.delay_ms.store(300, Ordering::SeqCst);
-    let proxy = proxy_for(
-        &upstream_section(&[backend.url()], "pool_max_idle = 2\n"),
-        "",
-    )
-    .await;
+    let proxy = proxy_to(&backend, "pool_max_idle = 2\n").await;
     let port = proxy.https.port();
     let mut clients = Vec::new();
     for _ in 0..BURST {
@@ -426,18 +434,11 @@ async fn a_burst_above_pool_max_idle_reuses_its_connections() {
 #[tokio::test]
 async fn posts_reuse_only_connections_idle_for_less_than_the_window() {
     let backend = Backend::start(None).await;
-    let proxy = proxy_for(
-        &upstream_section(&[backend.url()], "pool_reuse_for_posts = \"2s\"\n"),
-        "",
-    )
-    .await;
+    let proxy = proxy_to(&backend, "pool_reuse_for_posts = \"2s\"\n").await;
     let port = proxy.https.port();
     let mut client = proxy.client(H1).await;
     let post = async |client: &mut Client| {
-        let req = request("POST", "/form/", port)
-            .body(full("a=1"))
-            .expect("request");
-        let (response, body) = client.fetch(req).await;
+        let (response, body) = client.fetch(form_post(port)).await;
         assert_eq!(response.status(), StatusCode::OK, "{body}");
     };
     for _ in 0..10 {
@@ -468,11 +469,7 @@ async fn posts_racing_a_keep_alive_close_are_never_lost() {
     let backend = Backend::start(Some(Duration::from_millis(300))).await;
     // HTTP/1.1 from the client: the test client sets no TCP_NODELAY, so over HTTP/2 its DATA frame
     // waits for the ACK of its HEADERS (40 ms), and the window would rarely be met.
-    let proxy = proxy_for(
-        &upstream_section(&[backend.url()], "pool_reuse_for_posts = \"50ms\"\n"),
-        "",
-    )
-    .await;
+    let proxy = proxy_to(&backend, "pool_reuse_for_posts = \"50ms\"\n").await;
     let port = proxy.https.port();
     let mut client = proxy.client(H1).await;
     let mut errors = Vec::new();
@@ -480,10 +477,7 @@ async fn posts_racing_a_keep_alive_close_are_never_lost() {
         // Alternately well inside the window, and around the moment the backend closes.
         let gap = if i % 2 == 0 { 5 + i % 40 } else { 295 + i % 11 };
         tokio::time::sleep(Duration::from_millis(gap)).await;
-        let req = request("POST", "/form/", port)
-            .body(full("a=1"))
-            .expect("request");
-        let (response, body) = client.fetch(req).await;
+        let (response, body) = client.fetch(form_post(port)).await;
         if response.status() != StatusCode::OK {
             errors.push(format!("{i}: {} {body}", response.status()));
         }
@@ -511,11 +505,7 @@ async fn posts_racing_a_keep_alive_close_are_never_lost() {
 #[tokio::test]
 async fn idle_upstream_connections_close_after_the_idle_timeout() {
     let backend = Backend::start(None).await;
-    let proxy = proxy_for(
-        &upstream_section(&[backend.url()], "pool_idle_timeout = \"1s\"\n"),
-        "",
-    )
-    .await;
+    let proxy = proxy_to(&backend, "pool_idle_timeout = \"1s\"\n").await;
     let port = proxy.https.port();
     let mut clients = Vec::new();
     for _ in 0..4 {
