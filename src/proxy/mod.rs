@@ -8,8 +8,8 @@
 //! read whole and can be sent again. At most `upstream.retries` more attempts, all within one
 //! `response_timeout`. Non-idempotent requests go on a kept-alive connection only if it has been idle
 //! for less than `pool_reuse_for_posts` (well under Gunicorn's keep-alive timeout, so the backend is not
-//! closing it), else on a new one; either way they are never sent twice. The response timeout starts once the whole body has gone upstream: a
-//! slow upload is the client's 408, not Gunicorn's 504.
+//! closing it), else on a new one; either way they are never sent twice. The response timeout starts
+//! once the whole body has gone upstream: a slow upload is the client's 408, not Gunicorn's 504.
 
 pub mod headers;
 pub mod pool;
