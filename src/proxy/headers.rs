@@ -292,7 +292,7 @@ mod tests {
             ("x-forwarded-for", "10.0.0.7"),
         ]);
         let peer = "10.0.0.1".parse().expect("ip");
-        policy.set_forwarded_headers(&mut h, peer, crate::context::ip_value(peer).as_ref(), true);
+        policy.set_forwarded_headers(&mut h, peer, ip_value(peer).as_ref(), true);
         assert_eq!(
             h["x-forwarded-for"],
             "6.6.6.6, 203.0.113.9, 10.0.0.7, 10.0.0.1"
