@@ -331,6 +331,22 @@ impl DirectFs {
     }
 }
 
+/// The file's `len` bytes, as its metadata (and so `Content-Length`) said: a file that grew since is
+/// cut at that length, one that shrank is an error rather than a short body. std's `read_to_end` would
+/// stat and seek again to size its buffer and read once more to see the end: three system calls a
+/// file that the length already answers.
+fn read_exactly(file: &mut impl Read, len: u64) -> io::Result<Vec<u8>> {
+    let capacity =
+        usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::FileTooLarge))?;
+    let mut data = Vec::with_capacity(capacity);
+    // `take` stops at the length without asking the file again; a full buffer needs no probe read.
+    file.take(len).read_to_end(&mut data)?;
+    if data.len() != capacity {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(data)
+}
+
 impl Backend for DirectFs {
     type File = DirectFile;
     type Metadata = std::fs::Metadata;
@@ -346,14 +362,10 @@ impl Backend for DirectFs {
             .then(|| self.budget.try_hold(metadata.len()))
             .flatten();
         ready(match hold {
-            Some(hold) => {
-                let capacity = usize::try_from(metadata.len()).unwrap_or(0);
-                let mut data = Vec::with_capacity(capacity);
-                file.read_to_end(&mut data).map(|_| DirectFile::Whole {
-                    data: Cursor::new(held_bytes(Bytes::from(data), hold)),
-                    metadata,
-                })
-            }
+            Some(hold) => read_exactly(&mut file, metadata.len()).map(|data| DirectFile::Whole {
+                data: Cursor::new(held_bytes(Bytes::from(data), hold)),
+                metadata,
+            }),
             // tokio's file reads on the blocking pool, one chunk at a time.
             None => Ok(DirectFile::Streamed {
                 file: tokio::fs::File::from_std(file),
@@ -421,6 +433,18 @@ mod tests {
         for path in ["/css/base.css", "/admin/js/core.js", "/a.b/c.d", "/"] {
             assert!(!is_hidden(path), "{path}");
         }
+    }
+
+    #[test]
+    fn a_file_is_read_to_its_stated_length() {
+        let text = b"0123456789";
+        assert_eq!(read_exactly(&mut &text[..], 10).expect("read"), text);
+        // Grew since it was stat'ed: the length the head announced, no more.
+        assert_eq!(read_exactly(&mut &text[..], 4).expect("read"), b"0123");
+        // Shrank: an error, never a body shorter than its Content-Length.
+        let short = read_exactly(&mut &text[..], 11).expect_err("short");
+        assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(read_exactly(&mut &b""[..], 0).expect("empty").is_empty());
     }
 
     #[test]
