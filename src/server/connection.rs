@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use super::coalesce::{CoalescedWrites, PollTurn};
 use super::{Runtime, Shared};
 use crate::body::{BodyObserver, ObservedBody};
 use crate::config::TlsSource;
@@ -418,10 +419,10 @@ where
 {
     let peer = info.peer;
     let activity = Activity::new();
-    let io = TokioIo::new(HeadClock {
+    let io = HeadClock {
         io,
         activity: activity.clone(),
-    });
+    };
     let metrics = shared.fixed.metrics.clone();
     let service = tracked_service(info, shared, activity.clone(), stack_of);
     let limits = Deadlines {
@@ -429,22 +430,30 @@ where
         idle: runtime.config.limits.idle_timeout,
         next_heads: matches!(protocol, Protocol::Http1),
     };
-    let connection = match protocol {
+    // HTTP/2 only: an HTTP/1.1 response is one write already, and holding it would cost a poll.
+    let turn = matches!(protocol, Protocol::Http2).then(PollTurn::default);
+    let connection = match &turn {
         // Upgrades are allowed on both listeners: only the proxy service ever answers 101.
-        Protocol::Http1 => Either::Left(Box::pin(
-            runtime.http1.serve_connection(io, service).with_upgrades(),
+        None => Either::Left(Box::pin(
+            runtime
+                .http1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
         )),
-        Protocol::Http2 => Either::Right(Box::pin(runtime.http2.serve_connection(io, service))),
+        Some(turn) => Either::Right(Box::pin(runtime.http2.serve_connection(
+            TokioIo::new(CoalescedWrites::new(io, turn.clone())),
+            service,
+        ))),
     };
     async move {
         match connection {
             Either::Left(http1) => {
-                if let Some(error) = drive(http1, peer, &activity, limits, shutdown).await {
+                if let Some(error) = drive(http1, peer, &activity, limits, shutdown, None).await {
                     note_malformed_head(&metrics, peer, &error);
                 }
             }
             Either::Right(http2) => {
-                drive(http2, peer, &activity, limits, shutdown).await;
+                drive(http2, peer, &activity, limits, shutdown, turn.as_ref()).await;
             }
         }
     }
@@ -565,12 +574,14 @@ struct Deadlines {
 /// Runs a connection to completion; on idleness or server shutdown asks it to close after what is in
 /// flight (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`). A connection that never sent a request head
 /// is dropped outright: there is nothing in flight to finish. Returns the connection's error, if any.
+/// Each poll of the connection advances `turn`, when given, for its `CoalescedWrites`.
 async fn drive<C: GracefulConnection>(
     mut connection: Pin<Box<C>>,
     peer: SocketAddr,
     activity: &Activity,
     deadlines: Deadlines,
     mut shutdown: watch::Receiver<bool>,
+    turn: Option<&PollTurn>,
 ) -> Option<hyper::Error> {
     let idle = activity.idle_for(deadlines.idle);
     let mut idle = std::pin::pin!(idle);
@@ -580,7 +591,12 @@ async fn drive<C: GracefulConnection>(
     let mut closing = false;
     loop {
         tokio::select! {
-            result = connection.as_mut() => {
+            result = std::future::poll_fn(|cx| {
+                if let Some(turn) = turn {
+                    turn.advance();
+                }
+                connection.as_mut().poll(cx)
+            }) => {
                 let error = result.err();
                 if let Some(e) = &error {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");

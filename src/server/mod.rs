@@ -3,6 +3,7 @@
 //! atomically on reload so a bad config never replaces a good one and no connection is dropped.
 
 mod certificates;
+mod coalesce;
 mod connection;
 pub mod plain;
 pub mod proxy_protocol;
