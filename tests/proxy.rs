@@ -908,6 +908,63 @@ async fn metrics_count_connections_responses_and_errors() {
     proxy.stop().await;
 }
 
+/// Responses finished together on one HTTP/2 connection leave in one write (`server::coalesce`): each
+/// stream must still get exactly its own body, small ones held for the next turn and large ones
+/// (over the 64 KiB held at most) past them, and the connection must close cleanly on shutdown.
+#[tokio::test]
+async fn http2_streams_answered_together_each_get_their_own_body() {
+    let (_upstream, proxy) = Proxy::with_upstream("").await;
+    let port = proxy.https.port();
+    let client = proxy.client(H2).await;
+    let Sender::H2(sender) = &client.sender else {
+        panic!("h2 negotiated");
+    };
+    let mut streams = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let mut sender = sender.clone();
+        let path = if i % 10 == 9 {
+            "/medium".to_string()
+        } else {
+            format!("/echo?stream={i}")
+        };
+        streams.spawn(async move {
+            let mut req = request("GET", &path, port).body(full("")).expect("request");
+            req.headers_mut().remove("host");
+            let response = tokio::time::timeout(LIMIT, sender.send_request(req))
+                .await
+                .expect("response in time")
+                .expect("response");
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            let body = tokio::time::timeout(
+                LIMIT,
+                http_body_util::BodyExt::collect(response.into_body()),
+            )
+            .await
+            .expect("body in time")
+            .expect("body")
+            .to_bytes();
+            (path, body)
+        });
+    }
+    let mut answered = 0;
+    while let Some(joined) = streams.join_next().await {
+        let (path, body) = joined.expect("stream task");
+        if path == "/medium" {
+            assert_eq!(body.len(), 200 * 1024);
+            assert!(body.iter().all(|&b| b == b'm'), "medium body intact");
+        } else {
+            let text = String::from_utf8_lossy(&body);
+            assert!(
+                text.starts_with(&format!("GET {path} HTTP/1.1")),
+                "{path}: {text}"
+            );
+        }
+        answered += 1;
+    }
+    assert_eq!(answered, 60);
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn http2_cookie_fields_reach_the_upstream_as_one() {
     // Browsers send one `cookie` field per cookie on HTTP/2 (RFC 9113 §8.2.3).
