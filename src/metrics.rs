@@ -64,11 +64,22 @@ const PROXY_HEADER_REFUSALS: [ProxyHeaderRefusal; 4] = [
 const LISTENERS: [Listener; 2] = [Listener::Https, Listener::Http];
 const BLAMES: [Blame; 3] = [Blame::Client, Blame::Upstream, Blame::Proxy];
 
+/// Counts a connection as resting while held (`Metrics::rest_begins`).
+pub struct RestingConnection<'a>(&'a Metrics);
+
+impl Drop for RestingConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections_resting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counters for one running server; shared by its listeners and request stacks across reloads.
 #[derive(Debug, Default)]
 pub struct Metrics {
     connections_accepted: AtomicU64,
     connections_refused: AtomicU64,
+    /// HTTP/1.1 keep-alive connections resting now (`server::connection`: idle, hyper's buffers freed).
+    connections_resting: AtomicU64,
     handshake_failures: AtomicU64,
     proxy_header_refusals: [AtomicU64; 4],
     /// By listener, then status class 1xx..5xx.
@@ -122,6 +133,12 @@ impl Metrics {
 
     pub fn connection_refused(&self) {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An idle HTTP/1.1 connection starts resting; the guard counts it until it wakes or closes.
+    pub fn rest_begins(&self) -> RestingConnection<'_> {
+        self.connections_resting.fetch_add(1, Ordering::Relaxed);
+        RestingConnection(self)
     }
 
     pub fn handshake_failed(&self) {
@@ -206,6 +223,12 @@ impl Metrics {
             "gauge",
             "Connections open now, WebSocket tunnels included.",
             &one(gauges.open_connections as f64),
+        );
+        family(
+            "connections_resting",
+            "gauge",
+            "Idle HTTP/1.1 keep-alive connections holding only their TLS session, buffers freed.",
+            &one(read(&self.connections_resting) as f64),
         );
         family(
             "connections_max",

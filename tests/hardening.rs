@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::raw_h2::{self, HeaderPair};
 use common::*;
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const H1: &[&[u8]] = &[b"http/1.1"];
@@ -665,34 +665,15 @@ async fn keep_alive_outlives_the_header_timeout_and_a_slow_later_head_does_not()
     assert_eq!(client.get("/echo", port).await.0.status(), StatusCode::OK);
 
     // One request, then the start of a second head and nothing more.
-    let mut tls = tls_connect(proxy.https, "localhost", &proxy.root, H1)
+    let tls = tls_connect(proxy.https, "localhost", &proxy.root, H1)
         .await
         .expect("connect");
+    let mut tls = tokio::io::BufReader::new(tls);
     let head = format!("GET /echo HTTP/1.1\r\nHost: localhost:{port}\r\n");
     tls.write_all(format!("{head}\r\n").as_bytes())
         .await
         .expect("write");
-    let mut answer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let whole = tokio::time::timeout(LIMIT, async {
-        loop {
-            let n = tls.read(&mut chunk).await.expect("read");
-            assert!(n > 0, "closed before answering");
-            answer.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&answer).to_lowercase();
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length: usize = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .expect("content-length");
-                if answer.len() >= end + 4 + length {
-                    return;
-                }
-            }
-        }
-    });
-    whole.await.expect("the first answer in time");
+    read_response(&mut tls).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     tls.write_all(head.as_bytes()).await.expect("write");
     let mut sink = Vec::new();
@@ -701,6 +682,130 @@ async fn keep_alive_outlives_the_header_timeout_and_a_slow_later_head_does_not()
     assert!(closed.is_ok(), "the slow second head was not cut");
     assert_eq!(upstream.count(), 3);
     proxy.stop().await;
+}
+
+/// Item (issue 15): an HTTP/1.1 keep-alive connection idle for a second rests (hyper's connection and
+/// its buffers freed, the TLS session kept) and wakes whole on the client's next bytes: a head that
+/// arrives in pieces, one longer than the first read after waking, and two pipelined requests are
+/// each answered on the same connection.
+#[tokio::test]
+async fn idle_http1_connections_rest_and_wake_with_nothing_lost() {
+    let (upstream, proxy) = Proxy::with_upstream("[metrics]\nlisten = \"127.0.0.1:0\"\n").await;
+    let metrics = proxy.server().metrics_addr.expect("metrics listener");
+    let port = proxy.https.port();
+    let resting = |n: usize| async move {
+        scrape_metrics(metrics)
+            .await
+            .contains(&format!("\nportcullis_connections_resting {n}\n"))
+    };
+    let head = |path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\n{extra}\r\n")
+    };
+    let tls = tls_connect(proxy.https, "localhost", &proxy.root, H1)
+        .await
+        .expect("connect");
+    let mut tls = tokio::io::BufReader::new(tls);
+    tls.write_all(head("/echo?first", "").as_bytes())
+        .await
+        .expect("write");
+    assert!(read_response(&mut tls).await.contains("GET /echo?first "));
+    eventually("the idle connection rests", || resting(1)).await;
+
+    let second = head("/echo?second", "");
+    let (start, rest) = second.split_at(10);
+    tls.write_all(start.as_bytes()).await.expect("write");
+    eventually("its first bytes wake it", || resting(0)).await;
+    tls.write_all(rest.as_bytes()).await.expect("write");
+    assert!(read_response(&mut tls).await.contains("GET /echo?second "));
+
+    eventually("it rests again", || resting(1)).await;
+    let long = "x".repeat(6000);
+    tls.write_all(head("/echo?third", &format!("X-Long: {long}\r\n")).as_bytes())
+        .await
+        .expect("write");
+    let third = read_response(&mut tls).await;
+    assert!(third.contains("GET /echo?third ") && third.contains(&long));
+
+    eventually("and again", || resting(1)).await;
+    let pipelined = head("/echo?fourth", "") + &head("/echo?fifth", "");
+    tls.write_all(pipelined.as_bytes()).await.expect("write");
+    assert!(read_response(&mut tls).await.contains("GET /echo?fourth "));
+    assert!(read_response(&mut tls).await.contains("GET /echo?fifth "));
+
+    // A woken connection can still be upgraded: a WebSocket tunnel both ways.
+    eventually("and again", || resting(1)).await;
+    let upgrade = head(
+        "/ws",
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+    );
+    tls.write_all(upgrade.as_bytes()).await.expect("write");
+    let mut switched = String::new();
+    while switched != "\r\n" {
+        switched.clear();
+        let n = tokio::time::timeout(LIMIT, tls.read_line(&mut switched))
+            .await
+            .expect("101 in time")
+            .expect("read");
+        assert!(n > 0, "closed before switching protocols");
+        if switched.starts_with("HTTP/1.1") {
+            assert!(switched.starts_with("HTTP/1.1 101"), "{switched}");
+        }
+    }
+    tls.write_all(b"through the tunnel").await.expect("write");
+    let mut echo = [0u8; 18];
+    tokio::time::timeout(LIMIT, tls.read_exact(&mut echo))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert_eq!(&echo, b"through the tunnel");
+    assert_eq!(upstream.count(), 6);
+    proxy.stop().await;
+}
+
+/// Item: a resting connection still closes cleanly (TLS close_notify) at the idle timeout, and at once
+/// when the server shuts down: well before the 30 s shutdown grace, which would otherwise cut it.
+#[tokio::test]
+async fn resting_connections_close_at_the_idle_timeout_and_on_shutdown() {
+    for idle_timeout in ["3s", "60s"] {
+        let (_upstream, proxy) = Proxy::with_upstream(&format!(
+            "[limits]\nidle_timeout = \"{idle_timeout}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+        ))
+        .await;
+        let metrics = proxy.server().metrics_addr.expect("metrics listener");
+        let port = proxy.https.port();
+        let tls = tls_connect(proxy.https, "localhost", &proxy.root, H1)
+            .await
+            .expect("connect");
+        let mut tls = tokio::io::BufReader::new(tls);
+        let head = format!("GET /echo HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n");
+        tls.write_all(head.as_bytes()).await.expect("write");
+        read_response(&mut tls).await;
+        eventually("the connection rests", || async {
+            scrape_metrics(metrics)
+                .await
+                .contains("\nportcullis_connections_resting 1\n")
+        })
+        .await;
+        // With the 60 s idle timeout only the shutdown can close it in time.
+        let (stopped, proxy) = if idle_timeout == "60s" {
+            (Some(tokio::spawn(proxy.stop())), None)
+        } else {
+            (None, Some(proxy))
+        };
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(LIMIT, tls.read_to_end(&mut sink)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0))),
+            "idle timeout {idle_timeout}: {closed:?}"
+        );
+        if let Some(stopped) = stopped {
+            stopped.await.expect("stopped");
+        }
+        if let Some(proxy) = proxy {
+            proxy.stop().await;
+        }
+    }
 }
 
 /// Item: a TLS connection that completes its handshake and then sends no complete request head is cut at

@@ -8,11 +8,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use futures_util::future::Either;
 use http_body::Body;
 use hyper::body::Incoming;
@@ -27,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use super::coalesce::{CoalescedWrites, PollTurn};
+use super::keepalive::{Http1, Resting, wake};
 use super::{Runtime, Shared};
 use crate::body::{BodyObserver, ObservedBody};
 use crate::config::TlsSource;
@@ -39,7 +40,7 @@ use crate::tls::{ACME_TLS_ALPN, CertResolver};
 
 /// Requests in flight on one connection and when it last did anything, for the idle timeout; and when
 /// the bytes of a head not yet parsed began to arrive, for the header timeout.
-struct Activity {
+pub(super) struct Activity {
     started: Instant,
     /// Requests whose head hyper has parsed, ever.
     requests: AtomicU64,
@@ -49,6 +50,10 @@ struct Activity {
     /// flight: the start of the next HTTP/1.1 head. Cleared when hyper hands that request over.
     head_started: AtomicU64,
     head_begins: tokio::sync::Notify,
+    /// Bytes given to the connection and not yet flushed by it.
+    unflushed: AtomicBool,
+    /// The last request came with a body (HTTP/1.1: hyper may still be reading it).
+    body_open: AtomicBool,
 }
 
 impl Activity {
@@ -60,7 +65,22 @@ impl Activity {
             last_millis: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             head_begins: tokio::sync::Notify::new(),
+            unflushed: AtomicBool::new(false),
+            body_open: AtomicBool::new(false),
         })
+    }
+
+    /// Whether hyper's HTTP/1.1 connection can be taken apart now with nothing lost: no request in
+    /// flight, no next head begun, every byte written flushed, and no request body hyper may still be
+    /// reading (the next connection would parse the rest of it as a head). So a connection whose last
+    /// request had a body rests only after a bodiless one. Not before the first request: until then
+    /// the first-head deadline decides.
+    fn may_rest(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+            && !self.unflushed.load(Ordering::Relaxed)
+            && !self.body_open.load(Ordering::Relaxed)
     }
 
     fn now_millis(&self) -> u64 {
@@ -107,23 +127,47 @@ impl Activity {
         }
     }
 
-    /// Resolves once the connection has had no request in flight for `timeout`.
-    async fn idle_for(&self, timeout: Duration) {
+    /// Resolves once the connection has had no request in flight for `idle` (`Quiet::Close`), or,
+    /// with `rest_after`, for that long first (`Quiet::Rest`), a rest looked for no sooner than
+    /// `rest_from`. One timer for both, so a busy connection's task polls one sleep, not two.
+    pub(super) async fn quiet_for(
+        &self,
+        idle: Duration,
+        rest_after: Option<Duration>,
+        rest_from: Option<Instant>,
+    ) -> Quiet {
         loop {
             if self.in_flight.load(Ordering::Relaxed) > 0 {
-                // A long response is not idleness: look again a whole timeout later.
-                tokio::time::sleep(timeout).await;
+                // A long response is not quiet: look again a whole step later.
+                tokio::time::sleep(rest_after.map_or(idle, |rest| rest.min(idle))).await;
                 continue;
             }
             let last =
                 self.started + Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
-            let idle_since = last.elapsed();
-            if idle_since >= timeout {
-                return;
+            let now = Instant::now();
+            if now >= last + idle {
+                return Quiet::Close;
             }
-            tokio::time::sleep(timeout - idle_since).await;
+            let mut next = last + idle;
+            if let Some(rest) = rest_after {
+                let due = rest_from.map_or(last + rest, |from| from.max(last + rest));
+                if now >= due {
+                    return Quiet::Rest;
+                }
+                next = next.min(due);
+            }
+            tokio::time::sleep_until(next).await;
         }
     }
+}
+
+/// What a connection's quiet calls for (`Activity::quiet_for`).
+#[derive(Debug, PartialEq)]
+pub(super) enum Quiet {
+    /// HTTP/1.1: take hyper's connection apart, if nothing is unfinished.
+    Rest,
+    /// The idle timeout: close.
+    Close,
 }
 
 /// Held by a response body: the request counts as in flight until the body is finished or dropped.
@@ -170,6 +214,8 @@ async fn client_of(
 /// The PROXY header and the handshake (3 KiB of state with their timers) run in a box freed once the
 /// connection is up: inline, they would size the connection's task for its whole life, idle or not.
 /// Not an `async fn` for the same reason: its arguments would stay in its state beside the box.
+/// The box is dropped by the `let` that awaits it: in an `if let` scrutinee it lived until the
+/// connection closed (3.3 KiB per connection, found by heaptrack on 10,000 idle connections).
 pub fn serve_tls(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -180,7 +226,8 @@ pub fn serve_tls(
 ) -> impl Future<Output = ()> + Send + 'static {
     let accepting = Box::pin(accept_tls(tcp, peer, acceptor, shared, shutdown, permit));
     async move {
-        if let Some(serving) = accepting.await {
+        let serving = accepting.await;
+        if let Some(serving) = serving {
             serving.await;
         }
     }
@@ -336,9 +383,13 @@ enum Protocol {
 /// The connection's reads, noted in its `Activity`: bytes with nothing in flight start the header
 /// clock for the next HTTP/1.1 head. hyper's own header timer starts when hyper begins waiting for a
 /// head, so it also cut idle keep-alive connections at `header_read_timeout` instead of `idle_timeout`.
-struct HeadClock<I> {
+/// Writes are noted until flushed (a connection with unflushed bytes may not rest), and `prefix`
+/// holds bytes read before the current hyper connection existed: what a resting connection woke on,
+/// and what the last one had read but not parsed. They are read first.
+pub(super) struct HeadClock<I> {
     io: I,
     activity: Arc<Activity>,
+    pub(super) prefix: Bytes,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
@@ -347,6 +398,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
         cx: &mut std::task::Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            self.activity.bytes_arrived();
+            return std::task::Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -362,6 +420,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        self.activity.unflushed.store(true, Ordering::Relaxed);
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -370,6 +429,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        self.activity.unflushed.store(true, Ordering::Relaxed);
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -381,7 +441,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        if matches!(flushed, std::task::Poll::Ready(Ok(()))) {
+            self.activity.unflushed.store(false, Ordering::Relaxed);
+        }
+        flushed
     }
 
     fn poll_shutdown(
@@ -398,7 +462,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
 /// here, before the first await, and only the box moves into the future. An `async fn` taking `io` by
 /// value keeps a slot for it in its state besides the connection built from it, and `drive` a third:
 /// 9 KiB of future per connection, idle or not, where one box of the connection's own size will do
-/// (benches/idle.py).
+/// (benches/idle.py). Each protocol's future is boxed too, so an HTTP/1.1 connection's task is not
+/// sized for HTTP/2's.
 fn serve_http<I, S, B>(
     io: I,
     info: ConnInfo,
@@ -422,39 +487,47 @@ where
     let io = HeadClock {
         io,
         activity: activity.clone(),
+        prefix: Bytes::new(),
     };
     let metrics = shared.fixed.metrics.clone();
     let service = tracked_service(info, shared, activity.clone(), stack_of);
-    let limits = Deadlines {
+    let deadlines = Deadlines {
         first_head: runtime.config.limits.header_read_timeout,
         idle: runtime.config.limits.idle_timeout,
         next_heads: matches!(protocol, Protocol::Http1),
     };
-    // HTTP/2 only: an HTTP/1.1 response is one write already, and holding it would cost a poll.
-    let turn = matches!(protocol, Protocol::Http2).then(PollTurn::default);
-    let connection = match &turn {
-        // Upgrades are allowed on both listeners: only the proxy service ever answers 101.
-        None => Either::Left(Box::pin(
-            runtime
-                .http1
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades(),
-        )),
-        Some(turn) => Either::Right(Box::pin(runtime.http2.serve_connection(
-            TokioIo::new(CoalescedWrites::new(io, turn.clone())),
-            service,
-        ))),
-    };
-    async move {
-        match connection {
-            Either::Left(http1) => {
-                if let Some(error) = drive(http1, peer, &activity, limits, shutdown, None).await {
-                    note_malformed_head(&metrics, peer, &error);
-                }
-            }
-            Either::Right(http2) => {
-                drive(http2, peer, &activity, limits, shutdown, turn.as_ref()).await;
-            }
+    match protocol {
+        Protocol::Http1 => {
+            let builder = runtime.http1.clone();
+            let connection = wake(&builder, Resting { io, service });
+            let http1 = Http1 {
+                builder,
+                peer,
+                activity,
+                deadlines,
+                metrics,
+            };
+            Either::Left(Box::pin(http1.serve(connection, shutdown)))
+        }
+        Protocol::Http2 => {
+            // HTTP/2 only: an HTTP/1.1 response is one write already, and holding it would cost a
+            // poll.
+            let turn = PollTurn::default();
+            let mut connection = Box::pin(runtime.http2.serve_connection(
+                TokioIo::new(CoalescedWrites::new(io, turn.clone())),
+                service,
+            ));
+            Either::Right(Box::pin(async move {
+                let mut shutdown = shutdown;
+                let when = Drive {
+                    peer,
+                    activity: &activity,
+                    deadlines,
+                    turn: Some(&turn),
+                    rest_after: None,
+                };
+                when.drive(&mut connection, &mut shutdown).await;
+            }))
         }
     }
 }
@@ -462,7 +535,7 @@ where
 /// An HTTP/1.1 head hyper could not parse (or that overran `limits.max_header_bytes`) never became a
 /// request, so no layer saw it: it goes to the security log from here. hyper has answered it with 400
 /// or 431 already.
-fn note_malformed_head(metrics: &Metrics, peer: SocketAddr, error: &hyper::Error) {
+pub(super) fn note_malformed_head(metrics: &Metrics, peer: SocketAddr, error: &hyper::Error) {
     let cause = if error.is_parse_too_large() {
         SecurityCause::TooLarge
     } else if error.is_parse() {
@@ -503,6 +576,9 @@ where
     service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(info.clone());
         let in_flight = activity.begin();
+        activity
+            .body_open
+            .store(!req.body().is_end_stream(), Ordering::Relaxed);
         let stack = stack_of(&shared.current.load());
         let http1 = req.version() < http::Version::HTTP_2;
         async move {
@@ -561,67 +637,97 @@ where
 
 /// The two clocks a connection runs on.
 #[derive(Debug, Clone, Copy)]
-struct Deadlines {
+pub(super) struct Deadlines {
     /// A connection that has not sent one complete request head by then is closed, whatever protocol
     /// it speaks (hyper's HTTP/1.1 header timer covers later requests; HTTP/2 has none of its own).
     first_head: Duration,
-    idle: Duration,
+    pub(super) idle: Duration,
     /// HTTP/1.1: each later head must also arrive within `first_head` of its first byte. (HTTP/2 sends
     /// frames while idle, and its heads come in HEADERS frames hyper bounds by size.)
     next_heads: bool,
 }
 
-/// Runs a connection to completion; on idleness or server shutdown asks it to close after what is in
-/// flight (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`). A connection that never sent a request head
-/// is dropped outright: there is nothing in flight to finish. Returns the connection's error, if any.
-/// Each poll of the connection advances `turn`, when given, for its `CoalescedWrites`.
-async fn drive<C: GracefulConnection>(
-    mut connection: Pin<Box<C>>,
-    peer: SocketAddr,
-    activity: &Activity,
-    deadlines: Deadlines,
-    mut shutdown: watch::Receiver<bool>,
-    turn: Option<&PollTurn>,
-) -> Option<hyper::Error> {
-    let idle = activity.idle_for(deadlines.idle);
-    let mut idle = std::pin::pin!(idle);
-    let first_head = tokio::time::sleep(deadlines.first_head);
-    let mut first_head = std::pin::pin!(first_head);
-    let mut waiting_for_first_head = true;
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            result = std::future::poll_fn(|cx| {
-                if let Some(turn) = turn {
-                    turn.advance();
+/// How a connection's run by `Drive::drive` ended.
+pub(super) enum Driven {
+    /// Closed, with hyper's error if it had one.
+    Ended(Option<hyper::Error>),
+    /// Idle for `rest_after` and nothing unfinished: hyper's connection can be taken apart.
+    Resting,
+}
+
+/// What one connection is driven by: its clocks, and for HTTP/2 the write turn, for HTTP/1.1 when to
+/// rest.
+pub(super) struct Drive<'a> {
+    pub(super) peer: SocketAddr,
+    pub(super) activity: &'a Activity,
+    pub(super) deadlines: Deadlines,
+    /// Advanced on each poll of the connection, for its `CoalescedWrites`.
+    pub(super) turn: Option<&'a PollTurn>,
+    pub(super) rest_after: Option<Duration>,
+}
+
+impl Drive<'_> {
+    /// Runs a connection until it ends or may rest; on idleness or server shutdown asks it to close
+    /// after what is in flight (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`). A connection that never
+    /// sent a request head is dropped outright: there is nothing in flight to finish.
+    pub(super) async fn drive<C: GracefulConnection>(
+        &self,
+        connection: &mut Pin<Box<C>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Driven {
+        let activity = self.activity;
+        let (idle, rest_after) = (self.deadlines.idle, self.rest_after);
+        let quiet = activity.quiet_for(idle, rest_after, None);
+        let mut quiet = std::pin::pin!(quiet);
+        let first_head = tokio::time::sleep(self.deadlines.first_head);
+        let mut first_head = std::pin::pin!(first_head);
+        let mut waiting_for_first_head = activity.requests.load(Ordering::Relaxed) == 0;
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = std::future::poll_fn(|cx| {
+                    if let Some(turn) = self.turn {
+                        turn.advance();
+                    }
+                    connection.as_mut().poll(cx)
+                }) => {
+                    let error = result.err();
+                    if let Some(e) = &error {
+                        tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+                    }
+                    return Driven::Ended(error);
                 }
-                connection.as_mut().poll(cx)
-            }) => {
-                let error = result.err();
-                if let Some(e) = &error {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                _ = &mut first_head, if waiting_for_first_head => {
+                    if activity.requests.load(Ordering::Relaxed) == 0 {
+                        tracing::debug!(peer = %self.peer, "no request head within the header timeout; closing");
+                        return Driven::Ended(None);
+                    }
+                    waiting_for_first_head = false;
                 }
-                return error;
-            }
-            _ = &mut first_head, if waiting_for_first_head => {
-                if activity.requests.load(Ordering::Relaxed) == 0 {
-                    tracing::debug!(%peer, "no request head within the header timeout; closing");
-                    return None;
+                _ = shutdown.wait_for(|stop| *stop), if !closing => {
+                    connection.as_mut().begin_shutdown();
+                    closing = true;
                 }
-                waiting_for_first_head = false;
-            }
-            _ = shutdown.wait_for(|stop| *stop), if !closing => {
-                connection.as_mut().begin_shutdown();
-                closing = true;
-            }
-            _ = activity.head_overdue(deadlines.first_head), if deadlines.next_heads => {
-                tracing::debug!(%peer, "a request head took longer than the header timeout; closing");
-                return None;
-            }
-            _ = &mut idle, if !closing => {
-                tracing::debug!(%peer, "closing idle connection");
-                connection.as_mut().begin_shutdown();
-                closing = true;
+                _ = activity.head_overdue(self.deadlines.first_head), if self.deadlines.next_heads => {
+                    tracing::debug!(peer = %self.peer, "a request head took longer than the header timeout; closing");
+                    return Driven::Ended(None);
+                }
+                due = &mut quiet, if !closing => {
+                    match (due, rest_after) {
+                        (Quiet::Rest, _) if activity.may_rest() => return Driven::Resting,
+                        (Quiet::Rest, Some(rest)) => {
+                            // Not yet (a client not reading what was written, a body left unread):
+                            // look again a whole `rest_after` later.
+                            let from = Instant::now() + rest;
+                            quiet.set(activity.quiet_for(idle, rest_after, Some(from)));
+                        }
+                        (Quiet::Rest, None) | (Quiet::Close, _) => {
+                            tracing::debug!(peer = %self.peer, "closing idle connection");
+                            connection.as_mut().begin_shutdown();
+                            closing = true;
+                        }
+                    }
+                }
             }
         }
     }
@@ -631,29 +737,98 @@ async fn drive<C: GracefulConnection>(
 mod tests {
     use super::*;
 
-    /// Whether `idle_for` has resolved after the (paused) clock moves on by `by`.
-    async fn idle_after(idle: &mut Pin<Box<impl Future<Output = ()>>>, by: Duration) -> bool {
+    /// What `quiet_for` has resolved with, if it has, after the (paused) clock moves on by `by`.
+    async fn quiet_after(
+        quiet: &mut Pin<Box<impl Future<Output = Quiet>>>,
+        by: Duration,
+    ) -> Option<Quiet> {
         tokio::time::advance(by).await;
-        std::future::poll_fn(|cx| std::task::Poll::Ready(idle.as_mut().poll(cx).is_ready())).await
+        std::future::poll_fn(|cx| match quiet.as_mut().poll(cx) {
+            std::task::Poll::Ready(due) => std::task::Poll::Ready(Some(due)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn idle_means_no_request_in_flight_for_a_whole_timeout() {
         let activity = Activity::new();
         let timeout = Duration::from_secs(60);
-        let mut idle = Box::pin(activity.idle_for(timeout));
-        assert!(!idle_after(&mut idle, Duration::from_secs(59)).await);
-        assert!(idle_after(&mut idle, Duration::from_secs(1)).await);
+        let mut idle = Box::pin(activity.quiet_for(timeout, None, None));
+        assert_eq!(quiet_after(&mut idle, Duration::from_secs(59)).await, None);
+        assert_eq!(
+            quiet_after(&mut idle, Duration::from_secs(1)).await,
+            Some(Quiet::Close)
+        );
 
         // A request in flight is never idleness, however long its response takes.
         let activity = Activity::new();
         let request = activity.begin();
-        let mut idle = Box::pin(activity.idle_for(timeout));
-        assert!(!idle_after(&mut idle, Duration::from_secs(300)).await);
+        let mut idle = Box::pin(activity.quiet_for(timeout, None, None));
+        assert_eq!(quiet_after(&mut idle, Duration::from_secs(300)).await, None);
         // Its end starts the clock again: idle a whole timeout after that, not before.
         drop(request);
-        assert!(!idle_after(&mut idle, Duration::from_secs(59)).await);
-        assert!(idle_after(&mut idle, Duration::from_secs(61)).await);
+        assert_eq!(quiet_after(&mut idle, Duration::from_secs(59)).await, None);
+        assert_eq!(
+            quiet_after(&mut idle, Duration::from_secs(61)).await,
+            Some(Quiet::Close)
+        );
         assert_eq!(activity.requests.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rest_comes_due_before_the_idle_timeout_and_a_refused_one_is_looked_for_later() {
+        let activity = Activity::new();
+        let (idle, rest) = (Duration::from_secs(60), Duration::from_secs(1));
+        let request = activity.begin();
+        let mut quiet = Box::pin(activity.quiet_for(idle, Some(rest), None));
+        assert_eq!(quiet_after(&mut quiet, Duration::from_secs(5)).await, None);
+        drop(request);
+        assert_eq!(
+            quiet_after(&mut quiet, Duration::from_millis(500)).await,
+            None
+        );
+        assert_eq!(
+            quiet_after(&mut quiet, Duration::from_secs(1)).await,
+            Some(Quiet::Rest)
+        );
+        // Looked at again no sooner than asked, not at once; the idle timeout still comes.
+        let from = Instant::now() + Duration::from_secs(10);
+        let mut quiet = Box::pin(activity.quiet_for(idle, Some(rest), Some(from)));
+        assert_eq!(quiet_after(&mut quiet, Duration::from_secs(9)).await, None);
+        assert_eq!(
+            quiet_after(&mut quiet, Duration::from_secs(1)).await,
+            Some(Quiet::Rest)
+        );
+        let from = Instant::now() + Duration::from_secs(120);
+        let mut quiet = Box::pin(activity.quiet_for(idle, Some(rest), Some(from)));
+        assert_eq!(
+            quiet_after(&mut quiet, Duration::from_secs(60)).await,
+            Some(Quiet::Close)
+        );
+    }
+
+    #[test]
+    fn only_a_connection_with_nothing_unfinished_may_rest() {
+        let activity = Activity::new();
+        assert!(
+            !activity.may_rest(),
+            "no request yet: the first-head deadline decides"
+        );
+        let request = activity.begin();
+        assert!(!activity.may_rest(), "a request in flight");
+        drop(request);
+        assert!(activity.may_rest());
+        activity.unflushed.store(true, Ordering::Relaxed);
+        assert!(!activity.may_rest(), "bytes not yet flushed");
+        activity.unflushed.store(false, Ordering::Relaxed);
+        activity.body_open.store(true, Ordering::Relaxed);
+        assert!(
+            !activity.may_rest(),
+            "a request body hyper may still be reading"
+        );
+        activity.body_open.store(false, Ordering::Relaxed);
+        activity.bytes_arrived();
+        assert!(!activity.may_rest(), "the next head has begun");
     }
 }

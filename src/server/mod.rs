@@ -5,6 +5,7 @@
 mod certificates;
 mod coalesce;
 mod connection;
+mod keepalive;
 pub mod plain;
 pub mod proxy_protocol;
 mod stack;
@@ -254,7 +255,8 @@ async fn accept_loop(
                 Some(acceptor) => {
                     connection::serve_tls(tcp, peer, acceptor, shared, stop, permit).await;
                 }
-                None => connection::serve_plain(tcp, peer, shared, stop, permit).await,
+                // Boxed: inline, its PROXY-header state would size every connection's task.
+                None => Box::pin(connection::serve_plain(tcp, peer, shared, stop, permit)).await,
             }
         };
         match &workers {

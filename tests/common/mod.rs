@@ -644,6 +644,39 @@ pub async fn plain_exchange(addr: SocketAddr, request: &str) -> String {
 }
 
 /// The metrics listener's text, response head included.
+/// One HTTP/1.1 response with a `Content-Length` body, head and body as text, read from a raw
+/// connection (buffered, so a pipelined second response stays for the next call). Panics if the
+/// connection closes first or nothing whole comes within `LIMIT`.
+pub async fn read_response<S: tokio::io::AsyncBufRead + Unpin>(stream: &mut S) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let whole = async {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            let n = stream.read_line(&mut line).await.expect("read");
+            assert!(n > 0, "closed before a whole response: {head:?}");
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let l = l.to_ascii_lowercase();
+                l.strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .expect("content-length");
+        let mut body = vec![0; length];
+        stream.read_exact(&mut body).await.expect("body");
+        head + &String::from_utf8_lossy(&body)
+    };
+    tokio::time::timeout(LIMIT, whole)
+        .await
+        .expect("a whole response in time")
+}
+
 pub async fn scrape_metrics(addr: SocketAddr) -> String {
     plain_exchange(
         addr,
