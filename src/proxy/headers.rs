@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 
+use bytes::BytesMut;
 use http::header::{CONNECTION, COOKIE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Version};
 
@@ -49,6 +50,29 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     remove_where(headers, |name| {
         HOP_BY_HOP.contains(&name.as_str()) || named.contains(name)
     });
+}
+
+/// Gives the fields' values one allocation of their own. hyper's values are slices of its 8 KiB read
+/// buffer, and an HTTP/2 connection's HPACK encoder keeps the values it indexes for as long as they
+/// stay in its table (RFC 7541 §2.3.2): one value kept pinned the whole buffer, 8 KiB per idle HTTP/2
+/// connection. One copy per response, not one per field.
+pub fn own_field_values(headers: &mut HeaderMap) {
+    let total = headers.values().map(HeaderValue::len).sum();
+    let mut all = BytesMut::with_capacity(total);
+    for value in headers.values() {
+        all.extend_from_slice(value.as_bytes());
+    }
+    let all = all.freeze();
+    let mut at = 0;
+    for value in headers.values_mut() {
+        let end = at + value.len();
+        // Always valid: the same bytes the value had.
+        if let Ok(mut owned) = HeaderValue::from_maybe_shared(all.slice(at..end)) {
+            owned.set_sensitive(value.is_sensitive());
+            *value = owned;
+        }
+        at = end;
+    }
 }
 
 /// Joins the `Cookie` fields into one, `; `-separated. Browsers send each cookie as its own field on
@@ -223,6 +247,30 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["accept", "host"]);
+    }
+
+    #[test]
+    fn field_values_are_copied_out_of_the_buffer_they_were_read_into() {
+        let buffer = bytes::Bytes::from_static(b"text/plain; charset=utf-8\"etag\"");
+        let mut h = HeaderMap::new();
+        let content_type = HeaderValue::from_maybe_shared(buffer.slice(0..25)).expect("value");
+        h.insert("content-type", content_type);
+        let mut etag = HeaderValue::from_maybe_shared(buffer.slice(25..)).expect("value");
+        etag.set_sensitive(true);
+        h.append("etag", etag);
+        h.append("etag", HeaderValue::from_static("second"));
+        own_field_values(&mut h);
+        assert_eq!(h["content-type"], "text/plain; charset=utf-8");
+        let etags: Vec<_> = h.get_all("etag").iter().collect();
+        assert_eq!(etags, ["\"etag\"", "second"]);
+        assert!(etags[0].is_sensitive(), "sensitivity kept");
+        for value in h.values() {
+            let range = buffer.as_ptr_range();
+            assert!(
+                !range.contains(&value.as_bytes().as_ptr()),
+                "{value:?} still points into the read buffer"
+            );
+        }
     }
 
     #[test]

@@ -41,7 +41,8 @@ use crate::metrics::BackendGauge;
 use crate::response::{Blame, ProxyFailure, error_page, refused, set_retry_after};
 use crate::security::SecurityCause;
 use headers::{
-    ForwardingPolicy, join_cookie_fields, keep_upgrade, remove_hop_by_hop, websocket_upgrade,
+    ForwardingPolicy, join_cookie_fields, keep_upgrade, own_field_values, remove_hop_by_hop,
+    websocket_upgrade,
 };
 use pool::{AllDown, Picked, Pool};
 use upstream::{ClientError, Reuse, UpstreamClient, build_client};
@@ -249,8 +250,16 @@ impl Shared {
             Ok(sent) => sent,
             Err(answer) => return answer,
         };
-        self.pass_back(picked, response, started, client_upgrade, conn)
-            .await
+        let client_http2 = parts.version == Version::HTTP_2;
+        self.pass_back(
+            picked,
+            response,
+            started,
+            client_upgrade,
+            conn,
+            client_http2,
+        )
+        .await
     }
 }
 
@@ -287,6 +296,7 @@ impl Shared {
         started: Instant,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         conn: ConnInfo,
+        client_http2: bool,
     ) -> Response<ProxyBody> {
         let upstream_time = started.elapsed();
         self.pool.record_success(&picked, upstream_time);
@@ -310,6 +320,9 @@ impl Shared {
             }
         } else {
             remove_hop_by_hop(response.headers_mut());
+            if client_http2 {
+                own_field_values(response.headers_mut());
+            }
         }
         let (mut parts, body) = response.into_parts();
         // hyper sized the map for the upstream's fields; the layers above add the security headers.
