@@ -4,14 +4,8 @@
 # Usage: benches/compression.sh [--rounds N] [--seconds S]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-need=()
-for tool in wrk:wrk curl:curl openssl:openssl taskset:util-linux; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
-done
-if ((${#need[@]})); then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source scripts/install-packages.sh
+install_commands wrk:wrk curl:curl openssl:openssl taskset:util-linux
 if [ ! -x target/test-venv/bin/python ] || ! target/test-venv/bin/python -c 'import django' 2>/dev/null; then
   python3 -m venv target/test-venv
   target/test-venv/bin/pip install --quiet 'django>=5.2,<6' 'gunicorn>=23'

@@ -6,10 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install-packages.sh
-need=()
-for tool in nginx:nginx haproxy:haproxy wrk:wrk openssl:openssl taskset:util-linux; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
-done
-install_packages "${need[@]}"
+install_commands nginx:nginx haproxy:haproxy wrk:wrk openssl:openssl taskset:util-linux
 cargo build --release --locked --bin portcullis --example bench_upstream
 python3 benches/idle.py "$@"

@@ -89,21 +89,29 @@ def count(contender, mode, args, tmp, cert, key):
     return (full - short) / args.requests
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--warm-up", type=int, default=300)
-    parser.add_argument("--only", help="comma-separated contenders (portcullis, nginx, haproxy)")
-    args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="portcullis-instructions-"))
+def set_up(prefix, only):
+    """A temporary directory with the certificate and the static root, the bench upstream running on
+    the load core, and the contenders `only` names (all three when `None`), with benches/load.py's
+    configs. Shared with benches/syscalls.py."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     cert, key = make_cert(tmp, "ecdsa")
     write_static_root(tmp)
     upstream = subprocess.Popen(["taskset", "-c", LOAD_CORE, str(ROOT / "target/release/examples/bench_upstream"),
                                  str(UPSTREAM_PORT)])
     wait_port(UPSTREAM_PORT)
     contenders = [Portcullis(19443, tmp), Nginx("nginx", 19444, tmp), HAProxy("haproxy", 19445, tmp)]
-    if args.only:
-        contenders = [c for c in contenders if c.name in args.only.split(",")]
+    if only:
+        contenders = [c for c in contenders if c.name in only.split(",")]
+    return tmp, cert, key, upstream, contenders
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--warm-up", type=int, default=300)
+    parser.add_argument("--only", help="comma-separated contenders (portcullis, nginx, haproxy)")
+    args = parser.parse_args()
+    tmp, cert, key, upstream, contenders = set_up("portcullis-instructions-", args.only)
     results = {}
     try:
         for c in contenders:

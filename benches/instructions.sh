@@ -6,11 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install-packages.sh
-need=()
-for tool in valgrind:valgrind nginx:nginx haproxy:haproxy h2load:nghttp2-client \
-  openssl:openssl curl:curl taskset:util-linux; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
-done
-install_packages "${need[@]}"
+install_commands valgrind:valgrind nginx:nginx haproxy:haproxy h2load:nghttp2-client openssl:openssl curl:curl taskset:util-linux
 cargo build --release --locked --bin portcullis --example bench_upstream
 python3 benches/instructions.py "$@"

@@ -4,14 +4,8 @@
 # and writes the report to target/bench-report.md. Usage: benches/load.sh [--rounds N] [--seconds S]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-need=()
-for tool in nginx:nginx haproxy:haproxy caddy:caddy wrk:wrk h2load:nghttp2-client openssl:openssl curl:curl taskset:util-linux; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
-done
-if ((${#need[@]})); then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source scripts/install-packages.sh
+install_commands nginx:nginx haproxy:haproxy caddy:caddy wrk:wrk h2load:nghttp2-client openssl:openssl curl:curl taskset:util-linux
 if [ ! -x target/test-venv/bin/gunicorn ]; then
   python3 -m venv target/test-venv
   target/test-venv/bin/pip install --quiet 'django>=5.2,<6' 'gunicorn>=23'

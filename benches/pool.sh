@@ -5,10 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install-packages.sh
-need=()
-for tool in h2load:nghttp2-client openssl:openssl taskset:util-linux; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
-done
-install_packages "${need[@]}"
+install_commands h2load:nghttp2-client openssl:openssl taskset:util-linux
 cargo build --release --locked --bin portcullis --example bench_upstream
 python3 benches/pool.py "$@"

@@ -3,13 +3,7 @@
 # release binary and the bench upstream, runs benches/rate_limit.py. Usage: benches/rate_limit.sh [--rounds N] [--seconds S]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-need=()
-for tool in wrk:wrk redis-server:redis-server redis-cli:redis-tools openssl:openssl taskset:util-linux; do
-  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
-done
-if ((${#need[@]})); then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source scripts/install-packages.sh
+install_commands wrk:wrk redis-server:redis-server redis-cli:redis-tools openssl:openssl taskset:util-linux
 cargo build --release --locked --bin portcullis --example bench_upstream
 python3 benches/rate_limit.py "$@"

@@ -15,15 +15,12 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from instructions import MODES  # noqa: E402
-from load import (  # noqa: E402
-    LOAD_CORE, ROOT, UPSTREAM_PORT, HAProxy, Nginx, Portcullis, make_cert, process_tree, wait_port,
-    write_static_root)
+from instructions import MODES, set_up  # noqa: E402
+from load import LOAD_CORE, process_tree  # noqa: E402
 
 # A line of `strace -c`: % time, seconds, usecs/call, calls, [errors], syscall.
 STRACE_ROW = re.compile(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(\d+)?\s*(\w+)$")
@@ -60,15 +57,7 @@ def main():
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--only", help="comma-separated contenders (portcullis, nginx, haproxy)")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="portcullis-syscalls-"))
-    cert, key = make_cert(tmp, "ecdsa")
-    write_static_root(tmp)
-    upstream = subprocess.Popen(["taskset", "-c", LOAD_CORE, str(ROOT / "target/release/examples/bench_upstream"),
-                                 str(UPSTREAM_PORT)])
-    wait_port(UPSTREAM_PORT)
-    contenders = [Portcullis(19443, tmp), Nginx("nginx", 19444, tmp), HAProxy("haproxy", 19445, tmp)]
-    if args.only:
-        contenders = [c for c in contenders if c.name in args.only.split(",")]
+    tmp, cert, key, upstream, contenders = set_up("portcullis-syscalls-", args.only)
     print(f"{args.requests:,} requests after 2,000 to warm up; system calls per request (strace -c -f)\n")
     print("| path | server | per request | the largest |")
     print("|---|---|---:|---|")

@@ -10,3 +10,12 @@ install_packages() {
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
+
+# `install_commands COMMAND:PACKAGE...`: installs the Debian package of each command not on PATH.
+install_commands() {
+  local need=() tool
+  for tool in "$@"; do
+    command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+  done
+  install_packages "${need[@]}"
+}
