@@ -78,7 +78,7 @@ impl Drop for RestingConnection<'_> {
 pub struct Metrics {
     connections_accepted: AtomicU64,
     connections_refused: AtomicU64,
-    /// HTTP/1.1 keep-alive connections resting now (`server::connection`: idle, hyper's buffers freed).
+    /// HTTP/1.1 keep-alive connections resting now (`server::keepalive`: idle, hyper's buffers freed).
     connections_resting: AtomicU64,
     handshake_failures: AtomicU64,
     proxy_header_refusals: [AtomicU64; 4],
